@@ -1,0 +1,337 @@
+"""
+The networks of Adversarial Flow Models (Lin et al., 2025, https://arxiv.org/abs/2511.22475): a DiT generator,
+a DiT discriminator and a time-conditioned DiT classifier. Imports only torch, numpy and math, so the file can be
+copied alone into another project. Nothing here is run directly; train.py and sample.py build these classes.
+
+How the networks differ from vanilla DiT (https://github.com/facebookresearch/DiT/blob/main/models.py):
+- Written without timm; attention goes through F.scaled_dot_product_attention (flash attention on GPU).
+- The label embedder is a plain table: no null class, no label dropout (AFM trains without CFG).
+- No learned sigma: the generator outputs as many channels as it takes in.
+- Generator: a one-step model has no timestep embedder at all and predicts the sample (x-prediction). A few-step
+  model (use_t_src) embeds the source time and predicts velocity; an any-step model (use_t_tgt) adds a second
+  embedder for the target time. Times are in [0, 1] (1 = noise, 0 = data) and are multiplied by 1000 before the
+  sinusoidal embedding so the frequencies match DiT's integer timesteps.
+- Depth repetition (repeat=R): the same blocks run R times; pass r adds an embedding of the repetition "time"
+  1 - r/R to the class embedding, and the final layer sees the class embedding alone (the paper's 56- and
+  112-layer XL/2 one-step generators).
+- Discriminator: a learned token (no position embedding) is prepended to the patch tokens, the blocks are
+  conditioned on the class (plus the target time with use_t), and a LayerNorm without affine followed by a
+  bias-free Linear reads that token out as one logit.
+- Classifier: like the discriminator, but conditioned on time only and read out to class logits (with bias);
+  used for classifier guidance.
+Parameter names, shapes and initialisation follow the official release, so its checkpoints load with strict=True.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                   Embedding Layers for Patches, Times and Labels              #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """Cuts the image into p x p patches and projects each one to a token."""
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds a time t in [0, 1]: sinusoids of 1000 t (DiT's timestep scale), then a two-layer MLP."""
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        # https://github.com/openai/glide-text2im/blob/main/glide_text2im/nn.py
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]                           # (N, dim / 2)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)      # (N, dim)
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t * 1000, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """A plain table of class embeddings (no null class: AFM trains without classifier-free guidance)."""
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes, hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """Fixed 2-D sin-cos position embedding, (grid_size**2, embed_dim), laid out as MAE/DiT lay it out."""
+    # https://github.com/facebookresearch/mae/blob/main/util/pos_embed.py
+    def embed_1d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)                # (M, dim / 2)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)         # (M, dim)
+
+    grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    # DiT/MAE embed the first half of the channels from the w-major grid and the second half from the h grid.
+    return np.concatenate([embed_1d(embed_dim // 2, grid_w), embed_1d(embed_dim // 2, grid_h)], axis=1)
+
+
+#################################################################################
+#                                 Core DiT Block                                #
+#################################################################################
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, hidden_size * 3, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, N, H, T, D/H)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])        # (N, H, T, D/H)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden_size, mlp_hidden_size):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden_size, bias=True)
+        self.fc2 = nn.Linear(mlp_hidden_size, hidden_size, bias=True)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """The trunk the three networks share: patch tokens with a fixed position embedding, optional time and label
+    embedders, and the stack of blocks. Subclasses add their heads and then call initialize_weights()."""
+    def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
+                 mlp_ratio=4.0, use_t=False, use_y=True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        if use_t:
+            self.t_embedder = TimestepEmbedder(hidden_size)
+        if use_y:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        # A frozen parameter, as in DiT: fixed sin-cos values, counted in the paper's parameter totals (Table 10).
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+
+    def initialize_weights(self):
+        # DiT's initialisation: xavier-uniform linears with zero biases, the patch projection like a linear,
+        # N(0, 0.02) label table and time MLPs, zeroed adaLN modulations and generator output layer.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        grid = int(self.x_embedder.num_patches ** 0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)).float()[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if hasattr(self, "y_embedder"):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if isinstance(getattr(self, "final_layer", None), FinalLayer):
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.final_layer.linear.weight)
+            nn.init.zeros_(self.final_layer.linear.bias)
+        else:
+            # AFM departs from DiT: the discriminator/classifier read-out replaces DiT's final layer after DiT's
+            # initialisation in the official code, so it keeps PyTorch's default init (the token gets N(0, 0.02)).
+            self.final_layer[1].reset_parameters()
+        for name in ("dis_embed", "cls_embed"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=0.02)
+        if hasattr(self, "t_tgt_embedder"):
+            # AFM: the target-time embedder is added after DiT's initialisation, so its biases keep PyTorch's
+            # default init; its weights get the N(0, 0.02) of DiT's time MLP.
+            for linear in (self.t_tgt_embedder.mlp[0], self.t_tgt_embedder.mlp[2]):
+                linear.reset_parameters()
+        for embedder in (getattr(self, "t_embedder", None), getattr(self, "t_tgt_embedder", None)):
+            if embedder is not None:
+                nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+                nn.init.normal_(embedder.mlp[2].weight, std=0.02)
+
+    def token_features(self, token, x, c):
+        """Runs the blocks over [token, patches] and returns the token's features, (N, D)."""
+        x = self.x_embedder(x) + self.pos_embed                    # (N, T, D)
+        token = token.to(x.dtype).expand(x.shape[0], 1, -1)        # (N, 1, D), no position embedding
+        x = torch.cat([token, x], dim=1)                           # (N, T+1, D)
+        for block in self.blocks:
+            x = block(x, c)                                        # (N, T+1, D)
+        return x[:, 0]                                             # (N, D)
+
+
+#################################################################################
+#                                   Generator                                   #
+#################################################################################
+
+class Generator(DiT):
+    def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
+                 mlp_ratio=4.0, use_t_src=False, use_t_tgt=False, repeat=1):
+        if repeat > 1 and (use_t_src or use_t_tgt):
+            raise ValueError("depth repetition is for one-step generators (use_t_src=use_t_tgt=False)")
+        if use_t_tgt and not use_t_src:
+            raise ValueError("an any-step generator (use_t_tgt) needs use_t_src too")
+        # The repeated generator uses the time embedder for the repetition "time" of each pass.
+        super().__init__(input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
+                         mlp_ratio, use_t=use_t_src or repeat > 1)
+        self.use_t_src, self.use_t_tgt, self.repeat = use_t_src, use_t_tgt, repeat
+        if use_t_tgt:
+            self.t_tgt_embedder = TimestepEmbedder(hidden_size)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def unpatchify(self, x):
+        p, c = self.patch_size, self.in_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)                   # (N, H/p, W/p, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
+
+    def forward(self, x, y, t_src=None, t_tgt=None):
+        """Raw network output: the sample for one-step models, the velocity for few-step models."""
+        x = self.x_embedder(x) + self.pos_embed                    # (N, T, D)
+        c = self.y_embedder(y)                                     # (N, D)
+        if self.use_t_src:
+            c = c + self.t_embedder(t_src)
+        if self.use_t_tgt:
+            c = c + self.t_tgt_embedder(t_tgt)
+        for r in range(self.repeat):
+            c_r = c
+            if self.repeat > 1:
+                t_r = torch.full((x.shape[0],), 1 - r / self.repeat, device=x.device)
+                c_r = c + self.t_embedder(t_r)                     # (N, D)
+            for block in self.blocks:
+                x = block(x, c_r)                                  # (N, T, D)
+        x = self.final_layer(x, c)                                 # (N, T, p * p * C)
+        return self.unpatchify(x)                                  # (N, C, H, W)
+
+
+@torch.no_grad()
+def sample(G, z, y, steps=1):
+    """Transports noise z (t = 1) to data (t = 0) in `steps` uniform steps with an unwrapped Generator."""
+    if steps > 1 and not G.use_t_src:
+        raise ValueError(f"a one-step generator cannot sample in {steps} steps")
+    times = torch.linspace(1, 0, steps + 1, device=z.device)
+    x = z
+    for t_src, t_tgt in zip(times[:-1], times[1:]):
+        t_src, t_tgt = t_src.expand(len(z)), t_tgt.expand(len(z))
+        out = G(x, y, t_src, t_tgt)
+        # Few-step models predict velocity v = dx/dt, so x_tgt = x_src - (t_src - t_tgt) v.
+        x = x - (t_src - t_tgt).view(-1, 1, 1, 1) * out if G.use_t_src else out
+    return x
+
+
+#################################################################################
+#                          Discriminator and Classifier                         #
+#################################################################################
+
+class Discriminator(DiT):
+    def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
+                 mlp_ratio=4.0, use_t=False):
+        super().__init__(input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
+                         mlp_ratio, use_t=use_t)
+        self.use_t = use_t
+        self.dis_embed = nn.Parameter(torch.zeros(hidden_size))
+        self.final_layer = nn.Sequential(
+            nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6),
+            nn.Linear(hidden_size, 1, bias=False),
+        )
+        self.initialize_weights()
+
+    def forward(self, x, y, t=None):
+        """Logits (N,) of x being real, for class y (and time t with use_t)."""
+        c = self.y_embedder(y)                                     # (N, D)
+        if self.use_t:
+            c = c + self.t_embedder(t)
+        return self.final_layer(self.token_features(self.dis_embed, x, c)).view(-1)  # (N,)
+
+
+class Classifier(DiT):
+    def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
+                 mlp_ratio=4.0):
+        super().__init__(input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
+                         mlp_ratio, use_t=True, use_y=False)
+        self.cls_embed = nn.Parameter(torch.zeros(hidden_size))
+        self.final_layer = nn.Sequential(
+            nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6),
+            nn.Linear(hidden_size, num_classes, bias=True),
+        )
+        self.initialize_weights()
+
+    def forward(self, x, t):
+        """Class logits (N, num_classes) of x_t at time t."""
+        return self.final_layer(self.token_features(self.cls_embed, x, self.t_embedder(t)))
+
+
+#################################################################################
+#                                     Sizes                                     #
+#################################################################################
+
+# B/2 ... XL/2 are the paper's sizes (Table 10); S/2 is for demos and T/2 for tests.
+SIZES = {
+    "T/2": dict(depth=2, hidden_size=64, patch_size=2, num_heads=4),
+    "S/2": dict(depth=12, hidden_size=384, patch_size=2, num_heads=6),
+    "B/2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
+    "M/2": dict(depth=16, hidden_size=1024, patch_size=2, num_heads=16),
+    "L/2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
+    "XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+}
