@@ -1,0 +1,257 @@
+"""
+The Stable Diffusion KL-f8 autoencoder (sd-vae-ft-mse) in plain PyTorch, for encoding ImageNet into latents
+(prepare_latents.py) and decoding samples back to pixels (sample.py). Depends only on torch, so it can be
+copied alone into another project.
+
+Parameter names are exactly those of diffusers' AutoencoderKL, so released weights load with strict=True:
+    vae = load_vae("sd-vae-ft-mse/diffusion_pytorch_model.safetensors")   # or .bin, or AFM's sd-vae-ft-mse.pth
+    mean, logvar = vae.encode(x)          # x in [-1, 1], (N, 3, H, W) -> two (N, 4, H/8, W/8)
+    x = vae.decode(z / SCALE)             # z: a latent in the scaled space the generator works in
+Weights: https://huggingface.co/stabilityai/sd-vae-ft-mse or the AFM release's misc/ folder.
+"""
+import json
+import os
+import struct
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Latents are multiplied by this so they have roughly unit variance (LDM, Rombach et al. 2022, Sec. 4.3.2).
+SCALE = 0.18215
+
+
+#################################################################################
+#                                 Building Blocks                               #
+#################################################################################
+
+def Norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+def Conv(c_in, c_out, kernel_size=3, stride=1, padding=1):
+    return nn.Conv2d(c_in, c_out, kernel_size, stride, padding)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) twice; 1x1 shortcut when widths differ."""
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = Norm(c_in), Conv(c_in, c_out)
+        self.norm2, self.conv2 = Norm(c_out), Conv(c_out, c_out)
+        self.conv_shortcut = Conv(c_in, c_out, 1, padding=0) if c_in != c_out else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection (only in the mid blocks)."""
+    def __init__(self, channels):
+        super().__init__()
+        self.group_norm = Norm(channels)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # a list only so the key reads to_out.0
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)                        # (N, H*W, C)
+        q, k, v = (f(h).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))  # (N, 1, H*W, C)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)                   # softmax(q k^T / sqrt(C)) v
+        h = self.to_out[0](h).transpose(1, 2).reshape(N, C, H, W)
+        return x + h
+
+
+class Resample(nn.Module):
+    """Down: zero-pad right/bottom by one, then a stride-2 3x3 conv. Up: nearest 2x, then a 3x3 conv."""
+    def __init__(self, channels, up):
+        super().__init__()
+        self.up = up
+        self.conv = Conv(channels, channels, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding: (H, W) -> (H/2, W/2) exactly
+
+
+class Block(nn.Module):
+    """`num_layers` resnets, then an optional 2x down- or upsampler (stored where diffusers stores it)."""
+    def __init__(self, c_in, c_out, num_layers, down=False, up=False):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(num_layers)])
+        self.downsamplers = nn.ModuleList([Resample(c_out, up=False)] if down else [])
+        self.upsamplers = nn.ModuleList([Resample(c_out, up=True)] if up else [])
+
+    def forward(self, x):
+        for layer in [*self.resnets, *self.downsamplers, *self.upsamplers]:
+            x = layer(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet -> attention -> resnet at the lowest resolution."""
+    def __init__(self, channels):
+        super().__init__()
+        self.attentions = nn.ModuleList([Attention(channels)])
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels) for _ in range(2)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+#################################################################################
+#                              Encoder and Decoder                              #
+#################################################################################
+
+class Encoder(nn.Module):
+    def __init__(self, widths, layers_per_block, out_channels):
+        super().__init__()
+        self.conv_in = Conv(3, widths[0])
+        self.down_blocks = nn.ModuleList([
+            Block(widths[max(i - 1, 0)], w, layers_per_block, down=i < len(widths) - 1) for i, w in enumerate(widths)])
+        self.mid_block = MidBlock(widths[-1])
+        self.conv_norm_out = Norm(widths[-1])
+        self.conv_out = Conv(widths[-1], out_channels)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h))))
+
+
+class Decoder(nn.Module):
+    # The decoder mirrors the encoder with one more resnet per level (as in LDM).
+    def __init__(self, widths, layers_per_block, in_channels):
+        super().__init__()
+        widths = widths[::-1]
+        self.conv_in = Conv(in_channels, widths[0])
+        self.up_blocks = nn.ModuleList([
+            Block(widths[max(i - 1, 0)], w, layers_per_block + 1, up=i < len(widths) - 1) for i, w in enumerate(widths)])
+        self.mid_block = MidBlock(widths[0])
+        self.conv_norm_out = Norm(widths[-1])
+        self.conv_out = Conv(widths[-1], 3)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+# Older released files (sd-vae-ft-mse's .bin, AFM's .pth) name the attention layers differently.
+OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def rename_old_keys(state_dict):
+    """Map old attention names to today's; 1x1-conv attention kernels (C, C, 1, 1) become linear (C, C)."""
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if ".attentions." in key and len(parts) >= 2:
+            parts[-2] = OLD_ATTENTION_NAMES.get(parts[-2], parts[-2])
+            if value.dim() == 4 and parts[-1] == "weight" and parts[-2] != "group_norm":
+                value = value[:, :, 0, 0]
+        out[".".join(parts)] = value
+    return out
+
+
+class AutoencoderKL(nn.Module):
+    """KL-regularised autoencoder; the defaults are the sd-vae-ft-mse configuration (8x downsampling)."""
+    def __init__(self, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4):
+        super().__init__()
+        self.encoder = Encoder(block_out_channels, layers_per_block, 2 * latent_channels)  # mean and logvar
+        self.decoder = Decoder(block_out_channels, layers_per_block, latent_channels)
+        self.quant_conv = Conv(2 * latent_channels, 2 * latent_channels, 1, padding=0)
+        self.post_quant_conv = Conv(latent_channels, latent_channels, 1, padding=0)
+
+    def encode(self, x):
+        """(N, 3, H, W) in [-1, 1] -> posterior mean and log-variance, each (N, 4, H/8, W/8), unscaled."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        """(N, 4, h, w) unscaled latent -> (N, 3, 8h, 8w) image, roughly in [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return super().load_state_dict(rename_old_keys(state_dict), strict=strict, assign=assign)
+
+
+#################################################################################
+#                                    Loading                                    #
+#################################################################################
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def load_safetensors(path):
+    """Read a .safetensors file without the safetensors package. Layout (https://github.com/huggingface/safetensors):
+    u64 little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, then raw little-endian data."""
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header size {header_size})")
+        header = json.loads(f.read(header_size))
+        data = f.read()
+    state_dict = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        state_dict[name] = flat.reshape(info["shape"])
+    return state_dict
+
+
+def _shorten(keys, n=6):
+    return "[" + ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "") + "]"
+
+
+def load_vae(path, device="cpu"):
+    """Load a frozen AutoencoderKL from diffusers' .safetensors / .bin or a plain state dict (.pth, .pt).
+    Channel widths are read from the file, so other KL autoencoders of this family load too."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"VAE weights not found: {path} (get diffusion_pytorch_model.safetensors from "
+            "https://huggingface.co/stabilityai/sd-vae-ft-mse or sd-vae-ft-mse.pth from "
+            "https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models/tree/main/misc)")
+    try:
+        if path.endswith(".safetensors"):
+            state_dict = load_safetensors(path)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated download or an unrelated file: report it as the user's problem
+        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    for prefix in ("module.", "vae."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    state_dict = rename_old_keys(state_dict)
+
+    widths, layers = [], 0
+    while f"encoder.down_blocks.{len(widths)}.resnets.0.conv1.weight" in state_dict:
+        widths.append(state_dict[f"encoder.down_blocks.{len(widths)}.resnets.0.conv1.weight"].shape[0])
+    while f"encoder.down_blocks.0.resnets.{layers}.conv1.weight" in state_dict:
+        layers += 1
+    latent = state_dict["post_quant_conv.weight"].shape[0] if "post_quant_conv.weight" in state_dict else 4
+    vae = AutoencoderKL(tuple(widths) or (128, 256, 512, 512), layers or 2, latent)
+
+    expected = vae.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} is not a KL autoencoder state dict: missing keys {_shorten(missing)}, "
+                         f"unexpected keys {_shorten(unexpected)}, wrong shapes {_shorten(wrong)}")
+    vae.load_state_dict(state_dict)
+    return vae.to(device).eval().requires_grad_(False)
