@@ -265,6 +265,14 @@ class Generator(DiT):
         return self.unpatchify(x)                                  # (N, C, H, W)
 
 
+def transport(G, x_src, y, t_src, t_tgt, velocity):
+    """One generator step from x_src at time t_src to a sample at time t_tgt. G may be wrapped (DDP, compile)."""
+    out = G(x_src, y, t_src, t_tgt).float()
+    if not velocity:
+        return out                                                 # one-step models predict the sample itself
+    return x_src - (t_src - t_tgt).view(-1, *[1] * (x_src.dim() - 1)) * out  # x_t = x_s - (s - t) v
+
+
 @torch.no_grad()
 def sample(G, z, y, steps=1):
     """Transports noise z (t = 1) to data (t = 0) in `steps` uniform steps with an unwrapped Generator."""
@@ -273,10 +281,7 @@ def sample(G, z, y, steps=1):
     times = torch.linspace(1, 0, steps + 1, device=z.device)
     x = z
     for t_src, t_tgt in zip(times[:-1], times[1:]):
-        t_src, t_tgt = t_src.expand(len(z)), t_tgt.expand(len(z))
-        out = G(x, y, t_src, t_tgt)
-        # Few-step models predict velocity v = dx/dt, so x_tgt = x_src - (t_src - t_tgt) v.
-        x = x - (t_src - t_tgt).view(-1, 1, 1, 1) * out if G.use_t_src else out
+        x = transport(G, x, y, t_src.expand(len(z)), t_tgt.expand(len(z)), velocity=G.use_t_src)
     return x
 
 

@@ -1,0 +1,447 @@
+"""
+Trains an Adversarial Flow Model (https://arxiv.org/abs/2511.22475) on a latent data directory made by
+prepare_latents.py: a generator G and a discriminator D, one D step then one G step per iteration.
+
+    python train.py --model B/2 --data-path latents/imagenet256                        # one GPU
+    torchrun --nproc_per_node=8 train.py --model B/2 --data-path latents/imagenet256   # eight GPUs
+    python train.py --model T/2 --data-path latents/tiny --device cpu --global-batch-size 8 --max-steps 20
+    python train.py --model XL/2 --nfe 2 ...       # few-step (velocity) model; --nfe any for any-step
+    python train.py --model XL/2 --repeat 4 ...    # 112-layer one-step generator by depth repetition
+
+Defaults are the paper's B/2 one-step values (Table 11 and the official configs).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from model import SIZES, Discriminator, Generator, transport
+
+
+def fail(message):
+    """A user error: one line on stderr and a non-zero exit, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+#################################################################################
+#                                      Data                                     #
+#################################################################################
+
+class LatentData:
+    """The directory prepare_latents.py writes, memory-mapped: latents.npy float16 (N, V, C, H, W) with view 1 the
+    horizontal flip, optional std.npy of the same shape (posterior std), labels.npy int64 (N,), info.json."""
+    def __init__(self, path):
+        for name in ("latents.npy", "labels.npy", "info.json"):
+            if not os.path.isfile(os.path.join(path, name)):
+                fail(f"{path} is not a latent data directory: {name} is missing (make one with prepare_latents.py)")
+        try:
+            self.latents = np.load(os.path.join(path, "latents.npy"), mmap_mode="r")
+            self.labels = np.load(os.path.join(path, "labels.npy"))
+            with open(os.path.join(path, "info.json")) as f:
+                self.info = json.load(f)
+            has_std = os.path.isfile(os.path.join(path, "std.npy"))
+            self.std = np.load(os.path.join(path, "std.npy"), mmap_mode="r") if has_std else None
+            self.num_classes = int(self.info["num_classes"])
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            fail(f"cannot read the data in {path}: {e}")
+        if self.latents.ndim != 5:
+            fail(f"latents.npy must have shape (N, V, C, H, W), got {self.latents.shape}")
+        if self.labels.shape != (len(self.latents),):
+            fail(f"labels.npy has shape {self.labels.shape} but there are {len(self.latents)} latents")
+        if self.std is not None and self.std.shape != self.latents.shape:
+            fail(f"std.npy has shape {self.std.shape}, latents.npy {self.latents.shape}")
+        if len(self.labels) == 0 or self.labels.min() < 0 or self.labels.max() >= self.num_classes:
+            fail(f"labels must be in [0, {self.num_classes}) and there must be at least one image")
+        _, self.views, self.channels, self.size, _ = self.latents.shape
+
+    def sample(self, n, device):
+        """n random images with a random view each, a posterior draw when std.npy is there, as float32."""
+        idx = torch.randint(len(self.labels), (n,)).numpy()
+        view = torch.randint(self.views, (n,)).numpy()
+        x = torch.from_numpy(self.latents[idx, view].astype(np.float32))
+        if self.std is not None:
+            x = x + torch.from_numpy(self.std[idx, view].astype(np.float32)) * torch.randn(x.shape)
+        return x.to(device, non_blocking=True), torch.from_numpy(self.labels[idx]).to(device)
+
+
+def make_batch(data, n, nfe, device):
+    """Source x_s and real target x_t at times s > t. They share the image, not the noise. Randomness is drawn on
+    the CPU from the global generator, whose state the checkpoints keep."""
+    x, y = data.sample(n, device)
+    if nfe == "any":
+        t_src = torch.rand(n)
+        t_tgt = torch.rand(n) * t_src
+    else:                                                      # s from {1/k, ..., 1}, t = s - 1/k
+        k = int(nfe)
+        j = k - torch.randint(k, (n,))
+        t_src, t_tgt = j / k, (j - 1) / k
+    z_src, z_tgt = torch.randn(x.shape), torch.randn(x.shape)
+    t_src, t_tgt, z_src, z_tgt = (v.to(device) for v in (t_src, t_tgt, z_src, z_tgt))
+    x_src = interpolate(x, z_src, t_src)
+    x_tgt = interpolate(x, z_tgt, t_tgt)
+    weighting = (t_src - t_tgt).abs().clamp_min(0.001)        # w = max(|s - t|, 0.001)
+    return dict(x_src=x_src, x_tgt=x_tgt, y=y, t_src=t_src, t_tgt=t_tgt, weighting=weighting)
+
+
+def interpolate(x, z, t):
+    """x_t = (1 - t) x + t z: t = 0 is data, t = 1 is noise."""
+    t = t.view(-1, *[1] * (x.dim() - 1))
+    return (1 - t) * x + t * z
+
+
+#################################################################################
+#                            Gradient normalisation                             #
+#################################################################################
+
+class GradNorm(torch.nn.Module):
+    """Identity forward; backward divides the incoming gradient by sqrt(EMA_0.9(|g|^2 numel)) + 1e-8, so D's push
+    on G has unit RMS whatever the loss scale, and one lambda_ot works at every model size (paper Sec. 3.4)."""
+    def __init__(self, decay=0.9, eps=1e-8):
+        super().__init__()
+        self.decay, self.eps = decay, eps
+        self.register_buffer("square_avg", torch.tensor(0.0))
+
+    def forward(self, x):
+        return _GradNormFn.apply(x, self)
+
+
+class _GradNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        m = ctx.module
+        # |g|^2 times numel equals mean(g^2) times numel^2: independent of the per-rank batch size once averaged.
+        square = grad.float().square().sum() * grad.numel()
+        if dist.is_initialized():
+            dist.all_reduce(square, op=dist.ReduceOp.AVG)
+        m.square_avg.lerp_(square, 1 - m.decay)
+        return grad / (m.square_avg.sqrt() + m.eps), None
+
+
+#################################################################################
+#                             The two players' losses                           #
+#################################################################################
+
+def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale=0.25, gp_eps=0.01, gp_ratio=0.25,
+                       cp_scale=0.01):
+    """D's loss on real and generated samples at time t (t=None for one-step models). Returns (loss, stats)."""
+    n = len(x_real)
+    k = max(round(n * gp_ratio), 1)                            # R1/R2 on the first 25 % of the batch
+    x_real_gp = x_real[:k] + gp_eps * torch.randn_like(x_real[:k])
+    x_fake_gp = x_fake[:k] + gp_eps * torch.randn_like(x_fake[:k])
+    # One forward over [real, fake, real + eps n, fake + eps n] instead of four.
+    t_all = None if t is None else torch.cat([t, t, t[:k], t[:k]])
+    logits = D(torch.cat([x_real, x_fake, x_real_gp, x_fake_gp]), torch.cat([y, y, y[:k], y[:k]]), t_all).float()
+    logits_real, logits_fake, logits_real_gp, logits_fake_gp = logits.split([n, n, k, k])
+    gp_weight = gp_scale * weighting[:k] / gp_eps ** 2
+    loss_adv = F.softplus(-(logits_real - logits_fake)).mean()                      # relativistic loss, Eq. (6)
+    loss_r1 = (gp_weight * (logits_real_gp - logits_real[:k]).square()).mean()     # R1 by finite differences, Eq. (9)
+    loss_r2 = (gp_weight * (logits_fake_gp - logits_fake[:k]).square()).mean()     # R2 by finite differences, Eq. (9)
+    loss_cp = cp_scale * (logits_real + logits_fake).square().mean()               # logit centering, Eq. (10)
+    loss = loss_adv + loss_r1 + loss_r2 + loss_cp
+    stats = dict(loss_d=loss_adv, r1=loss_r1, r2=loss_r2, cp=loss_cp,
+                 logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def generator_loss(D, x_fake, x_src, x_real, y, t, weighting, ot_scale, grad_norm):
+    """G's loss with D frozen: the relativistic loss through normalised gradients plus the optimal-transport loss."""
+    with torch.no_grad():
+        logits_real = D(x_real, y, t).float()                 # D is frozen: real logits need no graph
+    logits_fake = D(grad_norm(x_fake), y, t).float()
+    loss_adv = F.softplus(-(logits_fake - logits_real)).mean()                      # relativistic loss, Eq. (7)
+    loss_ot = (ot_scale * (x_fake - x_src).square().flatten(1).mean(1) / weighting).mean()  # OT loss, Eq. (8)
+    stats = dict(loss_g=loss_adv, ot=loss_ot, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
+    return loss_adv + loss_ot, {k: v.detach() for k, v in stats.items()}
+
+
+#################################################################################
+#                                Training helpers                               #
+#################################################################################
+
+def ot_scale_at(step, args):
+    """lambda_ot at generator step `step`: cosine from --ot-scale to --ot-scale-end, then constant."""
+    if args.ot_schedule == "constant" or step >= args.ot_decay_steps - 1:
+        return args.ot_scale if args.ot_schedule == "constant" else args.ot_scale_end
+    progress = step / (args.ot_decay_steps - 1)
+    return args.ot_scale_end + (args.ot_scale - args.ot_scale_end) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def d_step(G, D_train, opt_D, batch, args):
+    """One discriminator update; G runs without gradients."""
+    with torch.no_grad(), autocast(args):
+        x_fake = transport(G, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], args.nfe != "1")
+    with autocast(args):
+        loss, stats = discriminator_loss(D_train, batch["x_tgt"], x_fake, batch["y"], time_for_d(batch, args),
+                                         batch["weighting"], args.gp_scale, args.gp_eps, args.gp_ratio, args.cp_scale)
+    opt_D.zero_grad(set_to_none=True)
+    loss.backward()
+    stats["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(D_train.parameters(), args.grad_clip)
+    opt_D.step()
+    return stats
+
+
+def g_step(G_train, D, opt_G, grad_norm, batch, args, ot_scale):
+    """One generator update; D is frozen but passes gradients through to G's samples."""
+    frozen = [p for p in D.parameters() if p.requires_grad]   # not pos_embed, which stays fixed for good
+    for p in frozen:
+        p.requires_grad_(False)
+    with autocast(args):
+        x_fake = transport(G_train, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], args.nfe != "1")
+        loss, stats = generator_loss(D, x_fake, batch["x_src"], batch["x_tgt"], batch["y"], time_for_d(batch, args),
+                                     batch["weighting"], ot_scale, grad_norm)
+    opt_G.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in frozen:
+        p.requires_grad_(True)
+    stats["grad_norm_g"] = torch.nn.utils.clip_grad_norm_(G_train.parameters(), args.grad_clip)
+    opt_G.step()
+    return stats
+
+
+@torch.no_grad()
+def update_ema(EMA, G, decay):
+    for p_ema, p in zip(EMA.parameters(), G.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
+def time_for_d(batch, args):
+    return None if args.nfe == "1" else batch["t_tgt"]       # one-step discriminators take no time
+
+
+def autocast(args):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+#################################################################################
+#                                  Checkpoints                                  #
+#################################################################################
+
+def load_checkpoint(path):
+    """Loads an untrusted checkpoint file safely (tensors and primitives only), or ends with one clear line."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, random bytes or a pickle with code all end here
+        fail(f"cannot read checkpoint {path} (corrupt, truncated or not a checkpoint): {type(e).__name__}")
+
+
+def save_atomic(obj, path):
+    """Writes to a temporary file and renames it, so a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def gather_rng_states(device):
+    """Every rank's RNG states, so a resumed run draws exactly the batches and noise it would have drawn."""
+    state = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+def main(args):
+    # DDP as in DiT and nanoGPT: torchrun sets RANK/WORLD_SIZE; plain `python train.py` runs in one process.
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    if args.global_batch_size % world:
+        fail(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world}")
+    batch_size = args.global_batch_size // world
+    torch.backends.cuda.matmul.allow_tf32 = True              # TF32 matmuls on GPU, as the official code
+    torch.backends.cudnn.allow_tf32 = True
+
+    if rank == 0:
+        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
+    logger = create_logger(args.results_dir if rank == 0 else None)
+    data = LatentData(args.data_path)
+    if data.size % SIZES[args.model]["patch_size"]:
+        fail(f"latents of size {data.size} do not split into patches of {SIZES[args.model]['patch_size']}")
+
+    # The paper's per-mode values (Table 11) where a flag was left unset.
+    multi = args.nfe != "1"
+    args.ot_scale = args.ot_scale if args.ot_scale is not None else (0.25 if multi else 0.2)
+    args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else (0.01 if args.model == "B/2" else 0.005)
+    args.grad_clip = args.grad_clip if args.grad_clip is not None else (5.0 if multi or args.repeat > 1 else 50.0)
+
+    common = dict(SIZES[args.model], input_size=data.size, in_channels=data.channels, num_classes=data.num_classes)
+    config = dict(G=dict(common, use_t_src=multi, use_t_tgt=args.nfe == "any", repeat=args.repeat),
+                  D=dict(common, use_t=multi), nfe=args.nfe)
+    torch.manual_seed(args.global_seed)                        # the same initial weights on every rank
+    G, D = Generator(**config["G"]).to(device), Discriminator(**config["D"]).to(device)
+    EMA = deepcopy(G).requires_grad_(False)
+    grad_norm = GradNorm().to(device)
+    adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")
+    opt_G = torch.optim.AdamW(G.parameters(), lr=args.lr / args.repeat, **adamw)  # repeated G: lr / R
+    opt_D = torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw)
+    logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
+
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if not isinstance(ckpt, dict) or "config" not in ckpt:
+            fail(f"{args.resume} is not a training checkpoint of this project")
+        if ckpt["config"] != config:
+            fail(f"{args.resume} holds another model (--model {ckpt['args']['model']} --nfe {ckpt['args']['nfe']} "
+                 f"--repeat {ckpt['args']['repeat']}, data {ckpt['args']['data_path']}) than this run asks for")
+        for module, key in ((G, "G"), (D, "D"), (EMA, "EMA"), (opt_G, "opt_G"), (opt_D, "opt_D"), (grad_norm, "grad_norm")):
+            module.load_state_dict(ckpt[key])
+        start = ckpt["step"]
+        logger.info(f"resumed from {args.resume} at step {start}")
+    torch.manual_seed(args.global_seed * world + rank)         # per-rank streams of batches and noise
+    if args.resume and len(ckpt["rng"]) == world:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+    elif args.resume:                                          # another world size: fresh streams for this step
+        torch.manual_seed((args.global_seed * world + rank) * 1_000_003 + start)
+
+    # Only the player being trained runs through DDP: D's step calls the bare G without gradients, and G's step
+    # calls the bare, frozen D, so neither wrapper ever waits for gradients that do not come.
+    G_train = DDP(G, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G
+    D_train = DDP(D, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D
+    if args.compile:
+        G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+
+    logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, "
+                f"batch {batch_size}/rank, ot_scale {args.ot_scale}->{args.ot_scale_end}, grad clip {args.grad_clip}")
+    sums, count, tic = {}, 0, time.time()
+    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
+        ot_scale = ot_scale_at(step, args)
+        stats = d_step(G, D_train, opt_D, make_batch(data, batch_size, args.nfe, device), args)
+        stats.update(g_step(G_train, D, opt_G, grad_norm, make_batch(data, batch_size, args.nfe, device), args, ot_scale))
+        update_ema(EMA, G, args.ema_decay)
+        sums = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}
+        count += 1
+        done = step + 1
+        log_now = done % args.log_every == 0 or done == args.max_steps
+        ckpt_now = done % args.ckpt_every == 0 or done == args.max_steps
+        if log_now or ckpt_now:
+            means = reduce_means(sums, count)
+            if not all(math.isfinite(v) for v in means.values()):
+                fail(f"non-finite loss at step {done} ({', '.join(f'{k} {v:.4g}' for k, v in means.items())}); "
+                     f"the last good checkpoint is in {os.path.join(args.results_dir, 'checkpoints')}")
+        if log_now:
+            seconds = time.time() - tic
+            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                        f" ot_scale {ot_scale:.4g} lr {opt_D.param_groups[0]['lr']:.3g}"
+                        f" img/s {2 * args.global_batch_size * count / seconds:.1f}")
+            sums, count, tic = {}, 0, time.time()
+        if ckpt_now:
+            rng_states = gather_rng_states(device)
+            if rank == 0:
+                path = os.path.join(args.results_dir, "checkpoints", f"{done:07d}.pt")
+                save_atomic(dict(G=G.state_dict(), D=D.state_dict(), EMA=EMA.state_dict(), opt_G=opt_G.state_dict(),
+                                 opt_D=opt_D.state_dict(), grad_norm=grad_norm.state_dict(), step=done,
+                                 args=vars(args), config=config, data_info=data.info, rng=rng_states), path)
+                logger.info(f"saved {path}")
+            if world > 1:
+                dist.barrier()
+
+    if world > 1:
+        # Every rank must hold the same weights: a cheap end-of-run proof that DDP kept the players in step.
+        check = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in (G, D)]).to(device)
+        gathered = [torch.zeros_like(check) for _ in range(world)]
+        dist.all_gather(gathered, check)
+        if not all(torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError("ranks ended with different weights")
+        logger.info(f"weights identical on all {world} ranks")
+        dist.destroy_process_group()
+    logger.info("done")
+
+
+def reduce_means(sums, count):
+    """Averages the accumulated statistics over steps and ranks."""
+    keys = sorted(sums)
+    values = torch.stack([sums[k] for k in keys]) / count
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.AVG)
+    return dict(zip(keys, values.tolist()))
+
+
+def create_logger(logging_dir):
+    """Rank 0 logs to stdout and log.txt; the other ranks stay silent."""
+    logger = logging.getLogger("afm")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    if logging_dir is None:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    for handler in (TqdmHandler(), logging.FileHandler(os.path.join(logging_dir, "log.txt"))):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+class TqdmHandler(logging.Handler):
+    """Prints log lines to stdout above the progress bar instead of through it."""
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def parse_nfe(value):
+    if value == "any" or (value.isdigit() and int(value) >= 1):
+        return value
+    raise argparse.ArgumentTypeError(f"--nfe must be a positive integer or 'any', not {value!r}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Train an adversarial flow model.")
+    parser.add_argument("--data-path", type=str, required=True, help="directory written by prepare_latents.py")
+    parser.add_argument("--results-dir", type=str, default="results")
+    parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
+    parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), 2 or 4 (few steps), or any")
+    parser.add_argument("--repeat", type=int, default=1, help="depth repetition R of a one-step generator (2, 4)")
+    parser.add_argument("--global-batch-size", type=int, default=256)            # Table 11
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=500_000, help="iterations of one D step and one G step")
+    parser.add_argument("--lr", type=float, default=1e-4)                        # Table 11; G gets lr / repeat
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--ot-scale", type=float, default=None, help="lambda_ot start (default 0.2, multi-step 0.25)")
+    parser.add_argument("--ot-scale-end", type=float, default=None, help="lambda_ot end (default 0.005, B/2 0.01)")
+    parser.add_argument("--ot-schedule", choices=["cosine", "constant"], default="cosine")
+    parser.add_argument("--ot-decay-steps", type=int, default=500_000, help="cosine length in G steps (~100 epochs)")
+    parser.add_argument("--gp-scale", type=float, default=0.25)                 # lambda_gp for R1 and R2
+    parser.add_argument("--gp-eps", type=float, default=0.01)                   # finite-difference step
+    parser.add_argument("--gp-ratio", type=float, default=0.25)                 # share of the batch for R1/R2
+    parser.add_argument("--cp-scale", type=float, default=0.01)                 # logit centering
+    parser.add_argument("--grad-clip", type=float, default=None, help="default 50, multi-step or repeated 5")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--ckpt-every", type=int, default=10_000)
+    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32 uses TF32 matmuls")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    args = parser.parse_args()
+    if args.repeat < 1 or (args.repeat > 1 and args.nfe != "1"):
+        parser.error("--repeat must be >= 1 and is for one-step models (--nfe 1)")
+    main(args)
