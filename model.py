@@ -159,8 +159,7 @@ class DiT(nn.Module):
     def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
                  mlp_ratio=4.0, use_t=False, use_y=True):
         super().__init__()
-        self.in_channels = in_channels
-        self.patch_size = patch_size
+        self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         if use_t:
             self.t_embedder = TimestepEmbedder(hidden_size)
