@@ -326,18 +326,18 @@ def main(args):
 
     # Only the player being trained runs through DDP: D's step calls the bare G without gradients, and G's step
     # calls the bare, frozen D, so neither wrapper ever waits for gradients that do not come.
-    G_train = DDP(G, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G
-    D_train = DDP(D, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D
-    if args.compile:
-        G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+    G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    G_train = DDP(G_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G_fwd
+    D_train = DDP(D_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D_fwd
 
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, "
                 f"batch {batch_size}/rank, ot_scale {args.ot_scale}->{args.ot_scale_end}, grad clip {args.grad_clip}")
     sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
         ot_scale = ot_scale_at(step, args)
-        stats = d_step(G, D_train, opt_D, make_batch(data, batch_size, args.nfe, device), args)
-        stats.update(g_step(G_train, D, opt_G, grad_norm, make_batch(data, batch_size, args.nfe, device), args, ot_scale))
+        stats = d_step(G_fwd, D_train, opt_D, make_batch(data, batch_size, args.nfe, device), args)
+        stats.update(g_step(G_train, D_fwd, opt_G, grad_norm, make_batch(data, batch_size, args.nfe, device), args,
+                            ot_scale))
         update_ema(EMA, G, args.ema_decay)
         sums = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}
         count += 1
