@@ -7,7 +7,8 @@ Parameter names are exactly those of diffusers' AutoencoderKL, so released weigh
     vae = load_vae("sd-vae-ft-mse/diffusion_pytorch_model.safetensors")   # or .bin, or AFM's sd-vae-ft-mse.pth
     mean, logvar = vae.encode(x)          # x in [-1, 1], (N, 3, H, W) -> two (N, 4, H/8, W/8)
     x = vae.decode(z / SCALE)             # z: a latent in the scaled space the generator works in
-Weights: https://huggingface.co/stabilityai/sd-vae-ft-mse or the AFM release's misc/ folder.
+Weights: https://huggingface.co/stabilityai/sd-vae-ft-mse (diffusion_pytorch_model.safetensors or .bin), or
+sd-vae-ft-mse.pth from https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models/tree/main/misc
 """
 import json
 import os
@@ -17,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Latents are multiplied by this so they have roughly unit variance (LDM, Rombach et al. 2022, Sec. 4.3.2).
+# Latents are multiplied by this (about 1 / their std on ImageNet) so the generator sees unit variance, as in LDM
+# (Rombach et al., 2022) and DiT. encode() and decode() work in unscaled units; callers apply SCALE.
 SCALE = 0.18215
 
 
@@ -110,8 +112,9 @@ class Encoder(nn.Module):
     def __init__(self, widths, layers_per_block, out_channels):
         super().__init__()
         self.conv_in = Conv(3, widths[0])
-        self.down_blocks = nn.ModuleList([
-            Block(widths[max(i - 1, 0)], w, layers_per_block, down=i < len(widths) - 1) for i, w in enumerate(widths)])
+        last = len(widths) - 1  # no downsampling after the last level: 2**last = 8x in all
+        self.down_blocks = nn.ModuleList([Block(widths[max(i - 1, 0)], w, layers_per_block, down=i < last)
+                                          for i, w in enumerate(widths)])
         self.mid_block = MidBlock(widths[-1])
         self.conv_norm_out = Norm(widths[-1])
         self.conv_out = Conv(widths[-1], out_channels)
@@ -129,8 +132,9 @@ class Decoder(nn.Module):
         super().__init__()
         widths = widths[::-1]
         self.conv_in = Conv(in_channels, widths[0])
-        self.up_blocks = nn.ModuleList([
-            Block(widths[max(i - 1, 0)], w, layers_per_block + 1, up=i < len(widths) - 1) for i, w in enumerate(widths)])
+        last = len(widths) - 1
+        self.up_blocks = nn.ModuleList([Block(widths[max(i - 1, 0)], w, layers_per_block + 1, up=i < last)
+                                        for i, w in enumerate(widths)])
         self.mid_block = MidBlock(widths[0])
         self.conv_norm_out = Norm(widths[-1])
         self.conv_out = Conv(widths[-1], 3)
@@ -198,14 +202,15 @@ def load_safetensors(path):
         if header_size > 100_000_000:
             raise ValueError(f"{path}: not a safetensors file (header size {header_size})")
         header = json.loads(f.read(header_size))
-        data = f.read()
+        data = memoryview(f.read())
     state_dict = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        raw = bytearray(data[begin:end])  # a copy out of the file buffer: aligned and writable
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         state_dict[name] = flat.reshape(info["shape"])
     return state_dict
 

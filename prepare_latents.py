@@ -1,0 +1,341 @@
+"""
+Encode an ImageNet-style folder (one sub-folder per class) into the latent data set that train.py reads.
+
+    python prepare_latents.py --data-path /data/imagenet/train --out data/imagenet256 --vae-weights sd-vae-ft-mse.pth
+    torchrun --nproc_per_node=8 prepare_latents.py --data-path ... --out ... --vae-weights ...    # 8 GPUs
+    python prepare_latents.py --data-path ... --out data/pixels64 --vae none --image-size 64       # pixels, no VAE
+    python prepare_latents.py --benchmark --vae-weights sd-vae-ft-mse.pth                         # encoder images/s
+
+Each image is centre-cropped as ADM does and encoded twice, as is (view 0) and mirrored (view 1):
+    latents.npy  float16 (N, 2, 4, S/8, S/8)  posterior mean * 0.18215  (--vae none: pixels in [-1, 1], N,2,3,S,S)
+    std.npy      float16 (N, 2, 4, S/8, S/8)  posterior std * 0.18215   (not written with --vae none)
+    labels.npy   int64 (N,)                   index into info.json's `classes` (sorted folder names)
+    info.json    num_classes, image_size, scale, vae, classes, num_images, ...
+    skipped.txt  images that could not be decoded, with the reason (they are left out of the arrays)
+Interrupted? Run the same command again: finished chunks are kept and the result is byte-identical.
+"""
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from numpy.lib.format import open_memmap
+from PIL import Image
+from tqdm import tqdm
+
+from vae import SCALE, AutoencoderKL, load_vae
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+#################################################################################
+#                                     Images                                    #
+#################################################################################
+
+def list_images(root):
+    """Labels = sorted class-folder names; files in sorted order (sub-folders included), paths relative to root."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for folder, subfolders, names in os.walk(os.path.join(root, name), followlinks=True):
+            subfolders.sort()
+            files += [os.path.relpath(os.path.join(folder, n), root) for n in sorted(names)
+                      if n.lower().endswith(IMAGE_EXTENSIONS)]
+        labels += [label] * (len(files) - len(labels))
+    return classes, files, labels
+
+
+def to_rgb(img):
+    # Transparent pixels are composited onto white, as a viewer shows them; a plain convert("RGB") would expose
+    # whatever colour hides under alpha 0 (often black). CMYK/grayscale/palette use Pillow's conversion.
+    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+        img = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img.convert("RGB")
+
+
+def center_crop_arr(img, image_size):
+    """ADM's centre crop: halve with a box filter while the short side is >= 2x the target, bicubic-resize the short
+    side to image_size, crop the centre (center_crop_arr in
+    https://github.com/openai/guided-diffusion/blob/main/guided_diffusion/image_datasets.py)."""
+    while min(img.size) >= 2 * image_size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = image_size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]  # (S, S, 3) uint8
+
+
+def load_image(path, image_size):
+    with Image.open(path) as img:
+        return center_crop_arr(to_rgb(img), image_size)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, root, files, image_size):
+        self.root, self.files, self.image_size = root, files, image_size
+
+    def __getitem__(self, i):
+        try:
+            arr = load_image(os.path.join(self.root, self.files[i]), self.image_size)
+            return torch.from_numpy(arr.copy()).permute(2, 0, 1), True  # (3, S, S) uint8
+        except Exception:  # any decoding failure (truncated, not an image, bomb): flag the row, never crash the job
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), False
+
+
+#################################################################################
+#                                  Output files                                 #
+#################################################################################
+# Corrupt images are found only by decoding them, and JPEG decoding is usually the slowest part of the job, so it is
+# done once: every candidate image gets a row in staging arrays (*.partial.npy, memory-mapped, each process writing
+# its own contiguous chunks) and a status byte: 0 = not written yet, 1 = good, 2 = unreadable. A chunk's status
+# bytes are written only after its rows are flushed, so a chunk is done iff none of its status bytes is 0: that is
+# the resume record. At the end the staging arrays become the final ones: renamed if every image was good (no copy),
+# else compacted to the good rows through a temporary file. info.json, written last, marks the run as finished.
+
+def write_atomic(path, data):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def npy_bytes(arr):
+    buffer = io.BytesIO()
+    np.save(buffer, arr)
+    return buffer.getvalue()
+
+
+def finalize(out, spec, classes, files, labels, image_size):
+    status = np.load(f"{out}/status.partial.npy")
+    if (status == 0).any():
+        sys.exit(f"error: {int((status == 0).sum())} images were not written (did a process fail?); "
+                 "run the same command again to finish")
+    good = status == 1
+    for name in ("latents", "std"):
+        part, final = f"{out}/{name}.partial.npy", f"{out}/{name}.npy"
+        if not os.path.exists(part):  # no std with --vae none, or already moved by an interrupted finalize
+            continue
+        if good.all():
+            os.replace(part, final)
+            continue
+        src = np.load(part, mmap_mode="r")
+        dst = open_memmap(final + ".tmp", mode="w+", dtype=src.dtype, shape=(int(good.sum()),) + src.shape[1:])
+        j = 0
+        for i in range(0, len(src), 1024):
+            rows = src[i:i + 1024][good[i:i + 1024]]
+            dst[j:j + len(rows)] = rows
+            j += len(rows)
+        dst.flush()
+        del dst
+        os.replace(final + ".tmp", final)
+        os.remove(part)
+    latents = np.load(f"{out}/latents.npy", mmap_mode="r")
+    assert len(latents) == good.sum() and latents.shape[1] == 2, "latents.npy does not match the status record"
+    skipped = [f"{f}\t{read_error(os.path.join(spec['data_path'], f), image_size)}"
+               for f, ok in zip(files, good) if not ok]
+    write_atomic(f"{out}/labels.npy", npy_bytes(np.asarray(labels, dtype=np.int64)[good]))
+    write_atomic(f"{out}/skipped.txt", "".join(s + "\n" for s in skipped).encode())
+    info = dict(num_classes=len(classes), image_size=image_size, scale=spec["scale"], vae=spec["vae"],
+                num_images=int(good.sum()), num_skipped=len(skipped), views=2, shape=list(latents.shape[1:]),
+                classes=classes, source=spec)
+    write_atomic(f"{out}/info.json", json.dumps(info, indent=1).encode())
+    os.remove(f"{out}/status.partial.npy")
+    os.remove(f"{out}/run.json")
+    return int(good.sum()), len(skipped)
+
+
+def read_error(path, image_size):
+    try:
+        load_image(path, image_size)
+        return "unreadable in the worker"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
+
+@torch.no_grad()
+def encode(vae, x, device):
+    """(N, 3, S, S) in [-1, 1] -> posterior mean and logvar in float32; bf16 autocast and channels_last on CUDA."""
+    if device.type == "cuda":  # (on CPU channels_last is slower)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        mean, logvar = vae.encode(x)
+    return mean.float(), logvar.float()
+
+
+def benchmark(vae, args, device, steps=3):
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    encode(vae, x, device)  # warm-up: kernel selection and allocator
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(steps):
+        mean, _ = encode(vae, x, device)
+    mean.sum().item()  # waits for the GPU
+    print(f"encoder: {steps * args.batch_size / (time.time() - start):.3g} images/s "
+          f"({args.image_size}x{args.image_size}, batch {args.batch_size}, {device})")
+
+
+def load_encoder(args, device):
+    """The frozen VAE, or None for --vae none (pixels); bad weights end the script with one line."""
+    if args.vae == "none" and not args.benchmark:
+        return None
+    if not args.vae_weights:
+        if args.benchmark:
+            return AutoencoderKL().to(device).eval()  # random weights time the same as real ones
+        sys.exit("error: --vae-weights FILE is required (or --vae none); "
+                 "get sd-vae-ft-mse from https://huggingface.co/stabilityai/sd-vae-ft-mse")
+    try:
+        vae = load_vae(args.vae_weights, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    return vae.to(memory_format=torch.channels_last) if device.type == "cuda" else vae
+
+
+def check_out(out, spec, batch_size, rank):
+    """-> (chunk size, resume?), or None when --out already holds this finished run; a different run -> error."""
+    for name, state in (("info.json", "finished"), ("run.json", "unfinished")):
+        if not os.path.exists(f"{out}/{name}"):
+            continue
+        with open(f"{out}/{name}") as f:
+            found = json.load(f)
+        previous = found.get("source", {}) if state == "finished" else found
+        differs = [k for k in spec if previous.get(k) != spec[k]]
+        if differs:
+            sys.exit(f"error: {out} holds a different {state} run (differs in {', '.join(differs)}); use another --out")
+        if state == "finished":
+            if rank == 0:
+                print(f"already done: {found['num_images']} images in {out} ({found['num_skipped']} skipped)")
+            return None
+        return found["chunk_size"], True  # keep the first run's chunking so that the bytes stay the same
+    return batch_size, False
+
+
+def main(args):
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and ddp:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        # CPU kernels split their float sums by thread count, so 1 and N processes would differ in the last bit.
+        # One thread per process keeps the bytes independent of it; use more processes to use more cores.
+        torch.set_num_threads(1)
+    if args.image_size % 8:
+        sys.exit(f"error: --image-size {args.image_size} is not a multiple of 8")
+    vae = load_encoder(args, device)
+    if args.benchmark:
+        return benchmark(vae, args, device)
+
+    if not os.path.isdir(args.data_path):
+        sys.exit(f"error: --data-path {args.data_path} is not a folder")
+    classes, files, labels = list_images(args.data_path)
+    if not files:
+        sys.exit(f"error: no images in class sub-folders of {args.data_path} (expected one folder per class)")
+    empty = sorted(set(classes) - {classes[label] for label in labels})
+    if empty:
+        sys.exit(f"error: {len(empty)} class folder(s) without images in {args.data_path}: {', '.join(empty[:5])}")
+    if vae is None:
+        vae_name, scale, shape = "none", 1.0, (3, args.image_size, args.image_size)
+    else:
+        factor, latent = 2 ** (len(vae.encoder.down_blocks) - 1), vae.post_quant_conv.out_channels
+        widths = [block.resnets[0].conv1.out_channels for block in vae.encoder.down_blocks]
+        vae_name = "sd-vae-ft-mse" if widths == [128, 256, 512, 512] and latent == 4 else f"kl-f{factor}-c{latent}"
+        scale, shape = SCALE, (latent, args.image_size // factor, args.image_size // factor)
+    # What identifies a run, so that a resumed run continues the same one.
+    listing = hashlib.sha1("\n".join(f"{l} {f}" for l, f in zip(labels, files)).encode()).hexdigest()
+    spec = dict(data_path=os.path.abspath(args.data_path), num_files=len(files), files_sha1=listing,
+                image_size=args.image_size, vae=vae_name, scale=scale,
+                vae_weights=None if vae is None else os.path.basename(args.vae_weights))
+    out = args.out
+    state = check_out(out, spec, args.batch_size, rank)
+    if state is None:
+        return
+    chunk, resume = state
+    if ddp:
+        dist.barrier()  # every rank has read the old state before rank 0 may create a new one
+    if rank == 0 and not resume:
+        os.makedirs(out, exist_ok=True)
+        for name in ["latents"] + ([] if vae is None else ["std"]):
+            open_memmap(f"{out}/{name}.partial.npy", mode="w+", dtype=np.float16, shape=(len(files), 2) + shape)
+        open_memmap(f"{out}/status.partial.npy", mode="w+", dtype=np.uint8, shape=(len(files),)).flush()
+        write_atomic(f"{out}/run.json", json.dumps(dict(spec, chunk_size=chunk), indent=1).encode())
+    if ddp:
+        dist.barrier()
+
+    # Rank r owns a contiguous range of chunks and skips the ones a previous run finished.
+    status = np.load(f"{out}/status.partial.npy", mmap_mode="r+")
+    num_chunks = (len(files) + chunk - 1) // chunk
+    mine = range(rank * num_chunks // world, (rank + 1) * num_chunks // world)
+    batches = [list(range(c * chunk, min((c + 1) * chunk, len(files)))) for c in mine
+               if (status[c * chunk:(c + 1) * chunk] == 0).any()]
+    if batches:  # (with none left, an interrupted finalize may already have renamed the staging arrays)
+        latents = np.load(f"{out}/latents.partial.npy", mmap_mode="r+")
+        std = None if vae is None else np.load(f"{out}/std.partial.npy", mmap_mode="r+")
+    loader = torch.utils.data.DataLoader(ImageFiles(args.data_path, files, args.image_size), batch_sampler=batches,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    start, count = time.time(), 0
+    for i, (rows, (x, ok)) in enumerate(tqdm(zip(batches, loader), total=len(batches), disable=rank != 0)):
+        a, b = rows[0], rows[-1] + 1
+        x = x.to(device, non_blocking=True).float() / 127.5 - 1
+        x = torch.cat([x, x.flip(3)])                                         # (2B, 3, S, S): views 0, then 1
+        mean, logvar = (x, None) if vae is None else encode(vae, x, device)
+        views = lambda t: (t * scale).view(2, b - a, *shape).transpose(0, 1).half().cpu().numpy()  # (B, 2, C, H, W)
+        latents[a:b] = views(mean)
+        latents.flush()
+        if std is not None:
+            std[a:b] = views(torch.exp(0.5 * logvar))
+            std.flush()
+        status[a:b] = np.where(ok.numpy(), 1, 2)  # only once the rows above are on disk
+        count += b - a
+        if i + 1 == args.stop_after_chunks:
+            status.flush()
+            sys.exit(f"stopped after {i + 1} chunks (--stop-after-chunks); run again to resume")
+    status.flush()
+    total = torch.tensor([count], device=device if device.type == "cuda" else "cpu")
+    if ddp:
+        dist.all_reduce(total)
+        dist.barrier()
+    if rank == 0:
+        written, skipped = finalize(out, spec, classes, files, labels, args.image_size)
+        print(f"done: {written} images written to {out}, {skipped} skipped (see skipped.txt); this run read "
+              f"{total.item()} images, {total.item() / (time.time() - start):.1f} images/s")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", type=str, help="folder with one sub-folder of images per class")
+    parser.add_argument("--out", type=str, help="output folder (created; rerun the same command to resume)")
+    parser.add_argument("--vae", type=str, choices=["sd-vae-ft-mse", "none"], default="sd-vae-ft-mse")
+    parser.add_argument("--vae-weights", type=str, default=None, help=".safetensors, .bin or .pth of sd-vae-ft-mse")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per chunk and per encoder call (x2 views)")
+    parser.add_argument("--num-workers", type=int, default=8, help="image-decoding DataLoader workers per process")
+    parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--benchmark", action="store_true", help="time the encoder on random inputs and exit")
+    parser.add_argument("--stop-after-chunks", type=int, default=0, help=argparse.SUPPRESS)  # tests: a crash
+    args = parser.parse_args(argv)
+    if not args.benchmark and not (args.data_path and args.out):
+        parser.error("--data-path and --out are required")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
