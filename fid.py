@@ -1,24 +1,23 @@
 """
 FID and Inception Score with the InceptionV3 behind published ImageNet numbers.
 
-The network is TensorFlow's 2015-12-05 Inception graph (the one inside ADM's evaluator and TTUR) rebuilt in
-PyTorch, loading the ported weights that torch-fidelity and torchmetrics use
-(weights-inception-2015-12-05-6726825d.pth) or pytorch-fid's copy (pt_inception-2015-12-05-6726825d.pth).
-Images go in as uint8 and are resized the way TensorFlow 1 did, so FIDs match ADM's evaluator
-(https://github.com/openai/guided-diffusion/tree/main/evaluations) up to float rounding.
+The network is TensorFlow's 2015-12-05 Inception graph (used by ADM's evaluator and TTUR) rebuilt in PyTorch. It
+loads the ported weights of torch-fidelity / torchmetrics (weights-inception-2015-12-05-6726825d.pth) or of
+pytorch-fid (pt_inception-2015-12-05-6726825d.pth), and resizes uint8 images the way TensorFlow 1 did, so FIDs are
+comparable with those of ADM's evaluator (https://github.com/openai/guided-diffusion/tree/main/evaluations).
 
-FID-50K against ADM's ImageNet 256x256 reference batch (one process, or eight GPUs each taking a slice):
+FID-50K against ADM's ImageNet 256x256 reference batch, on one GPU or sharded over eight:
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception weights-inception-2015-12-05-6726825d.pth
     torchrun --nproc_per_node=8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception ... --is
-Statistics of an image folder, computed once and reused as REF (CPU works too, slowly):
+Statistics of an image folder, saved once and then passed as REF (works on CPU, slowly):
     python fid.py /data/imagenet256_val --inception ... --save-stats imagenet256_val.npz --device cpu
-Throughput of this machine:
-    python fid.py --benchmark [--device cpu --batch-size 16]
+Throughput of this machine:  python fid.py --benchmark [--device cpu --batch-size 16]
 
 SAMPLES and REF are each an .npz of uint8 images `arr_0` (N, H, W, 3) as ADM writes them, an .npz of statistics
-(`mu`, `sigma`; preferred when a file has both), or a folder of .png/.jpg files. From Python:
+(`mu`, `sigma`; preferred when a file has both), or a folder of .png/.jpg files. From Python (under DDP every rank
+calls extract_features with its own images; the statistics are summed over ranks):
     model = load_inception("weights-inception-2015-12-05-6726825d.pth", "cuda")
-    stats, _ = extract_features(batches_of_uint8_nchw, model)        # every rank calls it under DDP
+    stats, _ = extract_features(batches, model)  # batches: uint8 (B, 3, H, W) tensors
     fid = frechet_distance(*stats.mean_cov(), *compute_stats("VIRTUAL_imagenet256_labeled.npz", model))
 """
 import argparse
@@ -32,7 +31,6 @@ import time
 import zipfile
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -52,7 +50,8 @@ def resize_bilinear_tf1(x, size=299):
     """
     tf.image.resize_bilinear(align_corners=False) of TensorFlow 1: output pixel i reads input coordinate
     i * in / out, with no half-pixel offset (F.interpolate uses (i + 0.5) * in / out - 0.5). The Inception graph
-    resizes this way, and FID moves visibly with the resize, so this is what keeps numbers comparable.
+    resizes this way, and FID is sensitive to the resize (Parmar et al. 2022, https://arxiv.org/abs/2104.11222), so
+    this is what keeps numbers comparable.
     https://github.com/tensorflow/tensorflow/blob/r1.15/tensorflow/core/kernels/image_resizer_state.h
     x: float (N, C, H, W) -> (N, C, size, size).
     """
@@ -75,9 +74,9 @@ def tf_avg_pool(x):
 
 @contextlib.contextmanager
 def exact_fp32():
-    # cuDNN runs fp32 convolutions in TF32 by default on Ampere and later, which moves every feature by ~1e-3
-    # relative. Extraction is a small part of an evaluation even in true fp32, so we keep it exact and
-    # reproducible across GPUs, and restore the caller's setting (train.py may want TF32) afterwards.
+    # cuDNN runs fp32 convolutions in TF32 (10 mantissa bits) by default on Ampere and later. Feature extraction
+    # is a small part of an evaluation even in true fp32, so we keep FID exact and the same on every GPU, and give
+    # the caller (train.py may want TF32) its setting back afterwards.
     saved = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
     torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
     try:
@@ -286,7 +285,7 @@ class FeatureStats:
         self.outer += f.T @ f                             # (D, D)
 
     def all_reduce(self):
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_initialized():
             for t in (self.n, self.sum, self.outer):
                 dist.all_reduce(t)
         return self
@@ -323,17 +322,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def inception_score(logits, splits=10):
+def inception_score(logits, split_size=5000):
     """
     Inception Score (Salimans et al. 2016, https://arxiv.org/abs/1606.03498): exp E_x KL(p(y|x) || p(y)), with p(y)
-    the marginal within each of `splits` consecutive parts, averaged over parts. For 50k images this equals ADM's
-    5000-image splits. logits: (N, 1008) from InceptionV3(return_logits=True).
+    the marginal within consecutive parts of `split_size` images, averaged over parts. ADM's evaluator splits this
+    way; for 50k images it is the usual 10 splits. logits: (N, 1008) from InceptionV3(return_logits=True).
     """
     logits = torch.as_tensor(logits, dtype=torch.float64)
     if len(logits) == 0:
         raise ValueError("no logits for the Inception Score")
     scores = []
-    for part in logits.tensor_split(min(splits, len(logits))):  # never an empty part
+    for part in logits.split(split_size):
         log_p = F.log_softmax(part, dim=1)                           # log p(y|x), (n, 1008)
         log_py = torch.logsumexp(log_p, dim=0) - math.log(len(part))  # log p(y), (1008,)
         scores.append((log_p.exp() * (log_p - log_py)).sum(1).mean().exp().item())
@@ -352,7 +351,7 @@ def _npz_array(path, name):
             with zf.open(info) as f:
                 return np.lib.format.read_array(f)
     with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)  # zip local header: name and extra-field lengths, then the member itself
+        f.seek(info.header_offset + 26)  # zip local header: name and extra-field lengths, then the .npy file
         name_len, extra_len = struct.unpack("<HH", f.read(4))
         f.seek(info.header_offset + 30 + name_len + extra_len)
         version = np.lib.format.read_magic(f)
@@ -364,30 +363,25 @@ def _npz_array(path, name):
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
 
 
-def read_stats(path):
-    """(mu, sigma) if `path` is an .npz holding statistics, else None."""
-    if not (os.path.isfile(path) and path.endswith(".npz")):
-        return None
-    try:
-        with np.load(path) as data:
-            if "mu" in data.files and "sigma" in data.files:
-                return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    return None
-
-
-def read_images(path):
-    """uint8 (N, H, W, 3) array (maybe memory-mapped) of an .npz's `arr_0`, or the sorted image files of a folder."""
+def open_input(path):
+    """
+    (mu, sigma) of a statistics .npz (preferred when it also holds images, like ADM's reference batches), else the
+    images: uint8 (N, H, W, 3) `arr_0` of an .npz (memory-mapped), or the sorted image files under a folder.
+    """
     if os.path.isdir(path):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
-                       if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                       if name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
         if not files:
             raise ValueError(f"no .png/.jpg images in folder {path}")
         return files
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not an .npz file")
+        with np.load(path) as data:
+            if "mu" in data.files and "sigma" in data.files:
+                return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
         images = _npz_array(path, "arr_0")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is neither an image folder nor an .npz with arr_0 or mu/sigma ({e})") from e
@@ -397,7 +391,7 @@ def read_images(path):
 
 
 def iterate_images(images, batch_size, start=0, stop=None):
-    """Yield uint8 (B, 3, H, W) tensors of images[start:stop]; folder images are read as RGB, same sizes batched."""
+    """uint8 (B, 3, H, W) batches of images[start:stop]; folder images are read as RGB, equal sizes batched."""
     stop = len(images) if stop is None else stop
     if isinstance(images, np.ndarray):
         for i in range(start, stop, batch_size):
@@ -420,7 +414,7 @@ def iterate_images(images, batch_size, start=0, stop=None):
 
 
 def shard(n):
-    """This rank's contiguous slice [start, stop) of n items; rank order keeps the original order for IS splits."""
+    """This rank's contiguous slice of n items; contiguous slices in rank order keep the order for IS splits."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return rank * n // world, (rank + 1) * n // world
 
@@ -428,9 +422,8 @@ def shard(n):
 @torch.no_grad()
 def extract_features(batches, model, with_logits=False):
     """
-    FeatureStats of uint8 (N, 3, H, W) image batches, summed over ranks when torch.distributed is initialised
-    (then every rank must call it, each with its own images). Returns (stats, logits): logits (N, 1008) of all
-    ranks in rank order if with_logits, else None.
+    (FeatureStats, logits) of uint8 (B, 3, H, W) image batches. With torch.distributed initialised every rank must
+    call it: statistics are summed over ranks, and logits (N, 1008), if asked for, gathered in rank order.
     """
     device = next(model.parameters()).device
     stats, logits = FeatureStats(device=device), []
@@ -450,19 +443,16 @@ def extract_features(batches, model, with_logits=False):
     return stats, logits
 
 
-def compute_stats(path, model, batch_size=200, device=None):
+def compute_stats(path, model, batch_size=200):
     """(mu, sigma) of a statistics .npz, an image .npz or an image folder; under DDP each rank takes a slice."""
-    stats = read_stats(path)
-    if stats is not None:
-        return stats
-    if device is not None:
-        model = model.to(device)
-    images = read_images(path)
-    return extract_features(iterate_images(images, batch_size, *shard(len(images))), model)[0].mean_cov()
+    source = open_input(path)
+    if isinstance(source, tuple):
+        return source
+    return extract_features(iterate_images(source, batch_size, *shard(len(source))), model)[0].mean_cov()
 
 
 def save_stats(path, mu, sigma):
-    """Write an .npz with `mu` and `sigma` atomically (temp file + rename), so a crash never leaves half a file."""
+    """Write an .npz of `mu` and `sigma` atomically: a crash never leaves a truncated file under the final name."""
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
     with os.fdopen(fd, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
@@ -485,45 +475,51 @@ def benchmark(model, device, batch_size):
             sync()
             n += batch_size
     print(f"Inception: {n / (time.perf_counter() - start):.1f} images/s ({device}, batch {batch_size}, 256px)")
-
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((2, 2048, 4096)) / 64
-    mu1, mu2, sigma1, sigma2 = a[:, 0], b[:, 0], a @ a.T, b @ b.T  # SPD, FID-sized
+    a, b = np.random.default_rng(0).standard_normal((2, 2048, 4096)) / 64
+    mu1, mu2, sigma1, sigma2 = a[:, 0], b[:, 0], a @ a.T, b @ b.T  # full-rank, FID-sized
     start = time.perf_counter()
     ours = frechet_distance(mu1, sigma1, mu2, sigma2)
     t_ours, start = time.perf_counter() - start, time.perf_counter()
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real  # the classic route of TTUR, ADM and pytorch-fid
+    import scipy.linalg  # only this comparison needs scipy
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real  # the route of TTUR, ADM's evaluator and pytorch-fid
     ref = (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
     t_ref = time.perf_counter() - start
-    print(f"Frechet distance at 2048 dims: eigh {t_ours:.2f} s, scipy sqrtm {t_ref:.2f} s "
-          f"({t_ref / t_ours:.1f}x), relative difference {abs(ours - ref) / abs(ref):.1e}")
+    print(f"Frechet distance at 2048 dims: eigh {t_ours:.2f} s, scipy sqrtm {t_ref:.2f} s ({t_ref / t_ours:.1f}x), "
+          f"relative difference {abs(ours - ref) / abs(ref):.1e}")
 
 
 def main(args):
-    distributed = "RANK" in os.environ  # launched by torchrun
+    from tqdm import tqdm
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no GPU is visible")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if distributed:
+    if "RANK" in os.environ:  # launched by torchrun: each rank extracts a slice, rank 0 reports
         if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    device = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    torch.backends.cudnn.benchmark = True  # fixed 299x299 inputs
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    torch.backends.cudnn.benchmark = True  # every batch is 299x299
 
     if args.benchmark:
-        model = load_inception(args.inception, device) if args.inception else InceptionV3().to(device).eval()
-        if rank == 0:
-            benchmark(model, device, args.batch_size)
-        return
-    if args.samples is None or args.inception is None:
-        raise ValueError("SAMPLES and --inception are required (see --help)")
-    if args.ref is None and args.save_stats is None:
-        raise ValueError("give REF to compute FID, or --save-stats OUT.npz to only save statistics")
+        model = (load_inception(args.inception, device) if args.inception else  # speed does not depend on weights
+                 InceptionV3().to(device, memory_format=torch.channels_last).eval())
+        return benchmark(model, device, args.batch_size) if rank == 0 else None
+    if args.samples is None or (args.ref is None and args.save_stats is None):
+        raise ValueError("give SAMPLES and REF to compute FID, or SAMPLES and --save-stats OUT.npz (see --help)")
+    if args.save_stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
+        raise FileNotFoundError(f"the folder of --save-stats {args.save_stats} does not exist")
     paths = [p for p in (args.samples, args.ref) if p is not None]
-    sources = [read_stats(p) or read_images(p) for p in paths]  # fail on a bad REF before the long extraction
+    sources = [open_input(p) for p in paths]  # a bad REF fails now, not after extracting SAMPLES
     if args.inception_score and isinstance(sources[0], tuple):
         raise ValueError(f"--is needs images, but {args.samples} holds statistics")
-    model = load_inception(args.inception, device)
+    model = None
+    if not all(isinstance(source, tuple) for source in sources):  # two statistics files need no network
+        if args.inception is None:
+            raise ValueError("reading images needs --inception weights-inception-2015-12-05-6726825d.pth")
+        model = load_inception(args.inception, device)
 
     results = []
     for i, (path, source) in enumerate(zip(paths, sources)):
@@ -531,11 +527,8 @@ def main(args):
             results.append(source)
             continue
         start, stop = shard(len(source))
-        batches = iterate_images(source, args.batch_size, start, stop)
-        if rank == 0:
-            from tqdm import tqdm
-            batches = tqdm(batches, desc=os.path.basename(os.path.normpath(path)), unit="batch",
-                           total=math.ceil((stop - start) / args.batch_size))
+        batches = tqdm(iterate_images(source, args.batch_size, start, stop), desc=os.path.basename(path.rstrip("/")),
+                       total=math.ceil((stop - start) / args.batch_size), unit="batch", disable=rank != 0)
         stats, logits = extract_features(batches, model, with_logits=args.inception_score and i == 0)
         results.append(stats.mean_cov())
         if logits is not None and rank == 0:
@@ -545,8 +538,6 @@ def main(args):
         print(f"saved statistics of {args.samples} to {args.save_stats}")
     if rank == 0 and len(results) == 2:
         print(f"FID: {frechet_distance(*results[0], *results[1]):.4f}")
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -557,12 +548,15 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=200, help="images per forward pass, per rank")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     parser.add_argument("--is", dest="inception_score", action="store_true", help="also print SAMPLES' IS")
-    parser.add_argument("--save-stats", metavar="OUT.npz", help="save SAMPLES' mu and sigma (REF optional)")
+    parser.add_argument("--save-stats", metavar="OUT.npz", help="save SAMPLES' mu and sigma (then REF is optional)")
     parser.add_argument("--benchmark", action="store_true", help="time Inception and the Frechet distance")
     args = parser.parse_args()
     try:
         main(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # user errors: one line, no traceback
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
