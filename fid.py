@@ -443,11 +443,16 @@ def extract_features(batches, model, with_logits=False):
     return stats, logits
 
 
-def compute_stats(path, model, batch_size=200):
-    """(mu, sigma) of a statistics .npz, an image .npz or an image folder; under DDP each rank takes a slice."""
+def compute_stats(path, model, batch_size=200, device=None):
+    """
+    (mu, sigma) of a statistics .npz, an image .npz or an image folder. The model runs where it is, or on `device`;
+    under DDP every rank must call it, and each extracts a slice of the images.
+    """
     source = open_input(path)
     if isinstance(source, tuple):
         return source
+    if device is not None:
+        model.to(device)
     return extract_features(iterate_images(source, batch_size, *shard(len(source))), model)[0].mean_cov()
 
 
