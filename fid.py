@@ -252,6 +252,8 @@ def load_inception(path, device="cpu"):
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read Inception weights {path}: {e}") from e
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict of Inception weights")
     model = InceptionV3()
     # Files converted straight from the TensorFlow graph carry no BatchNorm step counters; eval mode never reads them.
     for key, value in model.state_dict().items():
