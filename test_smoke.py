@@ -7,20 +7,32 @@ The test suite: CPU only, tiny models, a few minutes on 2 cores.
 Reference vectors live in fixtures/ (see fixtures/README.md for how each was made); the networks' weights are
 rebuilt from (key, shape) lists by fill() below, so the fixtures stay small.
 """
+import atexit
+import functools
 import json
 import math
+import multiprocessing
 import os
 import runpy
+import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import fid
 import model
+import prepare_latents
 import train
+import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
@@ -448,6 +460,520 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
                  "--ckpt-every", 2, "--resume", tmp_path / "run" / "checkpoints" / "0000002.pt",
                  match="non-finite loss at step 4")
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000002.pt"]
+
+
+#################################################################################
+#                             vae.py: the autoencoder                           #
+#################################################################################
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return vae.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4).eval()
+
+
+@torch.no_grad()
+def test_vae_matches_reference_vectors_with_both_key_namings():
+    ref = torch.load(os.path.join(HERE, "fixtures", "vae.pt"), weights_only=True)
+    with torch.device("meta"):  # skip the default init of 84M parameters; the weights come from fill()
+        model, model_old = vae.AutoencoderKL().eval(), vae.AutoencoderKL().eval()
+    assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == [(k, list(s)) for k, s in ref["keys"]]
+    weights = fill(ref["keys"], ref["seed"])
+    model.load_state_dict(weights, assign=True)
+    torch.testing.assert_close(model.decode(ref["z"]), ref["decoded"], atol=1e-4, rtol=1e-4)
+    for x, mean, logvar in [("x", "mean", "logvar"), ("x2", "mean2", "logvar2")]:
+        m, lv = model.encode(ref[x])
+        torch.testing.assert_close(m, ref[mean], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lv, ref[logvar], atol=1e-4, rtol=1e-4)
+
+    # The same weights under the older names (query/key/value/proj_attn), also with 1x1-conv attention kernels.
+    old = {old_key: weights[key] for (key, _), (old_key, _) in zip(ref["keys"], ref["old_style_keys"])}
+    assert any(".query." in k for k in old) and not any(".to_q." in k for k in old)
+    model_old.load_state_dict(old, assign=True)
+    torch.testing.assert_close(model_old.encode(ref["x2"])[0], ref["mean2"], atol=1e-4, rtol=1e-4)
+    old_conv = {k: v[:, :, None, None] if v.dim() == 2 else v for k, v in old.items()}
+    model_old.load_state_dict(old_conv)
+    assert all(torch.equal(a, b) for a, b in zip(model_old.state_dict().values(), model.state_dict().values()))
+
+
+@torch.no_grad()
+def test_vae_logvar_is_clamped():
+    model = tiny_vae()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    for shift, bound in ((1e4, 20.0), (-1e4, -30.0)):
+        model.quant_conv.bias.data[4:] += shift
+        assert torch.all(model.encode(x)[1] == bound)
+        model.quant_conv.bias.data[4:] -= shift
+
+
+def write_safetensors(path, state_dict, dtype):
+    """A .safetensors file written by hand from the format's spec (header length, JSON header, raw data)."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, v in state_dict.items():
+        raw = v.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": names[dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+
+
+@torch.no_grad()
+def test_load_vae_reads_safetensors_bin_and_wrapped_pth(tmp_path):
+    model = tiny_vae()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    expected = model.encode(x)[0]
+    sd = model.state_dict()
+    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
+           for k, v in sd.items()}
+    torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
+    torch.save({"state_dict": {"module." + k: v for k, v in old.items()}}, tmp_path / "wrapped.pth")
+    torch.save({"vae." + k: v for k, v in old.items()}, tmp_path / "prefixed.pth")
+    write_safetensors(tmp_path / "f32.safetensors", sd, torch.float32)
+    for name in ("diffusion_pytorch_model.bin", "wrapped.pth", "prefixed.pth", "f32.safetensors"):
+        loaded = vae.load_vae(str(tmp_path / name))
+        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        assert torch.equal(loaded.encode(x)[0], expected), name
+    for dtype in (torch.float16, torch.bfloat16):
+        write_safetensors(tmp_path / "half.safetensors", sd, dtype)
+        loaded = vae.load_vae(str(tmp_path / "half.safetensors")).state_dict()
+        assert all(torch.equal(loaded[k], v.to(dtype).float()) for k, v in sd.items())
+
+
+def test_load_vae_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="huggingface.co/stabilityai/sd-vae-ft-mse"):
+        vae.load_vae(str(tmp_path / "nope.pth"))
+    torch.save({"net.weight": torch.zeros(3), **{k: v for k, v in tiny_vae().state_dict().items()
+                                                 if not k.startswith("decoder.")}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"missing keys \[decoder\.conv_in\.weight.*more\).*unexpected keys \[net\.weight\]"):
+        vae.load_vae(str(tmp_path / "other.pth"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError):
+        vae.load_vae(str(tmp_path / "junk.safetensors"))
+
+
+#################################################################################
+#                          prepare_latents.py: images to latents                #
+#################################################################################
+
+def make_image_folder(root):
+    """Three classes covering the odd cases; returns the expected (relative path, label) of the good images."""
+    rng = np.random.default_rng(0)
+    rgb = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    for c in ("ant", "bee", "cow"):
+        os.makedirs(root / c)
+    os.makedirs(root / "cow" / "more")
+    rgb(300, 200).save(root / "ant" / "b.JPG")
+    rgb(1200, 900).save(root / "ant" / "a_large.png")
+    rgb(10, 7).save(root / "ant" / "c_tiny.png")
+    Image.fromarray(rng.integers(0, 256, (80, 90), dtype=np.uint8), "L").save(root / "bee" / "gray.png")
+    rgb(70, 64).convert("CMYK").save(root / "bee" / "cmyk.jpg")
+    rgb(64, 70).convert("P").save(root / "bee" / "palette.png")
+    rgba = np.concatenate([np.full((50, 60, 3), (255, 0, 0), np.uint8), np.zeros((50, 60, 1), np.uint8)], 2)
+    rgba[:, :20, 3] = 255  # left third opaque red, the rest fully transparent red
+    Image.fromarray(rgba, "RGBA").save(root / "cow" / "alpha.png")
+    (root / "bee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")  # mid-list: labels shift if mishandled
+    (root / "cow" / "notes.txt").write_text("not an image, ignored")
+    rgb(40, 40).save(root / "cow" / "more" / "nested.webp", lossless=True)
+    return [("ant/a_large.png", 0), ("ant/b.JPG", 0), ("ant/c_tiny.png", 0), ("bee/cmyk.jpg", 1),
+            ("bee/gray.png", 1), ("bee/palette.png", 1), ("cow/alpha.png", 2), ("cow/more/nested.webp", 2)]
+
+
+def reference_crop(path, size):
+    """ADM's centre crop, written out again independently, after the RGB conversion the script documents."""
+    img = Image.open(path)
+    if img.mode == "RGBA":
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), Image.BOX)
+    s = size / min(img.size)
+    img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def run_prepare(*argv):
+    threads = torch.get_num_threads()  # prepare_latents pins CPU runs to one thread; give the rest of the suite its own
+    try:
+        prepare_latents.main(prepare_latents.parse_args([str(a) for a in argv]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def error_of(*argv):
+    with pytest.raises(SystemExit) as e:
+        run_prepare(*argv)
+    message = str(e.value.code)
+    assert message.startswith("error:") and "\n" not in message, message
+    return message
+
+
+def test_prepare_latents_pixels_crop_flip_labels_and_skips(tmp_path):
+    expected = make_image_folder(tmp_path / "images")
+    run_prepare("--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none",
+                "--image-size", 32, "--batch-size", 3, "--num-workers", 2)
+    out = tmp_path / "out"
+    info = json.loads((out / "info.json").read_text())
+    assert info["classes"] == ["ant", "bee", "cow"] and info["num_classes"] == 3 and info["image_size"] == 32
+    assert info["num_images"] == len(expected) and info["vae"] == "none" and info["scale"] == 1.0
+    assert not (out / "std.npy").exists() and not any(f.name.endswith((".partial.npy", ".tmp")) for f in out.iterdir())
+    latents, labels = np.load(out / "latents.npy"), np.load(out / "labels.npy")
+    assert latents.dtype == np.float16 and latents.shape == (len(expected), 2, 3, 32, 32)
+    assert labels.dtype == np.int64 and labels.tolist() == [label for _, label in expected]
+    assert (out / "skipped.txt").read_text().startswith("bee/broken.jpg\t")
+    pixels = np.round((latents.astype(np.float32) + 1) * 127.5).astype(np.uint8).transpose(0, 1, 3, 4, 2)
+    for i, (path, _) in enumerate(expected):  # every row is the right image, in order, with its mirror
+        ref = reference_crop(tmp_path / "images" / path, 32)
+        assert np.array_equal(pixels[i, 0], ref), path
+        assert np.array_equal(pixels[i, 1], ref[:, ::-1]), path
+    gray = pixels[[p for p, _ in expected].index("bee/gray.png"), 0]
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
+    alpha = pixels[[p for p, _ in expected].index("cow/alpha.png"), 0]
+    assert alpha[16, 0].tolist() == [255, 0, 0] and alpha[16, -1].tolist() == [255, 255, 255]  # transparent -> white
+    # train.py trains from this output as it is (pixel space here: in_channels 3, 32 x 32, 3 classes).
+    run_script("train.py", "--data-path", out, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    config = torch.load(tmp_path / "run" / "checkpoints" / "0000001.pt", weights_only=True)["config"]["G"]
+    assert (config["input_size"], config["in_channels"], config["num_classes"]) == (32, 3, 3)
+
+
+def prepare_rank(rank, port, argv):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    prepare_latents.main(prepare_latents.parse_args(argv))
+    torch.distributed.destroy_process_group()
+
+
+def run_two_processes(argv):
+    """What torchrun --nproc_per_node=2 does, with fork so the children need not import torch again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [multiprocessing.get_context("fork").Process(target=prepare_rank, args=(r, port, argv)) for r in range(2)]
+    [p.start() for p in procs]
+    [p.join(120) for p in procs]
+    [p.kill() for p in procs if p.is_alive()]
+    return [p.exitcode for p in procs]
+
+
+def test_prepare_latents_vae_one_vs_two_processes_and_resume(tmp_path, capsys):
+    make_image_folder(tmp_path / "images")
+    torch.save(tiny_vae().state_dict(), tmp_path / "tiny.pth")
+    args = lambda out, *more: ["--data-path", str(tmp_path / "images"), "--out", str(tmp_path / out),
+                               "--vae-weights", str(tmp_path / "tiny.pth"), "--image-size", "32", "--num-workers", "0",
+                               *more]
+    run_prepare(*args("one", "--batch-size", 2))
+    names = ["latents.npy", "std.npy", "labels.npy", "info.json", "skipped.txt"]
+    one = {n: (tmp_path / "one" / n).read_bytes() for n in names}
+
+    # The values: mean and std of the tiny VAE's posterior, times the scale, for both views.
+    latents, std = np.load(tmp_path / "one" / "latents.npy"), np.load(tmp_path / "one" / "std.npy")
+    assert latents.shape == std.shape == (8, 2, 4, 16, 16) and json.loads(one["info.json"])["scale"] == vae.SCALE
+    x = torch.tensor(reference_crop(tmp_path / "images" / "bee" / "gray.png", 32)).permute(2, 0, 1)[None]
+    x = x.float() / 127.5 - 1
+    with torch.no_grad():
+        mean, logvar = tiny_vae().encode(torch.cat([x, x.flip(3)]))
+    np.testing.assert_allclose(latents[4], (mean * vae.SCALE).numpy(), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(std[4], (torch.exp(0.5 * logvar) * vae.SCALE).numpy(), rtol=2e-3, atol=1e-4)
+
+    # Two processes (gloo). Each stops after its first chunk: rank 0 owns chunks 0-1, rank 1 chunks 2-4 (of 5).
+    assert run_two_processes(args("two", "--batch-size", "2", "--stop-after-chunks", "1")) == [1, 1]
+    assert np.load(tmp_path / "two" / "status.partial.npy").nonzero()[0].tolist() == [0, 1, 4, 5]
+    assert run_two_processes(args("two", "--batch-size", "2")) == [0, 0]  # resumed: the same bytes as one process
+    assert {n: (tmp_path / "two" / n).read_bytes() for n in names} == one
+
+    # Interrupted after 2 of 5 chunks, then resumed (with another --batch-size, which must not change the chunks).
+    with pytest.raises(SystemExit, match="stopped after 2 chunks"):
+        run_prepare(*args("resumed", "--batch-size", 2, "--stop-after-chunks", 2))
+    status = np.load(tmp_path / "resumed" / "status.partial.npy")
+    assert (status[:4] > 0).all() and (status[4:] == 0).all() and not (tmp_path / "resumed" / "info.json").exists()
+    assert "different unfinished run (differs in image_size" in error_of(*args("resumed", "--image-size", 64))
+    capsys.readouterr()
+    run_prepare(*args("resumed", "--batch-size", 3))
+    assert "this run read 5 images" in capsys.readouterr().out  # only chunks 2-4 (rows 4-8) were left
+    assert {n: (tmp_path / "resumed" / n).read_bytes() for n in names} == one
+    assert sorted(os.listdir(tmp_path / "resumed")) == sorted(names)
+
+
+def test_prepare_latents_already_done_and_bad_inputs(tmp_path, capsys):
+    make_image_folder(tmp_path / "images")
+    base = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--image-size", 32, "--num-workers", 0]
+    run_prepare(*base, "--vae", "none")
+    run_prepare(*base, "--vae", "none")
+    assert "already done: 8 images" in capsys.readouterr().out
+    assert "different finished run" in error_of(*base, "--vae", "none", "--image-size", 64)
+    os.remove(tmp_path / "images" / "bee" / "broken.jpg")  # all good: staging arrays are renamed, not compacted
+    run_prepare(*base[:2], "--out", tmp_path / "clean", *base[4:], "--vae", "none")
+    for name in ("latents.npy", "labels.npy"):
+        assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+    assert (tmp_path / "clean" / "skipped.txt").read_text() == ""
+    assert "--vae-weights" in error_of(*base)
+    assert "VAE weights not found" in error_of(*base, "--vae-weights", tmp_path / "missing.pth")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "classifier.pth")
+    assert "unexpected keys [fc.weight]" in error_of(*base, "--vae-weights", tmp_path / "classifier.pth")
+    os.makedirs(tmp_path / "empty")
+    assert "no images" in error_of("--data-path", tmp_path / "empty", "--out", tmp_path / "o2", "--vae", "none")
+    os.makedirs(tmp_path / "flat")
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.png")  # images but no class folders
+    assert "no images" in error_of("--data-path", tmp_path / "flat", "--out", tmp_path / "o3", "--vae", "none")
+    os.makedirs(tmp_path / "images" / "dog")  # a class folder with nothing in it
+    assert "without images" in error_of(*base[:2], "--out", tmp_path / "o4", "--vae", "none")
+
+    # From the shell: one line on stderr, no traceback, non-zero exit.
+    result = subprocess.run([sys.executable, os.path.join(HERE, "prepare_latents.py"), "--data-path", str(tmp_path / "x"),
+                             "--out", str(tmp_path / "o5"), "--vae-weights", str(tmp_path / "missing.pth")],
+                            capture_output=True, text=True, cwd=HERE)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: VAE weights not found") and len(result.stderr.strip().splitlines()) == 1
+
+
+#################################################################################
+#                           fid.py: FID and Inception                           #
+#################################################################################
+
+FID_FIXTURE = os.path.join(FIXTURES, "inception.pt")
+
+
+@functools.lru_cache(maxsize=None)
+def _fid_fixture():
+    return torch.load(FID_FIXTURE, weights_only=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _fid_state_dict():
+    return fill(_fid_fixture()["keys"], _fid_fixture()["seed"])
+
+
+@functools.lru_cache(maxsize=None)
+def _fid_weights_file():
+    """The fixture's deterministic weights saved as a weights file (once per session, ~95 MB in a temp dir)."""
+    folder = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, "weights-inception-2015-12-05-6726825d.pth")
+    torch.save(_fid_state_dict(), path)
+    return path
+
+
+def _fid_images(n, seed, size=64):
+    """uint8 (n, size, size, 3): smooth colour gradients plus noise, so features vary between images."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = []
+    for _ in range(n):
+        a, b, c = rng.uniform(-1, 1, (3, 3))
+        base = 128 + 100 * np.sin(3 * (a[:, None, None] * xx + b[:, None, None] * yy) + c[:, None, None])
+        images.append(base.transpose(1, 2, 0) + rng.normal(0, 20, (size, size, 3)))
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def _fid_cli(*args, torchrun=False):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    # One thread per process: two torchrun ranks, or a busy machine, would otherwise oversubscribe 2 cores.
+    return subprocess.run([sys.executable, *launcher, os.path.join(HERE, "fid.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _fid_value(stdout, name):
+    lines = stdout.strip().splitlines()
+    return float([line for line in lines if line.startswith(name + ":")][-1].split()[1])
+
+
+def _fid_sqrtm_reference(mu1, sigma1, mu2, sigma2):
+    """The classic route (TTUR, ADM, pytorch-fid): scipy's matrix square root of sigma1 sigma2."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+def test_fid_inception_reference_vectors(tmp_path):
+    fx = _fid_fixture()
+    model = fid.load_inception(_fid_weights_file())
+    assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == \
+        [(k, list(s)) for k, s in fx["keys"]]  # the standard FID weight layout, key for key
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    pool, logits = model(fx["imgs256"], return_logits=True)
+    torch.testing.assert_close(pool, fx["pool256"], rtol=1e-4, atol=1e-4 * fx["pool256"].abs().max().item())
+    torch.testing.assert_close(logits, fx["logits256"], rtol=1e-4, atol=1e-4 * fx["logits256"].abs().max().item())
+    torch.testing.assert_close(model(fx["imgs256"][1:]), pool[1:], rtol=1e-5, atol=1e-5)  # pool alone, one image
+
+    # pytorch-fid's and torch-fidelity's files share these key names, but a file converted straight from TensorFlow
+    # has no BatchNorm num_batches_tracked. A versioned state_dict (with _metadata) gets no help from torch's
+    # BatchNorm there, so the loader must add them; the weights must then be exactly those above.
+    versioned = model.state_dict()
+    for key in [k for k in versioned if k.endswith("num_batches_tracked")]:
+        del versioned[key]
+    torch.save(versioned, tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    other = fid.load_inception(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+    for (key, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_fid_resize_is_tensorflow1_bilinear():
+    # f(y, x) = 10 y + x on a 4x4 grid, resized to 6x6. TF1 samples source coordinates d * 4/6 (no half-pixel
+    # offset) = 0, 2/3, 4/3, 2, 8/3, 10/3, the last clamped to the edge 3; bilinear is exact on a linear f.
+    x = (10 * torch.arange(4.0)[:, None] + torch.arange(4.0)[None, :])[None, None]  # (1, 1, 4, 4)
+    c = torch.tensor([0, 2 / 3, 4 / 3, 2, 8 / 3, 3])
+    expected = 10 * c[:, None] + c[None, :]
+    out = fid.resize_bilinear_tf1(x, 6)[0, 0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    half_pixel = F.interpolate(x, size=(6, 6), mode="bilinear", align_corners=False)[0, 0]
+    assert (half_pixel - expected).abs().max() > 0.1  # the test tells the two conventions apart
+
+
+def test_fid_frechet_distance():
+    rng = np.random.default_rng(0)
+    d = 64
+    a, b = rng.standard_normal((2, d, 3 * d)) / np.sqrt(3 * d)
+    mu1, mu2, sigma1, sigma2 = rng.standard_normal(d), rng.standard_normal(d), a @ a.T, b @ b.T
+    assert abs(fid.frechet_distance(mu1, sigma1, mu1, sigma1)) < 1e-10 * np.trace(sigma1)
+    dmu = np.sum((mu1 - mu2) ** 2)
+    assert math.isclose(fid.frechet_distance(mu1, sigma1, mu2, sigma1), dmu, rel_tol=1e-9)
+    ours, ref = fid.frechet_distance(mu1, sigma1, mu2, sigma2), _fid_sqrtm_reference(mu1, sigma1, mu2, sigma2)
+    assert math.isclose(ours, ref, rel_tol=1e-6) and ours > dmu
+    # Fewer samples than dimensions: singular covariances. The answer stays finite and exact where known.
+    feats = rng.standard_normal((10, d))
+    singular = np.cov(feats, rowvar=False)
+    assert np.linalg.matrix_rank(singular) < d
+    assert math.isclose(fid.frechet_distance(mu1, singular, mu2, singular), dmu, rel_tol=1e-6)
+    assert np.isfinite(fid.frechet_distance(mu1, singular, mu2, np.cov(feats[:, ::-1], rowvar=False)))
+    try:
+        fid.frechet_distance(mu1, sigma1, mu2[:-1], sigma2[:-1, :-1])
+        raise AssertionError("mismatched statistics were accepted")
+    except ValueError:
+        pass
+
+
+def test_fid_feature_stats_match_numpy():
+    rng = np.random.default_rng(1)
+    feats = 100 + rng.standard_normal((50, 8)) * rng.uniform(0.1, 3, 8)  # a large mean tests cancellation
+    stats = fid.FeatureStats(dim=8)
+    for chunk in np.array_split(feats, [7, 30]):
+        stats.update(torch.from_numpy(chunk).float())
+    mu, sigma = stats.all_reduce().mean_cov()  # all_reduce is a no-op without torch.distributed
+    feats32 = feats.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mu, feats32.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(feats32, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_fid_inception_score():
+    rng = np.random.default_rng(2)
+    assert math.isclose(fid.inception_score(torch.zeros(20, 1008)), 1.0, rel_tol=1e-9)
+    confident = torch.full((10, 1008), -50.0)
+    confident[torch.arange(10), torch.arange(10)] = 50.0  # ten sure, distinct classes
+    assert math.isclose(fid.inception_score(confident), 10.0, rel_tol=1e-6)
+    logits = rng.standard_normal((25, 1008)) * 3
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = [np.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0))), 1))) for q in (p[:10], p[10:20], p[20:])]
+    assert math.isclose(fid.inception_score(torch.from_numpy(logits), split_size=10), np.mean(scores), rel_tol=1e-9)
+
+
+def test_fid_inputs(tmp_path):
+    a = _fid_images(5, seed=4, size=8)
+    np.savez(tmp_path / "plain.npz", arr_0=a)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=a)
+    plain, compressed = fid.open_input(str(tmp_path / "plain.npz")), fid.open_input(str(tmp_path / "compressed.npz"))
+    assert isinstance(plain, np.memmap) and np.array_equal(plain, a) and np.array_equal(compressed, a)
+    batches = list(fid.iterate_images(plain, 3, start=1, stop=5))
+    assert [tuple(x.shape) for x in batches] == [(3, 3, 8, 8), (1, 3, 8, 8)] and batches[0].dtype == torch.uint8
+    assert np.array_equal(torch.cat(batches).permute(0, 2, 3, 1).numpy(), a[1:5])
+    np.savez(tmp_path / "both.npz", arr_0=a, mu=np.zeros(3), sigma=np.eye(3))
+    assert isinstance(fid.open_input(str(tmp_path / "both.npz")), tuple)  # statistics win, as in ADM's evaluator
+    mu, sigma = fid.compute_stats(str(tmp_path / "both.npz"), model=None)  # no network needed for statistics
+    assert np.array_equal(mu, np.zeros(3)) and np.array_equal(sigma, np.eye(3))
+
+    # A folder (searched recursively, sorted) may mix sizes and modes: batches split where the size changes.
+    os.makedirs(tmp_path / "f" / "sub")
+    Image.fromarray(a[0]).save(tmp_path / "f" / "0.png")
+    Image.fromarray(a[1]).save(tmp_path / "f" / "1.png")
+    Image.fromarray(a[2, :6, :4, 0]).save(tmp_path / "f" / "sub" / "2.png")  # grayscale 6x4
+    files = fid.open_input(str(tmp_path / "f"))
+    batches = list(fid.iterate_images(files, 4))
+    assert [tuple(x.shape) for x in batches] == [(2, 3, 8, 8), (1, 3, 6, 4)]
+    assert np.array_equal(batches[0].permute(0, 2, 3, 1).numpy(), a[:2])
+    assert all(np.array_equal(batches[1][0, c].numpy(), a[2, :6, :4, 0]) for c in range(3))
+
+
+def test_fid_cli(tmp_path):
+    weights, a = _fid_weights_file(), _fid_images(4, seed=0)
+    np.savez(tmp_path / "a.npz", arr_0=a)
+    os.makedirs(tmp_path / "a")
+    for i, image in enumerate(a):
+        Image.fromarray(image).save(tmp_path / "a" / f"{i:03d}.png")
+
+    # Statistics only (no REF): IS and the saved mu / sigma, which are np.mean / np.cov of the model's features.
+    run = _fid_cli(tmp_path / "a.npz", "--inception", weights, "--batch-size", 3, "--is",
+                   "--save-stats", tmp_path / "a_stats.npz")
+    assert run.returncode == 0, run.stderr
+    is_a = _fid_value(run.stdout, "IS")
+    model = fid.InceptionV3().eval()
+    model.load_state_dict(_fid_state_dict())
+    with torch.no_grad():
+        pool, logits = model(torch.from_numpy(a).permute(0, 3, 1, 2), return_logits=True)
+    assert math.isclose(is_a, fid.inception_score(logits), rel_tol=1e-4)
+    feats = pool.double().numpy()
+    sigma = np.cov(feats, rowvar=False)  # float32 features differ ~1e-6 across thread and batch counts
+    with np.load(tmp_path / "a_stats.npz") as saved:
+        np.testing.assert_allclose(saved["mu"], feats.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(saved["sigma"], sigma, rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
+
+    # torchrun shards a folder of the same images across two ranks (gloo); the summed statistics and gathered
+    # logits match one process only if the folder gives the same pixels and every image counts exactly once.
+    run = _fid_cli(tmp_path / "a", "--inception", weights, "--is", "--device", "cpu",
+                   "--save-stats", tmp_path / "a_folder_stats.npz", torchrun=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("IS:") == 1 and math.isclose(_fid_value(run.stdout, "IS"), is_a, rel_tol=1e-4)
+    with np.load(tmp_path / "a_folder_stats.npz") as saved:
+        np.testing.assert_allclose(saved["mu"], feats.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(saved["sigma"], sigma, rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
+
+    # Two statistics files need no weights (small ones here: the 2048-dim eigensolves are slow on 2 cores).
+    rng = np.random.default_rng(3)
+    for name in ("s1.npz", "s2.npz"):
+        x = rng.standard_normal((40, 16))
+        np.savez(tmp_path / name, mu=x.mean(0), sigma=np.cov(x, rowvar=False), arr_0=a)  # mu/sigma win over arr_0
+    run = _fid_cli(tmp_path / "s1.npz", tmp_path / "s2.npz")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith("FID: ")
+    s1, s2 = (fid.open_input(str(tmp_path / name)) for name in ("s1.npz", "s2.npz"))
+    expected = fid.frechet_distance(*s1, *s2)
+    assert abs(_fid_value(run.stdout, "FID") - expected) < 1e-4
+
+
+def test_fid_cli_user_errors(tmp_path):
+    np.savez(tmp_path / "a.npz", arr_0=_fid_images(2, seed=0))
+    run = _fid_cli(tmp_path / "a.npz", tmp_path / "a.npz", "--inception", tmp_path / "missing.pth")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith("error:")
+    assert "missing.pth" in run.stderr and "weights-inception-2015-12-05-6726825d.pth" in run.stderr  # where to get it
+    # Inputs the CLI turns into one "error: ..." line the same way.
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    (tmp_path / "text.npz").write_text("not a zip")
+    for path, words in (("float.npz", "uint8"), ("text.npz", "text.npz"), ("nowhere.npz", "not found")):
+        try:
+            fid.open_input(str(tmp_path / path))
+            raise AssertionError(f"{path} was accepted")
+        except (ValueError, FileNotFoundError) as e:
+            assert words in str(e)
+
+
+
+def test_fid_during_training_matches_the_offline_pipeline(data, tmp_path, capsys):
+    """train.py --fid-every scores the EMA exactly as sample.py --npz followed by fid.py would."""
+    weights, ref = _fid_weights_file(), tmp_path / "ref.npz"
+    np.savez(ref, arr_0=_fid_images(6, seed=5, size=8))
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2,
+               "--fid-every", 2, "--fid-samples", 5, "--fid-ref", ref, "--inception", weights)
+    logged = [line for line in open(tmp_path / "log.txt") if "FID-5" in line]
+    assert len(logged) == 1
+    run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "0000002.pt", "--npz", tmp_path / "s.npz",
+               "--num-samples", 5)
+    capsys.readouterr()
+    run_script("fid.py", tmp_path / "s.npz", ref, "--inception", weights)
+    offline = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
+    assert float(logged[0].split("FID-5")[1].split()[0]) == pytest.approx(offline, rel=1e-3)
+    expect_error("train.py", "--data-path", data, *TRAIN, "--fid-every", 2, match="needs --fid-ref")
 
 
 if __name__ == "__main__":

@@ -228,6 +228,18 @@ def autocast(args):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
+def evaluate_fid(G, steps, decode, inception, ref, num_samples, num_classes, seed, batch_size, device):
+    """FID of num_samples class-balanced samples of G against the reference (mu, sigma), sharded over ranks."""
+    import fid
+    from sample import class_balanced_labels, generate
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    labels = class_balanced_labels(num_samples, num_classes)
+    batches = (images for _, images in generate(G, steps, decode, list(range(rank, num_samples, world)), labels,
+                                                seed, batch_size, device))
+    stats, _ = fid.extract_features(batches, inception)     # summed over ranks
+    return fid.frechet_distance(*stats.mean_cov(), *ref)
+
+
 #################################################################################
 #                                  Checkpoints                                  #
 #################################################################################
@@ -330,6 +342,18 @@ def main(args):
     G_train = DDP(G_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G_fwd
     D_train = DDP(D_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D_fwd
 
+    if args.fid_every:                                         # Inception, VAE and reference loaded once
+        import fid
+        from sample import make_decoder
+        if not (args.fid_ref and args.inception):
+            fail("--fid-every needs --fid-ref (statistics, image npz or folder) and --inception (weights file)")
+        try:
+            inception = fid.load_inception(args.inception, device)
+            ref = fid.compute_stats(args.fid_ref, inception, batch_size=args.fid_batch_size)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        decode = make_decoder(data.info, args.vae_weights, device)
+        fid_steps = 8 if args.nfe == "any" else int(args.nfe)   # any-step models are scored at 8 steps
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, "
                 f"batch {batch_size}/rank, ot_scale {args.ot_scale}->{args.ot_scale_end}, grad clip {args.grad_clip}")
     sums, count, tic = {}, 0, time.time()
@@ -365,6 +389,12 @@ def main(args):
                 logger.info(f"saved {path}")
             if world > 1:
                 dist.barrier()
+        if args.fid_every and done % args.fid_every == 0:
+            t0 = time.time()
+            score = evaluate_fid(EMA, fid_steps, decode, inception, ref, args.fid_samples, data.num_classes,
+                                 args.global_seed, args.fid_batch_size, device)
+            logger.info(f"step {done:07d} FID-{args.fid_samples} {score:.4f} (EMA, {fid_steps} steps)")
+            tic += time.time() - t0                            # keep sampling time out of img/s
 
     if world > 1:
         # Every rank must hold the same weights: a cheap end-of-run proof that DDP kept the players in step.
@@ -437,6 +467,12 @@ if __name__ == "__main__":
     parser.add_argument("--grad-clip", type=float, default=None, help="default 50, multi-step or repeated 5")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=10_000)
+    parser.add_argument("--fid-every", type=int, default=0, help="score the EMA every N steps (0: never)")
+    parser.add_argument("--fid-samples", type=int, default=50_000)               # FID-50K, as the paper
+    parser.add_argument("--fid-ref", type=str, default=None, help="reference statistics/images, e.g. ADM's npz")
+    parser.add_argument("--inception", type=str, default=None, help="FID Inception weights file")
+    parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode samples")
+    parser.add_argument("--fid-batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32 uses TF32 matmuls")
