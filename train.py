@@ -8,7 +8,7 @@ prepare_latents.py: a generator G and a discriminator D, one D step then one G s
     python train.py --model XL/2 --nfe 2 ...       # few-step (velocity) model; --nfe any for any-step
     python train.py --model XL/2 --repeat 4 ...    # 112-layer one-step generator by depth repetition
 
-Defaults are the paper's B/2 one-step values (Table 11 and the official configs).
+Defaults are the paper's B/2 one-step values, as in the official release's configs/train/afm/*.yaml.
 """
 import argparse
 import json
@@ -106,7 +106,7 @@ def interpolate(x, z, t):
 
 class GradNorm(torch.nn.Module):
     """Identity forward; backward divides the incoming gradient by sqrt(EMA_0.9(|g|^2 numel)) + 1e-8, so D's push
-    on G has unit RMS whatever the loss scale, and one lambda_ot works at every model size (paper Sec. 3.4)."""
+    on G has unit RMS whatever the loss scale, and one lambda_ot works at every model size."""
     def __init__(self, decay=0.9, eps=1e-8):
         super().__init__()
         self.decay, self.eps = decay, eps
@@ -149,10 +149,10 @@ def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale=0.25, gp_eps
     logits = D(torch.cat([x_real, x_fake, x_real_gp, x_fake_gp]), torch.cat([y, y, y[:k], y[:k]]), t_all).float()
     logits_real, logits_fake, logits_real_gp, logits_fake_gp = logits.split([n, n, k, k])
     gp_weight = gp_scale * weighting[:k] / gp_eps ** 2
-    loss_adv = F.softplus(-(logits_real - logits_fake)).mean()                      # relativistic loss, Eq. (6)
-    loss_r1 = (gp_weight * (logits_real_gp - logits_real[:k]).square()).mean()     # R1 by finite differences, Eq. (9)
-    loss_r2 = (gp_weight * (logits_fake_gp - logits_fake[:k]).square()).mean()     # R2 by finite differences, Eq. (9)
-    loss_cp = cp_scale * (logits_real + logits_fake).square().mean()               # logit centering, Eq. (10)
+    loss_adv = F.softplus(-(logits_real - logits_fake)).mean()                  # log(1 + e^-(D(x_t) - D(x^_t)))
+    loss_r1 = (gp_weight * (logits_real_gp - logits_real[:k]).square()).mean() # R1 ~ l w/e^2 (D(x+en) - D(x))^2
+    loss_r2 = (gp_weight * (logits_fake_gp - logits_fake[:k]).square()).mean() # R2, the same on generated x^_t
+    loss_cp = cp_scale * (logits_real + logits_fake).square().mean()           # centering: l_cp (D(x_t) + D(x^_t))^2
     loss = loss_adv + loss_r1 + loss_r2 + loss_cp
     stats = dict(loss_d=loss_adv, r1=loss_r1, r2=loss_r2, cp=loss_cp,
                  logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
@@ -164,8 +164,8 @@ def generator_loss(D, x_fake, x_src, x_real, y, t, weighting, ot_scale, grad_nor
     with torch.no_grad():
         logits_real = D(x_real, y, t).float()                 # D is frozen: real logits need no graph
     logits_fake = D(grad_norm(x_fake), y, t).float()
-    loss_adv = F.softplus(-(logits_fake - logits_real)).mean()                      # relativistic loss, Eq. (7)
-    loss_ot = (ot_scale * (x_fake - x_src).square().flatten(1).mean(1) / weighting).mean()  # OT loss, Eq. (8)
+    loss_adv = F.softplus(-(logits_fake - logits_real)).mean()                  # log(1 + e^-(D(x^_t) - D(x_t)))
+    loss_ot = (ot_scale * (x_fake - x_src).square().flatten(1).mean(1) / weighting).mean()  # l_ot |x^_t - x_s|^2/(n w)
     stats = dict(loss_g=loss_adv, ot=loss_ot, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
     return loss_adv + loss_ot, {k: v.detach() for k, v in stats.items()}
 
@@ -298,7 +298,7 @@ def main(args):
     if data.size % SIZES[args.model]["patch_size"]:
         fail(f"latents of size {data.size} do not split into patches of {SIZES[args.model]['patch_size']}")
 
-    # The paper's per-mode values (Table 11) where a flag was left unset.
+    # The paper's per-mode values (official configs) where a flag was left unset.
     multi = args.nfe != "1"
     args.ot_scale = args.ot_scale if args.ot_scale is not None else (0.25 if multi else 0.2)
     args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else (0.01 if args.model == "B/2" else 0.005)
@@ -451,10 +451,10 @@ if __name__ == "__main__":
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
     parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), 2 or 4 (few steps), or any")
     parser.add_argument("--repeat", type=int, default=1, help="depth repetition R of a one-step generator (2, 4)")
-    parser.add_argument("--global-batch-size", type=int, default=256)            # Table 11
+    parser.add_argument("--global-batch-size", type=int, default=256)            # official configs
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=500_000, help="iterations of one D step and one G step")
-    parser.add_argument("--lr", type=float, default=1e-4)                        # Table 11; G gets lr / repeat
+    parser.add_argument("--lr", type=float, default=1e-4)                        # G gets lr / repeat
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--ot-scale", type=float, default=None, help="lambda_ot start (default 0.2, multi-step 0.25)")
     parser.add_argument("--ot-scale-end", type=float, default=None, help="lambda_ot end (default 0.005, B/2 0.01)")
