@@ -16,7 +16,6 @@ Interrupted? Run the same command again: finished chunks are kept and the result
 """
 import argparse
 import hashlib
-import io
 import json
 import os
 import sys
@@ -51,15 +50,6 @@ def list_images(root):
     return classes, files, labels
 
 
-def to_rgb(img):
-    # Transparent pixels are composited onto white, as a viewer shows them; a plain convert("RGB") would expose
-    # whatever colour hides under alpha 0 (often black). CMYK/grayscale/palette use Pillow's conversion.
-    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
-        img = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
-    return img.convert("RGB")
-
-
 def center_crop_arr(img, image_size):
     """ADM's centre crop: halve with a box filter while the short side is >= 2x the target, bicubic-resize the short
     side to image_size, crop the centre (center_crop_arr in
@@ -74,8 +64,17 @@ def center_crop_arr(img, image_size):
 
 
 def load_image(path, image_size):
-    with Image.open(path) as img:
-        return center_crop_arr(to_rgb(img), image_size)
+    """-> ((S, S, 3) uint8, None), or (zeros, the reason) when the file cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            # Transparent pixels are composited onto white, as a viewer shows them; a plain convert("RGB") would
+            # expose whatever colour hides under alpha 0 (often black). CMYK/grayscale/palette use Pillow's conversion.
+            if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+                img = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+            return center_crop_arr(img.convert("RGB"), image_size), None
+    except Exception as e:  # any decoding failure (truncated, not an image, bomb): skip the image, never crash the job
+        return np.zeros((image_size, image_size, 3), np.uint8), f"{type(e).__name__}: {e}"
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -83,36 +82,31 @@ class ImageFiles(torch.utils.data.Dataset):
         self.root, self.files, self.image_size = root, files, image_size
 
     def __getitem__(self, i):
-        try:
-            arr = load_image(os.path.join(self.root, self.files[i]), self.image_size)
-            return torch.from_numpy(arr.copy()).permute(2, 0, 1), True  # (3, S, S) uint8
-        except Exception:  # any decoding failure (truncated, not an image, bomb): flag the row, never crash the job
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), False
+        arr, error = load_image(os.path.join(self.root, self.files[i]), self.image_size)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), error is None  # (3, S, S) uint8, good?
 
 
 #################################################################################
 #                                  Output files                                 #
 #################################################################################
-# Corrupt images are found only by decoding them, and JPEG decoding is usually the slowest part of the job, so it is
-# done once: every candidate image gets a row in staging arrays (*.partial.npy, memory-mapped, each process writing
-# its own contiguous chunks) and a status byte: 0 = not written yet, 1 = good, 2 = unreadable. A chunk's status
-# bytes are written only after its rows are flushed, so a chunk is done iff none of its status bytes is 0: that is
-# the resume record. At the end the staging arrays become the final ones: renamed if every image was good (no copy),
-# else compacted to the good rows through a temporary file. info.json, written last, marks the run as finished.
+# Corrupt images are found only by decoding them, and decoding is usually the slowest part of the job, so it is done
+# once: every candidate image gets a row in staging arrays (*.partial.npy, memory-mapped, each process writing its own
+# contiguous chunks) and a status byte: 0 = not written yet, 1 = good, 2 = unreadable. A chunk's status bytes are
+# written only after its rows are flushed, so a chunk is done iff none of its status bytes is 0: the resume record.
+# At the end the staging arrays are renamed if every image was good (no copy), else compacted to the good rows; only
+# the few bad images are decoded again, for skipped.txt's reasons. info.json, written last, marks the run finished.
 
 def write_atomic(path, data):
+    """bytes, or an array saved as .npy, through a temporary file: a crash never leaves half a file."""
     with open(path + ".tmp", "wb") as f:
-        f.write(data)
+        if isinstance(data, np.ndarray):
+            np.save(f, data)
+        else:
+            f.write(data)
     os.replace(path + ".tmp", path)
 
 
-def npy_bytes(arr):
-    buffer = io.BytesIO()
-    np.save(buffer, arr)
-    return buffer.getvalue()
-
-
-def finalize(out, spec, classes, files, labels, image_size):
+def finalize(out, spec, classes, files, labels):
     status = np.load(f"{out}/status.partial.npy")
     if (status == 0).any():
         sys.exit(f"error: {int((status == 0).sum())} images were not written (did a process fail?); "
@@ -124,25 +118,22 @@ def finalize(out, spec, classes, files, labels, image_size):
             continue
         if good.all():
             os.replace(part, final)
-            continue
-        src = np.load(part, mmap_mode="r")
-        dst = open_memmap(final + ".tmp", mode="w+", dtype=src.dtype, shape=(int(good.sum()),) + src.shape[1:])
-        j = 0
-        for i in range(0, len(src), 1024):
-            rows = src[i:i + 1024][good[i:i + 1024]]
-            dst[j:j + len(rows)] = rows
-            j += len(rows)
-        dst.flush()
-        del dst
-        os.replace(final + ".tmp", final)
-        os.remove(part)
+        else:
+            src, keep = np.load(part, mmap_mode="r"), np.flatnonzero(good)
+            dst = open_memmap(final + ".tmp", mode="w+", dtype=src.dtype, shape=(len(keep),) + src.shape[1:])
+            for j in range(0, len(keep), 1024):  # a block at a time: the arrays can be larger than memory
+                dst[j:j + 1024] = src[keep[j:j + 1024]]
+            dst.flush()
+            del dst
+            os.replace(final + ".tmp", final)
+            os.remove(part)
     latents = np.load(f"{out}/latents.npy", mmap_mode="r")
     assert len(latents) == good.sum() and latents.shape[1] == 2, "latents.npy does not match the status record"
-    skipped = [f"{f}\t{read_error(os.path.join(spec['data_path'], f), image_size)}"
-               for f, ok in zip(files, good) if not ok]
-    write_atomic(f"{out}/labels.npy", npy_bytes(np.asarray(labels, dtype=np.int64)[good]))
-    write_atomic(f"{out}/skipped.txt", "".join(s + "\n" for s in skipped).encode())
-    info = dict(num_classes=len(classes), image_size=image_size, scale=spec["scale"], vae=spec["vae"],
+    reason = lambda f: load_image(os.path.join(spec["data_path"], f), spec["image_size"])[1]
+    skipped = [f"{f}\t{reason(f) or 'unreadable in the worker'}\n" for f, ok in zip(files, good) if not ok]
+    write_atomic(f"{out}/labels.npy", np.asarray(labels, dtype=np.int64)[good])
+    write_atomic(f"{out}/skipped.txt", "".join(skipped).encode())
+    info = dict(num_classes=len(classes), image_size=spec["image_size"], scale=spec["scale"], vae=spec["vae"],
                 num_images=int(good.sum()), num_skipped=len(skipped), views=2, shape=list(latents.shape[1:]),
                 classes=classes, source=spec)
     write_atomic(f"{out}/info.json", json.dumps(info, indent=1).encode())
@@ -151,37 +142,27 @@ def finalize(out, spec, classes, files, labels, image_size):
     return int(good.sum()), len(skipped)
 
 
-def read_error(path, image_size):
-    try:
-        load_image(path, image_size)
-        return "unreadable in the worker"
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-
-
 #################################################################################
 #                                      Main                                     #
 #################################################################################
 
 @torch.no_grad()
 def encode(vae, x, device):
-    """(N, 3, S, S) in [-1, 1] -> posterior mean and logvar in float32; bf16 autocast and channels_last on CUDA."""
+    """(N, 3, S, S) in [-1, 1] -> posterior mean and std in float32; bf16 autocast and channels_last on CUDA."""
     if device.type == "cuda":  # (on CPU channels_last is slower)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         mean, logvar = vae.encode(x)
-    return mean.float(), logvar.float()
+    return mean.float(), torch.exp(0.5 * logvar.float())
 
 
 def benchmark(vae, args, device, steps=3):
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-    encode(vae, x, device)  # warm-up: kernel selection and allocator
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    encode(vae, x, device)[0].sum().item()  # warm-up (kernel selection, allocator); .item() waits for the GPU
     start = time.time()
     for _ in range(steps):
         mean, _ = encode(vae, x, device)
-    mean.sum().item()  # waits for the GPU
+    mean.sum().item()
     print(f"encoder: {steps * args.batch_size / (time.time() - start):.3g} images/s "
           f"({args.image_size}x{args.image_size}, batch {args.batch_size}, {device})")
 
@@ -203,7 +184,7 @@ def load_encoder(args, device):
 
 
 def check_out(out, spec, batch_size, rank):
-    """-> (chunk size, resume?), or None when --out already holds this finished run; a different run -> error."""
+    """-> the chunk size, or None when --out already holds this finished run; a different run there -> error."""
     for name, state in (("info.json", "finished"), ("run.json", "unfinished")):
         if not os.path.exists(f"{out}/{name}"):
             continue
@@ -217,18 +198,18 @@ def check_out(out, spec, batch_size, rank):
             if rank == 0:
                 print(f"already done: {found['num_images']} images in {out} ({found['num_skipped']} skipped)")
             return None
-        return found["chunk_size"], True  # keep the first run's chunking so that the bytes stay the same
-    return batch_size, False
+        return found["chunk_size"]  # keep the first run's chunking so that the bytes stay the same
+    return batch_size
 
 
 def main(args):
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and ddp:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
     if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":
         # CPU kernels split their float sums by thread count, so 1 and N processes would differ in the last bit.
@@ -260,21 +241,18 @@ def main(args):
     spec = dict(data_path=os.path.abspath(args.data_path), num_files=len(files), files_sha1=listing,
                 image_size=args.image_size, vae=vae_name, scale=scale,
                 vae_weights=None if vae is None else os.path.basename(args.vae_weights))
-    out = args.out
-    state = check_out(out, spec, args.batch_size, rank)
-    if state is None:
+    out, names = args.out, ["latents"] if vae is None else ["latents", "std"]
+    chunk = check_out(out, spec, args.batch_size, rank)
+    if chunk is None:
         return
-    chunk, resume = state
-    if ddp:
-        dist.barrier()  # every rank has read the old state before rank 0 may create a new one
-    if rank == 0 and not resume:
+    if rank == 0 and not os.path.exists(f"{out}/run.json"):
         os.makedirs(out, exist_ok=True)
-        for name in ["latents"] + ([] if vae is None else ["std"]):
+        for name in names:
             open_memmap(f"{out}/{name}.partial.npy", mode="w+", dtype=np.float16, shape=(len(files), 2) + shape)
         open_memmap(f"{out}/status.partial.npy", mode="w+", dtype=np.uint8, shape=(len(files),)).flush()
         write_atomic(f"{out}/run.json", json.dumps(dict(spec, chunk_size=chunk), indent=1).encode())
     if ddp:
-        dist.barrier()
+        dist.barrier()  # a new run's staging files exist before any rank opens them
 
     # Rank r owns a contiguous range of chunks and skips the ones a previous run finished.
     status = np.load(f"{out}/status.partial.npy", mmap_mode="r+")
@@ -282,35 +260,28 @@ def main(args):
     mine = range(rank * num_chunks // world, (rank + 1) * num_chunks // world)
     batches = [list(range(c * chunk, min((c + 1) * chunk, len(files)))) for c in mine
                if (status[c * chunk:(c + 1) * chunk] == 0).any()]
-    if batches:  # (with none left, an interrupted finalize may already have renamed the staging arrays)
-        latents = np.load(f"{out}/latents.partial.npy", mmap_mode="r+")
-        std = None if vae is None else np.load(f"{out}/std.partial.npy", mmap_mode="r+")
+    # With no batches left, an interrupted finalize may already have renamed the staging arrays.
+    staging = [np.load(f"{out}/{name}.partial.npy", mmap_mode="r+") for name in names] if batches else []
     loader = torch.utils.data.DataLoader(ImageFiles(args.data_path, files, args.image_size), batch_sampler=batches,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    start, count = time.time(), 0
+    start = time.time()
     for i, (rows, (x, ok)) in enumerate(tqdm(zip(batches, loader), total=len(batches), disable=rank != 0)):
         a, b = rows[0], rows[-1] + 1
         x = x.to(device, non_blocking=True).float() / 127.5 - 1
         x = torch.cat([x, x.flip(3)])                                         # (2B, 3, S, S): views 0, then 1
-        mean, logvar = (x, None) if vae is None else encode(vae, x, device)
-        views = lambda t: (t * scale).view(2, b - a, *shape).transpose(0, 1).half().cpu().numpy()  # (B, 2, C, H, W)
-        latents[a:b] = views(mean)
-        latents.flush()
-        if std is not None:
-            std[a:b] = views(torch.exp(0.5 * logvar))
-            std.flush()
+        for array, t in zip(staging, [x] if vae is None else encode(vae, x, device)):  # pixels, or mean and std
+            array[a:b] = (t * scale).view(2, b - a, *shape).transpose(0, 1).half().cpu().numpy()  # (B, 2, C, H, W)
+            array.flush()
         status[a:b] = np.where(ok.numpy(), 1, 2)  # only once the rows above are on disk
-        count += b - a
+        status.flush()
         if i + 1 == args.stop_after_chunks:
-            status.flush()
             sys.exit(f"stopped after {i + 1} chunks (--stop-after-chunks); run again to resume")
-    status.flush()
-    total = torch.tensor([count], device=device if device.type == "cuda" else "cpu")
+    total = torch.tensor([sum(map(len, batches))], device=device if device.type == "cuda" else "cpu")
     if ddp:
         dist.all_reduce(total)
         dist.barrier()
     if rank == 0:
-        written, skipped = finalize(out, spec, classes, files, labels, args.image_size)
+        written, skipped = finalize(out, spec, classes, files, labels)
         print(f"done: {written} images written to {out}, {skipped} skipped (see skipped.txt); this run read "
               f"{total.item()} images, {total.item() / (time.time() - start):.1f} images/s")
 
