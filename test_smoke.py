@@ -24,6 +24,7 @@ import tempfile
 import numpy as np
 import pytest
 import scipy.linalg
+from scipy.special import ndtr, ndtri
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -31,6 +32,7 @@ from PIL import Image
 import fid
 import model
 import prepare_latents
+import toy
 import train
 import vae
 
@@ -974,6 +976,85 @@ def test_fid_during_training_matches_the_offline_pipeline(data, tmp_path, capsys
     offline = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
     assert float(logged[0].split("FID-5")[1].split()[0]) == pytest.approx(offline, rel=1e-3)
     expect_error("train.py", "--data-path", data, *TRAIN, "--fid-every", 2, match="needs --fid-ref")
+
+
+#################################################################################
+#                        toy.py: the 1-D quick start                            #
+#################################################################################
+
+def test_toy_trains_and_writes_outputs(tmp_path):
+    for nfe in (1, 2):                                        # one-step and velocity (D conditioned on t) paths
+        out = tmp_path / f"nfe{nfe}"
+        results, maps = toy.main(nfe=nfe, steps=3, seed=0, out_dir=str(out))
+        assert set(results) == {"afm", "gan", "fm"}
+        for r in results.values():
+            assert r["stats"] and all(math.isfinite(v) for v in r["stats"].values())
+            assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("w1", "map_err", "seed_shift"))
+        assert results["gan"]["stats"]["ot"] == 0.0 and results["afm"]["stats"]["ot"] > 0.0  # GAN: lambda_ot = 0
+        with np.load(out / "toy.npz") as f:
+            assert {"z", "afm", "gan", "fm"} <= set(f.files)
+            assert f["z"].ndim == 1 and len(f["z"]) > 100 and np.all(np.diff(f["z"]) > 0)
+            for name in ("afm", "gan", "fm"):
+                assert f[name].shape == f["z"].shape and np.all(np.isfinite(f[name]))
+                np.testing.assert_array_equal(f[name], maps[name])
+        with Image.open(out / "toy.png") as im:
+            assert im.format == "PNG" and im.size == (3 * toy.PANEL_W, toy.PANEL_H)
+            im.load()
+        assert sorted(p.name for p in out.iterdir()) == ["toy.npz", "toy.png"]   # no temp files left behind
+
+
+def test_toy_training_is_deterministic():
+    G1, s1 = toy.train_adversarial(nfe=1, steps=3, seed=5)
+    G2, s2 = toy.train_adversarial(nfe=1, steps=3, seed=5)
+    G3, _ = toy.train_adversarial(nfe=1, steps=3, seed=6)
+    assert s1 == s2
+    assert all(torch.equal(a, b) for a, b in zip(G1.state_dict().values(), G2.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(G1.state_dict().values(), G3.state_dict().values()))
+
+
+def test_toy_trajectory_ends_where_model_sample_does():
+    torch.manual_seed(0)
+    z = torch.linspace(-3, 3, 50)
+    for nfe in (1, 2, 4):
+        G = toy.ToyGenerator(use_t=nfe > 1)
+        path = toy.trajectory(G, z.numpy(), nfe)
+        assert path.shape == (nfe + 1, 50)
+        np.testing.assert_allclose(path[0], z.numpy(), atol=1e-6)
+        expected = model.sample(G, z.view(-1, 1), torch.zeros(50, dtype=torch.long), nfe).view(-1).numpy()
+        np.testing.assert_allclose(path[-1], expected, atol=1e-5)
+
+
+def test_toy_exact_ot_map():
+    z = np.linspace(-4, 4, 801)
+    T = toy.ot_map(z)
+    assert np.all(np.diff(T) >= 0)                            # monotone
+    np.testing.assert_allclose(T, -T[::-1], atol=1e-9)        # odd, like the data
+    assert abs(toy.ot_map(0.0)) < 1e-9
+    # Inside the top mode the map is 1.5 + sigma Phi^-1(4 Phi(z) - 3) (the other modes' mass there is < 1e-20);
+    # inside the second from the top 0.5 + sigma Phi^-1(4 Phi(z) - 2).
+    for zs, mu, k in (([1.0, 2.0, 3.0], 1.5, 3), ([0.2, 0.5], 0.5, 2), ([-0.2, -0.5], -0.5, 1)):
+        np.testing.assert_allclose(toy.ot_map(zs), mu + toy.SIGMA * ndtri(4 * ndtr(zs) - k), atol=1e-7)
+    assert 1.6 < toy.ot_map(3.0) < 1.65 and 1.7 < toy.ot_map(6.0) < 1.8   # far tail: still in the top mode
+    # Prior quantiles go to mixture quantiles: a quarter of the prior's mass to each mode.
+    for q, lo, hi in ((0.125, -1.51, -1.49), (0.375, -0.51, -0.49), (0.875, 1.49, 1.51)):
+        assert lo < toy.ot_map(ndtri(q)) < hi
+    np.testing.assert_allclose(toy.mixture_quantile([0.125, 0.875]), [-1.5, 1.5], atol=1e-7)
+
+
+def test_toy_wasserstein1_and_prior_weighting():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(100_000), rng.standard_normal(100_000)
+    assert toy.wasserstein1(a, b) < 0.02
+    assert abs(toy.wasserstein1(a, a + 0.3) - 0.3) < 1e-9
+    assert abs(toy.wasserstein1(a, b + 0.3) - 0.3) < 0.02
+    # N(0, 1) against N(0, 4): the sorted coupling moves E|Z| = sqrt(2/pi); an unsorted one would move ~1.78.
+    assert abs(toy.wasserstein1(a, 2 * b) - math.sqrt(2 / math.pi)) < 0.02
+    x = toy.sample_data(20_000).numpy().ravel()
+    assert toy.w1_to_data(x) < 0.03
+    assert abs(toy.w1_to_data(x + 0.2) - 0.2) < 0.03
+    assert abs(toy.w1_to_data(np.zeros(20_000)) - 1.0) < 0.01      # everything at 0: each point moves ~1 on average
+    z = np.linspace(-4, 4, 801)
+    assert abs(toy.prior_mean_abs(z, np.zeros_like(z), z) - math.sqrt(2 / math.pi)) < 1e-3
 
 
 if __name__ == "__main__":
