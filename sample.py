@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import SIZES, Generator, sample
-from train import fail, load_checkpoint
+from train import fail, load_checkpoint, setup_distributed
 
 
 def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
@@ -90,18 +90,15 @@ def make_decoder(info, vae_weights, device):
     return lambda x: vae.decode(x / info["scale"])
 
 
+def default_steps(nfe):
+    return 8 if nfe == "any" else int(nfe)                     # any-step models: 8 steps, as the official code
+
+
 def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
+    device, rank, world = setup_distributed(args.device)
     G, nfe, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
     G = G.to(device)
-    steps = args.steps or (8 if nfe == "any" else int(nfe))   # any-step models: 8 steps, as the official code
+    steps = args.steps or default_steps(nfe)
     decode = make_decoder(info, args.vae_weights, device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
 

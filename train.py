@@ -275,16 +275,21 @@ def gather_rng_states(device):
 #                                 Training loop                                 #
 #################################################################################
 
+def setup_distributed(device):
+    """DDP as in DiT and nanoGPT: torchrun sets RANK/WORLD_SIZE, plain `python` runs one process. nccl on CUDA,
+    gloo on CPU. Returns (device, rank, world size)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
 def main(args):
-    # DDP as in DiT and nanoGPT: torchrun sets RANK/WORLD_SIZE; plain `python train.py` runs in one process.
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
+    device, rank, world = setup_distributed(args.device)
     if args.global_batch_size % world:
         fail(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world}")
     batch_size = args.global_batch_size // world
@@ -344,7 +349,7 @@ def main(args):
 
     if args.fid_every:                                         # Inception, VAE and reference loaded once
         import fid
-        from sample import make_decoder
+        from sample import default_steps, make_decoder
         if not (args.fid_ref and args.inception):
             fail("--fid-every needs --fid-ref (statistics, image npz or folder) and --inception (weights file)")
         try:
@@ -353,7 +358,7 @@ def main(args):
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         decode = make_decoder(data.info, args.vae_weights, device)
-        fid_steps = 8 if args.nfe == "any" else int(args.nfe)   # any-step models are scored at 8 steps
+        fid_steps = default_steps(args.nfe)
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, "
                 f"batch {batch_size}/rank, ot_scale {args.ot_scale}->{args.ot_scale_end}, grad clip {args.grad_clip}")
     sums, count, tic = {}, 0, time.time()
