@@ -21,12 +21,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import SIZES, Generator, sample
-from train import fail, load_checkpoint, setup_distributed
+from train import fail, load_checkpoint, parse_nfe, positive_int, setup_distributed
 
 
 def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
     """A Generator from a training checkpoint (its config decides the network) or from an official release .pth
-    (a bare state dict for ImageNet-256 latents; --model, --nfe and --repeat say which network it is)."""
+    (a bare state dict for ImageNet-256 latents; --model, --nfe and --repeat say which network it is: the keys of
+    few-step and repeated generators are the same, so only a wrong size can be caught there)."""
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and "config" in ckpt:
         config, info = ckpt["config"], ckpt.get("data_info", {})
@@ -44,7 +45,10 @@ def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
         state, info = ckpt, dict(vae="sd-vae-ft-mse", scale=0.18215, num_classes=1000)
     else:
         fail(f"{path} is neither a training checkpoint nor a generator state dict")
-    G = Generator(**kwargs)
+    try:
+        G = Generator(**kwargs)
+    except ValueError as e:                                    # e.g. --repeat with --nfe 2
+        fail(str(e))
     missing, unexpected = [k for k in G.state_dict() if k not in state], [k for k in state if k not in G.state_dict()]
     shapes = [k for k in state if k in G.state_dict() and state[k].shape != G.state_dict()[k].shape]
     if missing or unexpected or shapes:
@@ -71,7 +75,7 @@ def generate(G, steps, decode, indices, labels, seed, batch_size, device, progre
     for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="sampling"):
         chunk = indices[start:start + batch_size]
         z = torch.stack([torch.randn(G.in_channels, size, size, generator=torch.Generator().manual_seed(seed + i))
-                         for i in chunk]).to(device)
+                         for i in chunk]).to(device)          # (n, C, H, W), drawn on the CPU for every device
         y = torch.tensor([labels[i] for i in chunk], device=device)
         yield chunk, to_uint8(decode(sample(G, z, y, steps)))
 
@@ -96,9 +100,13 @@ def default_steps(nfe):
 
 def main(args):
     device, rank, world = setup_distributed(args.device)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official sampler
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
     G, nfe, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
     G = G.to(device)
     steps = args.steps or default_steps(nfe)
+    if steps > 1 and nfe == "1":
+        fail(f"a one-step generator samples in one step, not --steps {steps}")
     decode = make_decoder(info, args.vae_weights, device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
 
@@ -106,11 +114,13 @@ def main(args):
         labels = args.class_labels or [i % num_classes for i in range(args.num_images)]
         if max(labels) >= num_classes or min(labels) < 0:
             fail(f"class labels must be in [0, {num_classes})")
-        images = torch.cat([x for _, x in generate(G, steps, decode, list(range(len(labels))), labels,
-                                                   args.global_seed, args.batch_size, device)])
-        if rank == 0:
+        if rank == 0:                                          # a grid is small: the other ranks have nothing to do
+            images = torch.cat([x for _, x in generate(G, steps, decode, list(range(len(labels))), labels,
+                                                       args.global_seed, args.batch_size, device)])
             save_grid(images, args.out, nrow=args.nrow or math.ceil(math.sqrt(len(images))))
             print(f"saved {len(images)} samples ({steps} steps) to {args.out}")
+        if world > 1:
+            dist.destroy_process_group()
         return
 
     # Evaluation set: class-balanced, sharded over ranks, packed by rank 0 into one shuffled npz.
@@ -127,7 +137,7 @@ def main(args):
     rows = np.load(staging, mmap_mode="r+")
     for chunk, images in generate(G, steps, decode, list(range(rank, args.num_samples, world)), labels,
                                   args.global_seed, args.batch_size, device, progress=rank == 0):
-        rows[row_of[chunk]] = images.permute(0, 2, 3, 1).cpu().numpy()
+        rows[row_of[chunk]] = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3), ADM's NHWC
     rows.flush()
     if world > 1:
         dist.barrier()
@@ -159,17 +169,17 @@ if __name__ == "__main__":
     parser.add_argument("--ckpt", type=str, required=True, help="training checkpoint or official release .pth")
     parser.add_argument("--weights", choices=["EMA", "G"], default="EMA", help="which generator of a checkpoint")
     parser.add_argument("--model", choices=list(SIZES), default=None, help="size, needed for an official .pth")
-    parser.add_argument("--nfe", choices=["1", "2", "4", "any"], default=None, help="mode of an official .pth")
-    parser.add_argument("--repeat", type=int, default=None, help="depth repetition of an official .pth")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--nfe", type=parse_nfe, default=None, help="mode of an official .pth")
+    parser.add_argument("--repeat", type=positive_int, default=None, help="depth repetition of an official .pth")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights to decode latents")
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--class-labels", type=int, nargs="+", default=None)
-    parser.add_argument("--num-images", type=int, default=16)
-    parser.add_argument("--nrow", type=int, default=None)
+    parser.add_argument("--num-images", type=positive_int, default=16)
+    parser.add_argument("--nrow", type=positive_int, default=None)
     parser.add_argument("--out", type=str, default="samples.png")
     parser.add_argument("--npz", type=str, default=None, help="write an evaluation npz instead of a grid")
-    parser.add_argument("--num-samples", type=int, default=50_000)
-    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--num-samples", type=positive_int, default=50_000)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--device", type=str, default=None)
     main(parser.parse_args())

@@ -319,8 +319,8 @@ def test_every_mode_trains(data, tmp_path, mode):
     log = open(tmp_path / "log.txt").read()
     step = [line for line in log.splitlines() if "step 0000002" in line][0]
     values = dict(zip(step.split()[4::2], step.split()[5::2]))
-    for key in ("loss_d", "loss_g", "r1", "r2", "cp", "ot", "logits_real", "logits_fake", "grad_norm_d",
-                "grad_norm_g", "ot_scale", "lr", "img/s"):
+    for key in ("loss_d", "loss_g", "r1", "r2", "cp", "ot", "logits_real", "logits_fake", "g_logits_real",
+                "g_logits_fake", "grad_norm_d", "grad_norm_g", "ot_scale", "lr", "img/s"):
         assert math.isfinite(float(values[key])), key
     ckpt = torch.load(tmp_path / "checkpoints" / "0000003.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["args"]["model"] == "T/2" and ckpt["grad_norm"]["square_avg"] > 0
@@ -340,6 +340,17 @@ def test_resume_is_bit_identical(data, tmp_path):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
     assert torch.equal(a["opt_G"]["state"][1]["exp_avg_sq"], b["opt_G"]["state"][1]["exp_avg_sq"])
+
+
+def test_resume_takes_this_commands_hyperparameters(data, tmp_path):
+    """A later stage resumes with a new lr and a constant lambda_ot, which defaults to where the decay ended."""
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, "--lr", 5e-4,
+               "--ot-schedule", "constant", "--resume", tmp_path / "checkpoints" / "0000001.pt")
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
+    assert ckpt["opt_G"]["param_groups"][0]["lr"] == ckpt["opt_D"]["param_groups"][0]["lr"] == 5e-4
+    assert ckpt["args"]["ot_scale"] == ckpt["args"]["ot_scale_end"] == 0.005
+    assert "ot_scale 0.005" in open(tmp_path / "log.txt").read().splitlines()[-3]
 
 
 def test_train_checkpoint_sample_end_to_end(data, tmp_path):
@@ -421,6 +432,12 @@ def test_bad_flags_and_checkpoints(data, tmp_path):
     expect_error("train.py", "--data-path", data, "--model", "S/2", *TRAIN[2:], "--resume", ckpt,
                  match="holds another model")
     expect_error("sample.py", "--ckpt", ckpt, "--nfe", "2", match="holds a --nfe 1 model")
+    expect_error("sample.py", "--ckpt", ckpt, "--steps", "2", match="samples in one step")
+    expect_error("train.py", "--data-path", data, *TRAIN, "--precision", "bf16", match="for CUDA devices")
+    for flag in ("--log-every", "--global-batch-size", "--ckpt-every"):
+        with pytest.raises(SystemExit) as e:
+            run_script("train.py", "--data-path", data, flag, "0")
+        assert e.value.code == 2                               # argparse: "must be a positive integer"
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(ckpt.read_bytes()[:5000])
     expect_error("train.py", "--data-path", data, *TRAIN, "--resume", truncated, match="corrupt, truncated")
@@ -435,6 +452,8 @@ def test_bad_flags_and_checkpoints(data, tmp_path):
     torch.save(G.state_dict(), tmp_path / "bare.pth")
     expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", match="say which network it is with --model")
     expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", match="does not fit this generator")
+    expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", "--nfe", "2", "--repeat", "2",
+                 match="depth repetition is for one-step generators")
 
 
 class Exploit:

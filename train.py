@@ -105,8 +105,8 @@ def interpolate(x, z, t):
 #################################################################################
 
 class GradNorm(torch.nn.Module):
-    """Identity forward; backward divides the incoming gradient by sqrt(EMA_0.9(|g|^2 numel)) + 1e-8, so D's push
-    on G has unit RMS whatever the loss scale, and one lambda_ot works at every model size."""
+    """Identity forward; backward divides the incoming gradient by sqrt(EMA_0.9(|g|^2 numel)) + 1e-8, so the size
+    of D's push on G no longer depends on the scale of D's logits, and one lambda_ot works at every model size."""
     def __init__(self, decay=0.9, eps=1e-8):
         super().__init__()
         self.decay, self.eps = decay, eps
@@ -140,23 +140,25 @@ class _GradNormFn(torch.autograd.Function):
 def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale=0.25, gp_eps=0.01, gp_ratio=0.25,
                        cp_scale=0.01):
     """D's loss on real and generated samples at time t (t=None for one-step models). Returns (loss, stats)."""
-    n = len(x_real)
-    k = max(round(n * gp_ratio), 1)                            # R1/R2 on the first 25 % of the batch
-    x_real_gp = x_real[:k] + gp_eps * torch.randn_like(x_real[:k])
-    x_fake_gp = x_fake[:k] + gp_eps * torch.randn_like(x_fake[:k])
+    bsz = len(x_real)
+    gp_bsz = max(round(bsz * gp_ratio), 1)                    # R1/R2 on the first gp_ratio of the batch
+    x_real_gp = x_real[:gp_bsz] + gp_eps * torch.randn_like(x_real[:gp_bsz])
+    x_fake_gp = x_fake[:gp_bsz] + gp_eps * torch.randn_like(x_fake[:gp_bsz])
     # One forward over [real, fake, real + eps n, fake + eps n] instead of four.
-    t_all = None if t is None else torch.cat([t, t, t[:k], t[:k]])
-    logits = D(torch.cat([x_real, x_fake, x_real_gp, x_fake_gp]), torch.cat([y, y, y[:k], y[:k]]), t_all).float()
-    logits_real, logits_fake, logits_real_gp, logits_fake_gp = logits.split([n, n, k, k])
-    gp_weight = gp_scale * weighting[:k] / gp_eps ** 2
+    x_all = torch.cat([x_real, x_fake, x_real_gp, x_fake_gp])                   # (2 bsz + 2 gp_bsz, ...)
+    y_all = torch.cat([y, y, y[:gp_bsz], y[:gp_bsz]])
+    t_all = None if t is None else torch.cat([t, t, t[:gp_bsz], t[:gp_bsz]])
+    logits_real, logits_fake, logits_real_gp, logits_fake_gp = D(x_all, y_all, t_all).float().split(
+        [bsz, bsz, gp_bsz, gp_bsz])
+    gp_weight = gp_scale * weighting[:gp_bsz] / gp_eps ** 2
     loss_adv = F.softplus(-(logits_real - logits_fake)).mean()                  # log(1 + e^-(D(x_t) - D(x^_t)))
-    loss_r1 = (gp_weight * (logits_real_gp - logits_real[:k]).square()).mean() # R1 ~ l w/e^2 (D(x+en) - D(x))^2
-    loss_r2 = (gp_weight * (logits_fake_gp - logits_fake[:k]).square()).mean() # R2, the same on generated x^_t
+    loss_r1 = (gp_weight * (logits_real_gp - logits_real[:gp_bsz]).square()).mean()  # R1 ~ l w/e^2 (D(x+en) - D(x))^2
+    loss_r2 = (gp_weight * (logits_fake_gp - logits_fake[:gp_bsz]).square()).mean()  # R2, the same on generated x^_t
     loss_cp = cp_scale * (logits_real + logits_fake).square().mean()           # centering: l_cp (D(x_t) + D(x^_t))^2
     loss = loss_adv + loss_r1 + loss_r2 + loss_cp
     stats = dict(loss_d=loss_adv, r1=loss_r1, r2=loss_r2, cp=loss_cp,
                  logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
-    return loss, {k: v.detach() for k, v in stats.items()}
+    return loss, {name: v.detach() for name, v in stats.items()}
 
 
 def generator_loss(D, x_fake, x_src, x_real, y, t, weighting, ot_scale, grad_norm):
@@ -166,8 +168,9 @@ def generator_loss(D, x_fake, x_src, x_real, y, t, weighting, ot_scale, grad_nor
     logits_fake = D(grad_norm(x_fake), y, t).float()
     loss_adv = F.softplus(-(logits_fake - logits_real)).mean()                  # log(1 + e^-(D(x^_t) - D(x_t)))
     loss_ot = (ot_scale * (x_fake - x_src).square().flatten(1).mean(1) / weighting).mean()  # l_ot |x^_t - x_s|^2/(n w)
-    stats = dict(loss_g=loss_adv, ot=loss_ot, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
-    return loss_adv + loss_ot, {k: v.detach() for k, v in stats.items()}
+    # (the G step's logits, logged apart from the D step's, which they would otherwise overwrite)
+    stats = dict(loss_g=loss_adv, ot=loss_ot, g_logits_real=logits_real.mean(), g_logits_fake=logits_fake.mean())
+    return loss_adv + loss_ot, {name: v.detach() for name, v in stats.items()}
 
 
 #################################################################################
@@ -183,12 +186,12 @@ def ot_scale_at(step, args):
 
 
 def d_step(G, D_train, opt_D, batch, args):
-    """One discriminator update; G runs without gradients."""
+    """One discriminator update; G runs without gradients. D's own step stays in fp32 (TF32 matmuls on GPU, as the
+    official code) even with --precision bf16: R1/R2 differences of logits 0.01 apart drown in bf16 rounding."""
     with torch.no_grad(), autocast(args):
         x_fake = transport(G, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], args.nfe != "1")
-    with autocast(args):
-        loss, stats = discriminator_loss(D_train, batch["x_tgt"], x_fake, batch["y"], time_for_d(batch, args),
-                                         batch["weighting"], args.gp_scale, args.gp_eps, args.gp_ratio, args.cp_scale)
+    loss, stats = discriminator_loss(D_train, batch["x_tgt"], x_fake, batch["y"], time_for_d(batch, args),
+                                     batch["weighting"], args.gp_scale, args.gp_eps, args.gp_ratio, args.cp_scale)
     opt_D.zero_grad(set_to_none=True)
     loss.backward()
     stats["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(D_train.parameters(), args.grad_clip)
@@ -249,7 +252,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy of unused parts
     except Exception as e:  # a truncated zip, random bytes or a pickle with code all end here
         fail(f"cannot read checkpoint {path} (corrupt, truncated or not a checkpoint): {type(e).__name__}")
 
@@ -290,11 +293,13 @@ def setup_distributed(device):
 
 def main(args):
     device, rank, world = setup_distributed(args.device)
+    if args.precision == "bf16" and device.type != "cuda":
+        fail("--precision bf16 is for CUDA devices")
     if args.global_batch_size % world:
         fail(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world}")
     batch_size = args.global_batch_size // world
-    torch.backends.cuda.matmul.allow_tf32 = True              # TF32 matmuls on GPU, as the official code
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official code
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
     if rank == 0:
         os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
@@ -305,8 +310,9 @@ def main(args):
 
     # The paper's per-mode values (official configs) where a flag was left unset.
     multi = args.nfe != "1"
-    args.ot_scale = args.ot_scale if args.ot_scale is not None else (0.25 if multi else 0.2)
     args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else (0.01 if args.model == "B/2" else 0.005)
+    if args.ot_scale is None:                                  # a constant stage continues where the decay ended
+        args.ot_scale = args.ot_scale_end if args.ot_schedule == "constant" else (0.25 if multi else 0.2)
     args.grad_clip = args.grad_clip if args.grad_clip is not None else (5.0 if multi or args.repeat > 1 else 50.0)
 
     common = dict(SIZES[args.model], input_size=data.size, in_channels=data.channels, num_classes=data.num_classes)
@@ -319,6 +325,7 @@ def main(args):
     adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")
     opt_G = torch.optim.AdamW(G.parameters(), lr=args.lr / args.repeat, **adamw)  # repeated G: lr / R
     opt_D = torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw)
+    hyper = {opt: dict(adamw, lr=opt.param_groups[0]["lr"]) for opt in (opt_G, opt_D)}
     logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
 
     start = 0
@@ -331,6 +338,8 @@ def main(args):
                  f"--repeat {ckpt['args']['repeat']}, data {ckpt['args']['data_path']}) than this run asks for")
         for module, key in ((G, "G"), (D, "D"), (EMA, "EMA"), (opt_G, "opt_G"), (opt_D, "opt_D"), (grad_norm, "grad_norm")):
             module.load_state_dict(ckpt[key])
+        for opt, values in hyper.items():                      # this command's lr etc., not the checkpoint's
+            opt.param_groups[0].update(values)
         start = ckpt["step"]
         logger.info(f"resumed from {args.resume} at step {start}")
     torch.manual_seed(args.global_seed * world + rank)         # per-rank streams of batches and noise
@@ -445,8 +454,14 @@ class TqdmHandler(logging.Handler):
 
 def parse_nfe(value):
     if value == "any" or (value.isdigit() and int(value) >= 1):
-        return value
-    raise argparse.ArgumentTypeError(f"--nfe must be a positive integer or 'any', not {value!r}")
+        return value if value == "any" else str(int(value))
+    raise argparse.ArgumentTypeError(f"must be a positive integer or 'any', not {value!r}")
+
+
+def positive_int(value):
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
+    return int(value)
 
 
 if __name__ == "__main__":
@@ -455,34 +470,34 @@ if __name__ == "__main__":
     parser.add_argument("--results-dir", type=str, default="results")
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
     parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), 2 or 4 (few steps), or any")
-    parser.add_argument("--repeat", type=int, default=1, help="depth repetition R of a one-step generator (2, 4)")
-    parser.add_argument("--global-batch-size", type=int, default=256)            # official configs
+    parser.add_argument("--repeat", type=positive_int, default=1, help="depth repetition R of a one-step generator (2, 4)")
+    parser.add_argument("--global-batch-size", type=positive_int, default=256)            # official configs
     parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=500_000, help="iterations of one D step and one G step")
+    parser.add_argument("--max-steps", type=positive_int, default=500_000, help="iterations of one D step and one G step")
     parser.add_argument("--lr", type=float, default=1e-4)                        # G gets lr / repeat
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--ot-scale", type=float, default=None, help="lambda_ot start (default 0.2, multi-step 0.25)")
     parser.add_argument("--ot-scale-end", type=float, default=None, help="lambda_ot end (default 0.005, B/2 0.01)")
     parser.add_argument("--ot-schedule", choices=["cosine", "constant"], default="cosine")
-    parser.add_argument("--ot-decay-steps", type=int, default=500_000, help="cosine length in G steps (~100 epochs)")
+    parser.add_argument("--ot-decay-steps", type=positive_int, default=500_000, help="cosine length in G steps (~100 epochs)")
     parser.add_argument("--gp-scale", type=float, default=0.25)                 # lambda_gp for R1 and R2
     parser.add_argument("--gp-eps", type=float, default=0.01)                   # finite-difference step
     parser.add_argument("--gp-ratio", type=float, default=0.25)                 # share of the batch for R1/R2
     parser.add_argument("--cp-scale", type=float, default=0.01)                 # logit centering
     parser.add_argument("--grad-clip", type=float, default=None, help="default 50, multi-step or repeated 5")
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--ckpt-every", type=int, default=10_000)
+    parser.add_argument("--log-every", type=positive_int, default=100)
+    parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
     parser.add_argument("--fid-every", type=int, default=0, help="score the EMA every N steps (0: never)")
-    parser.add_argument("--fid-samples", type=int, default=50_000)               # FID-50K, as the paper
+    parser.add_argument("--fid-samples", type=positive_int, default=50_000)               # FID-50K, as the paper
     parser.add_argument("--fid-ref", type=str, default=None, help="reference statistics/images, e.g. ADM's npz")
     parser.add_argument("--inception", type=str, default=None, help="FID Inception weights file")
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode samples")
-    parser.add_argument("--fid-batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--fid-batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32 uses TF32 matmuls")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     args = parser.parse_args()
-    if args.repeat < 1 or (args.repeat > 1 and args.nfe != "1"):
-        parser.error("--repeat must be >= 1 and is for one-step models (--nfe 1)")
+    if args.repeat > 1 and args.nfe != "1":
+        parser.error("--repeat is for one-step models (--nfe 1)")
     main(args)
