@@ -65,20 +65,20 @@ class LatentData:
             fail(f"labels must be in [0, {self.num_classes}) and there must be at least one image")
         _, self.views, self.channels, self.size, _ = self.latents.shape
 
-    def sample(self, n, device):
+    def sample(self, n):
         """n random images with a random view each, a posterior draw when std.npy is there, as float32."""
         idx = torch.randint(len(self.labels), (n,)).numpy()
         view = torch.randint(self.views, (n,)).numpy()
         x = torch.from_numpy(self.latents[idx, view].astype(np.float32))
         if self.std is not None:
             x = x + torch.from_numpy(self.std[idx, view].astype(np.float32)) * torch.randn(x.shape)
-        return x.to(device, non_blocking=True), torch.from_numpy(self.labels[idx]).to(device)
+        return x, torch.from_numpy(self.labels[idx])
 
 
 def make_batch(data, n, nfe, device):
-    """Source x_s and real target x_t at times s > t. They share the image, not the noise. Randomness is drawn on
-    the CPU from the global generator, whose state the checkpoints keep."""
-    x, y = data.sample(n, device)
+    """Source x_s and real target x_t at times s > t. They share the image, not the noise. The batch is made on the
+    CPU from the global generator, whose state the checkpoints keep, and copied to the device without a sync."""
+    x, y = data.sample(n)
     if nfe == "any":
         t_src = torch.rand(n)
         t_tgt = torch.rand(n) * t_src
@@ -86,12 +86,14 @@ def make_batch(data, n, nfe, device):
         k = int(nfe)
         j = k - torch.randint(k, (n,))
         t_src, t_tgt = j / k, (j - 1) / k
-    z_src, z_tgt = torch.randn(x.shape), torch.randn(x.shape)
-    t_src, t_tgt, z_src, z_tgt = (v.to(device) for v in (t_src, t_tgt, z_src, z_tgt))
-    x_src = interpolate(x, z_src, t_src)
-    x_tgt = interpolate(x, z_tgt, t_tgt)
+    x_src = interpolate(x, torch.randn(x.shape), t_src)
+    x_tgt = interpolate(x, torch.randn(x.shape), t_tgt)
     weighting = (t_src - t_tgt).abs().clamp_min(0.001)        # w = max(|s - t|, 0.001)
-    return dict(x_src=x_src, x_tgt=x_tgt, y=y, t_src=t_src, t_tgt=t_tgt, weighting=weighting)
+    batch = dict(x_src=x_src, x_tgt=x_tgt, y=y, t_src=t_src, t_tgt=t_tgt, weighting=weighting)
+    if torch.device(device).type != "cuda":
+        return batch
+    # From pinned memory the copy is asynchronous; from pageable memory it would wait for the GPU every step.
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def interpolate(x, z, t):
