@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.special import erf, ndtr, ndtri
 
 from model import transport
-from train import GradNorm, discriminator_loss, generator_loss, interpolate, ot_scale_at, update_ema
+from train import GradNorm, d_step, g_step, interpolate, make_batch, ot_scale_at, update_ema
 
 # Where the toy departs from train.py's image defaults, and why: a 40k-parameter MLP on 1-D data is not a DiT.
 # D's regularisers keep the image defaults (gp_scale 0.25, gp_eps 0.01, gp_ratio 0.25, cp_scale 0.01): 1-D needs them
@@ -38,7 +38,7 @@ from train import GradNorm, discriminator_loss, generator_loss, interpolate, ot_
 WIDTH, DEPTH, BATCH = 128, 3, 256
 LR = 3e-3               # images 1e-4: here 1,000 steps must suffice
 EMA_DECAY = 0.99        # images 0.9999: a horizon of ~100 steps in a 1,000-step run
-# lambda_ot, cosine from start to end over the run, starting at the images' values (Table 11). Images end at 0.005;
+# lambda_ot, cosine from start to end over the run, starting at the images' values (official configs). Images end at 0.005;
 # a 1,000-step run ending there lost a mode's balance at one seed in six, so the toy ends at 0.02, and few-step
 # models at 0.1 (ending at 0.025 left their maps 0.07-0.11 from T over four seeds, against 0.05-0.06).
 OT_SCALE = {1: (0.2, 0.02), "multi": (0.25, 0.1)}
@@ -131,47 +131,30 @@ class ToyDiscriminator(MLP):
 #                                   Training                                    #
 #################################################################################
 
-def make_batch(n, nfe):
-    """train.make_batch on the mixture: x_s at s in {1/n, ..., 1}, a real x_t at t = s - 1/n, each its own noise."""
-    x, y = sample_data(n), torch.zeros(n, dtype=torch.long)
-    t_src = (nfe - torch.randint(nfe, (n,))) / nfe
-    t_tgt = t_src - 1 / nfe
-    x_src, x_tgt = interpolate(x, torch.randn(n, 1), t_src), interpolate(x, torch.randn(n, 1), t_tgt)
-    weighting = (t_src - t_tgt).clamp_min(0.001)                             # w = max(|s - t|, 0.001)
-    return dict(x_src=x_src, x_tgt=x_tgt, y=y, t_src=t_src, t_tgt=t_tgt, weighting=weighting)
+class Mixture:
+    """The data as train.make_batch draws it: x (N, 1), and a dummy label."""
+    def sample(self, n):
+        return sample_data(n), torch.zeros(n, dtype=torch.long)
 
 
 def train_adversarial(nfe, steps, seed, use_ot=True):
-    """AFM (use_ot) or the plain GAN (lambda_ot = 0, all else equal): one D step, then one G step, as train.py."""
+    """AFM (use_ot) or the plain GAN (lambda_ot = 0, all else equal): train.py's batches, D step and G step."""
     torch.manual_seed(seed)
     multi = nfe > 1                                  # velocity G and time-conditioned D, as train.py for nfe > 1
     G, D, grad_norm = ToyGenerator(multi), ToyDiscriminator(multi), GradNorm()
     EMA = deepcopy(G).requires_grad_(False)
     opt_G, opt_D = (torch.optim.AdamW(m.parameters(), lr=LR, betas=(0.0, 0.9), weight_decay=0.01) for m in (G, D))
     start, end = OT_SCALE["multi" if multi else 1]
-    schedule = argparse.Namespace(ot_schedule="cosine", ot_scale=start, ot_scale_end=end, ot_decay_steps=steps)
+    # train.py's settings, but no gradient clipping; D's regularisers at the image defaults (see above).
+    args = argparse.Namespace(nfe=str(nfe), precision="fp32", gp_scale=0.25, gp_eps=0.01, gp_ratio=0.25,
+                              cp_scale=0.01, grad_clip=math.inf, ot_schedule="cosine", ot_scale=start,
+                              ot_scale_end=end, ot_decay_steps=steps)
     for step in range(steps):
-        b = make_batch(BATCH, nfe)
-        with torch.no_grad():
-            x_fake = transport(G, b["x_src"], b["y"], b["t_src"], b["t_tgt"], multi)
-        # Relativistic loss, finite-difference R1/R2 and logit centering (Eqs. 6, 9, 10) at the image defaults.
-        loss, stats_d = discriminator_loss(D, b["x_tgt"], x_fake, b["y"], b["t_tgt"] if multi else None, b["weighting"])
-        opt_D.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_D.step()
-
-        b = make_batch(BATCH, nfe)
-        D.requires_grad_(False)                      # D passes gradients on to G's samples but does not learn
-        x_fake = transport(G, b["x_src"], b["y"], b["t_src"], b["t_tgt"], multi)
-        # Relativistic loss through GradNorm (Eq. 7) plus lambda_ot E|G(x_s) - x_s|^2 / w (Eq. 8); the GAN gets 0.
-        loss, stats_g = generator_loss(D, x_fake, b["x_src"], b["x_tgt"], b["y"], b["t_tgt"] if multi else None,
-                                       b["weighting"], ot_scale_at(step, schedule) if use_ot else 0.0, grad_norm)
-        opt_G.zero_grad(set_to_none=True)
-        loss.backward()
-        D.requires_grad_(True)
-        opt_G.step()
+        stats = d_step(G, D, opt_D, make_batch(Mixture(), BATCH, args.nfe, "cpu"), args)
+        stats.update(g_step(G, D, opt_G, grad_norm, make_batch(Mixture(), BATCH, args.nfe, "cpu"), args,
+                            ot_scale_at(step, args) if use_ot else 0.0))
         update_ema(EMA, G, EMA_DECAY)
-    return EMA, {k: v.item() for k, v in {**stats_d, **stats_g}.items()}
+    return EMA, {k: v.item() for k, v in stats.items()}
 
 
 def train_flow_matching(nfe, steps, seed):
