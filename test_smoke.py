@@ -427,7 +427,9 @@ def test_bad_flags_and_checkpoints(data, tmp_path):
     assert e.value.code == 2                                   # argparse: "invalid choice: 'Q/2'"
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
     ckpt = tmp_path / "checkpoints" / "0000001.pt"
-    expect_error("train.py", "--data-path", data, *TRAIN, "--resume", tmp_path / "missing.pt", match="does not exist")
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN,
+                 "--resume", tmp_path / "missing.pt", match="does not exist")
+    assert not (tmp_path / "never").exists()                   # a run that fails on its inputs writes nothing
     expect_error("train.py", "--data-path", data, *TRAIN, "--nfe", "2", "--resume", ckpt, match="holds another model")
     expect_error("train.py", "--data-path", data, "--model", "S/2", *TRAIN[2:], "--resume", ckpt,
                  match="holds another model")

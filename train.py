@@ -303,9 +303,6 @@ def main(args):
     torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official code
     torch.backends.cudnn.conv.fp32_precision = "tf32"
 
-    if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
-    logger = create_logger(args.results_dir if rank == 0 else None)
     data = LatentData(args.data_path)
     if data.size % SIZES[args.model]["patch_size"]:
         fail(f"latents of size {data.size} do not split into patches of {SIZES[args.model]['patch_size']}")
@@ -320,44 +317,12 @@ def main(args):
     common = dict(SIZES[args.model], input_size=data.size, in_channels=data.channels, num_classes=data.num_classes)
     config = dict(G=dict(common, use_t_src=multi, use_t_tgt=args.nfe == "any", repeat=args.repeat),
                   D=dict(common, use_t=multi), nfe=args.nfe)
-    torch.manual_seed(args.global_seed)                        # the same initial weights on every rank
-    G, D = Generator(**config["G"]).to(device), Discriminator(**config["D"]).to(device)
-    EMA = deepcopy(G).requires_grad_(False)
-    grad_norm = GradNorm().to(device)
-    adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")
-    opt_G = torch.optim.AdamW(G.parameters(), lr=args.lr / args.repeat, **adamw)  # repeated G: lr / R
-    opt_D = torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw)
-    hyper = {opt: dict(adamw, lr=opt.param_groups[0]["lr"]) for opt in (opt_G, opt_D)}
-    logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
-
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if not isinstance(ckpt, dict) or "config" not in ckpt:
-            fail(f"{args.resume} is not a training checkpoint of this project")
-        if ckpt["config"] != config:
-            fail(f"{args.resume} holds another model (--model {ckpt['args']['model']} --nfe {ckpt['args']['nfe']} "
-                 f"--repeat {ckpt['args']['repeat']}, data {ckpt['args']['data_path']}) than this run asks for")
-        for module, key in ((G, "G"), (D, "D"), (EMA, "EMA"), (opt_G, "opt_G"), (opt_D, "opt_D"), (grad_norm, "grad_norm")):
-            module.load_state_dict(ckpt[key])
-        for opt, values in hyper.items():                      # this command's lr etc., not the checkpoint's
-            opt.param_groups[0].update(values)
-        start = ckpt["step"]
-        logger.info(f"resumed from {args.resume} at step {start}")
-    torch.manual_seed(args.global_seed * world + rank)         # per-rank streams of batches and noise
-    if args.resume and len(ckpt["rng"]) == world:
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    elif args.resume:                                          # another world size: fresh streams for this step
-        torch.manual_seed((args.global_seed * world + rank) * 1_000_003 + start)
-
-    # Only the player being trained runs through DDP: D's step calls the bare G without gradients, and G's step
-    # calls the bare, frozen D, so neither wrapper ever waits for gradients that do not come.
-    G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    G_train = DDP(G_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G_fwd
-    D_train = DDP(D_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D_fwd
-
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and (not isinstance(ckpt, dict) or "config" not in ckpt):
+        fail(f"{args.resume} is not a training checkpoint of this project")
+    if ckpt is not None and ckpt["config"] != config:
+        fail(f"{args.resume} holds another model (--model {ckpt['args']['model']} --nfe {ckpt['args']['nfe']} "
+             f"--repeat {ckpt['args']['repeat']}, data {ckpt['args']['data_path']}) than this run asks for")
     if args.fid_every:                                         # Inception, VAE and reference loaded once
         import fid
         from sample import default_steps, make_decoder
@@ -370,6 +335,43 @@ def main(args):
             fail(str(e))
         decode = make_decoder(data.info, args.vae_weights, device)
         fid_steps = default_steps(args.nfe)
+
+    # Inputs are good: only now does the run write anything.
+    if rank == 0:
+        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
+    logger = create_logger(args.results_dir if rank == 0 else None)
+    torch.manual_seed(args.global_seed)                        # the same initial weights on every rank
+    G, D = Generator(**config["G"]).to(device), Discriminator(**config["D"]).to(device)
+    EMA = deepcopy(G).requires_grad_(False)
+    grad_norm = GradNorm().to(device)
+    adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")
+    opt_G = torch.optim.AdamW(G.parameters(), lr=args.lr / args.repeat, **adamw)  # repeated G: lr / R
+    opt_D = torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw)
+    hyper = {opt: dict(adamw, lr=opt.param_groups[0]["lr"]) for opt in (opt_G, opt_D)}
+    logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
+
+    start = 0
+    if ckpt is not None:
+        for module, key in ((G, "G"), (D, "D"), (EMA, "EMA"), (opt_G, "opt_G"), (opt_D, "opt_D"), (grad_norm, "grad_norm")):
+            module.load_state_dict(ckpt[key])
+        for opt, values in hyper.items():                      # this command's lr etc., not the checkpoint's
+            opt.param_groups[0].update(values)
+        start = ckpt["step"]
+        logger.info(f"resumed from {args.resume} at step {start}")
+    torch.manual_seed(args.global_seed * world + rank)         # per-rank streams of batches and noise
+    if ckpt is not None and len(ckpt["rng"]) == world:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+    elif ckpt is not None:                                     # another world size: fresh streams for this step
+        torch.manual_seed((args.global_seed * world + rank) * 1_000_003 + start)
+
+    # Only the player being trained runs through DDP: D's step calls the bare G without gradients, and G's step
+    # calls the bare, frozen D, so neither wrapper ever waits for gradients that do not come.
+    G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    G_train = DDP(G_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G_fwd
+    D_train = DDP(D_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D_fwd
+
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, "
                 f"batch {batch_size}/rank, ot_scale {args.ot_scale}->{args.ot_scale_end}, grad clip {args.grad_clip}")
     sums, count, tic = {}, 0, time.time()
