@@ -2,13 +2,14 @@
 Trains an Adversarial Flow Model (https://arxiv.org/abs/2511.22475) on a latent data directory made by
 prepare_latents.py: a generator G and a discriminator D, one D step then one G step per iteration.
 
-    python train.py --model B/2 --data-path latents/imagenet256                        # one GPU
-    torchrun --nproc_per_node=8 train.py --model B/2 --data-path latents/imagenet256   # eight GPUs
-    python train.py --model T/2 --data-path latents/tiny --device cpu --global-batch-size 8 --max-steps 20
+    python train.py --model B/2 --data-path data/imagenet256                          # one GPU
+    torchrun --nproc_per_node=8 train.py --model B/2 --data-path data/imagenet256     # eight GPUs
+    python train.py --model T/2 --data-path data/tiny --device cpu --global-batch-size 8 --max-steps 20
     python train.py --model XL/2 --nfe 2 ...       # few-step (velocity) model; --nfe any for any-step
     python train.py --model XL/2 --repeat 4 ...    # 112-layer one-step generator by depth repetition
 
-Defaults are the paper's B/2 one-step values, as in the official release's configs/train/afm/*.yaml.
+Defaults are the paper's one-step B/2 setting: the official configs' values (configs/train/afm/*.yaml, written for
+XL/2) with B/2's final lambda_ot of 0.01; flags left unset take the paper's value for the chosen mode and size.
 """
 import argparse
 import json
