@@ -380,7 +380,7 @@ def test_train_checkpoint_sample_end_to_end(data, tmp_path):
 def test_two_processes_under_torchrun(data, tmp_path):
     """DDP with gloo: the two ranks split the batch, stay in sync, and sample.py shards the same samples."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29733"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = subprocess.run(torchrun + ["train.py", "--data-path", data, "--results-dir", tmp_path,
                                      *map(str, TRAIN), "--max-steps", "3"], cwd=HERE, env=env,
                          capture_output=True, text=True, timeout=300)
