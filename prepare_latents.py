@@ -28,6 +28,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
+from train import setup_distributed
 from vae import SCALE, AutoencoderKL, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -203,14 +204,8 @@ def check_out(out, spec, batch_size, rank):
 
 
 def main(args):
-    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device, rank, world = setup_distributed(args.device)
+    ddp = dist.is_initialized()
     if device.type == "cpu":
         # CPU kernels split their float sums by thread count, so 1 and N processes would differ in the last bit.
         # One thread per process keeps the bytes independent of it; use more processes to use more cores.
