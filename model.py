@@ -155,7 +155,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """The trunk the three networks share: patch tokens with a fixed position embedding, optional time and label
-    embedders, and the stack of blocks. Subclasses add their heads and then call initialize_weights()."""
+    embedders, and the stack of blocks. Subclasses add their heads, extend initialize_weights() for them, and call it."""
     def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
                  mlp_ratio=4.0, use_t=False, use_y=True):
         super().__init__()
@@ -170,8 +170,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
 
     def initialize_weights(self):
-        # DiT's initialisation: xavier-uniform linears with zero biases, the patch projection like a linear,
-        # N(0, 0.02) label table and time MLPs, zeroed adaLN modulations and generator output layer.
+        """DiT's initialisation of the shared trunk: xavier-uniform linears with zero biases (subclasses then redo
+        their heads), the patch projection like a linear, N(0, 0.02) label table and time MLP, zeroed adaLN."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -184,30 +184,12 @@ class DiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
         if hasattr(self, "y_embedder"):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if hasattr(self, "t_embedder"):
+            nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        if isinstance(getattr(self, "final_layer", None), FinalLayer):
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-            nn.init.zeros_(self.final_layer.linear.weight)
-            nn.init.zeros_(self.final_layer.linear.bias)
-        else:
-            # AFM departs from DiT: the discriminator/classifier read-out replaces DiT's final layer after DiT's
-            # initialisation in the official code, so it keeps PyTorch's default init (the token gets N(0, 0.02)).
-            self.final_layer[1].reset_parameters()
-        for name in ("dis_embed", "cls_embed"):
-            if hasattr(self, name):
-                nn.init.normal_(getattr(self, name), std=0.02)
-        if hasattr(self, "t_tgt_embedder"):
-            # AFM: the target-time embedder is added after DiT's initialisation, so its biases keep PyTorch's
-            # default init; its weights get the N(0, 0.02) of DiT's time MLP.
-            for linear in (self.t_tgt_embedder.mlp[0], self.t_tgt_embedder.mlp[2]):
-                linear.reset_parameters()
-        for embedder in (getattr(self, "t_embedder", None), getattr(self, "t_tgt_embedder", None)):
-            if embedder is not None:
-                nn.init.normal_(embedder.mlp[0].weight, std=0.02)
-                nn.init.normal_(embedder.mlp[2].weight, std=0.02)
 
     def token_features(self, token, x, c):
         """Runs the blocks over [token, patches] and returns the token's features, (N, D)."""
@@ -239,6 +221,19 @@ class Generator(DiT):
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
+    def initialize_weights(self):
+        super().initialize_weights()
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)   # DiT: the output starts at zero
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        if self.use_t_tgt:
+            # AFM: the target-time embedder is added after DiT's initialisation, so its biases keep PyTorch's
+            # default init; its weights get the N(0, 0.02) of DiT's time MLP.
+            for linear in (self.t_tgt_embedder.mlp[0], self.t_tgt_embedder.mlp[2]):
+                linear.reset_parameters()
+                nn.init.normal_(linear.weight, std=0.02)
+
     def unpatchify(self, x):
         p, c = self.patch_size, self.in_channels
         h = w = int(x.shape[1] ** 0.5)
@@ -264,6 +259,10 @@ class Generator(DiT):
         return self.unpatchify(x)                                  # (N, C, H, W)
 
 
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+
 def transport(G, x_src, y, t_src, t_tgt, velocity):
     """One generator step from x_src at time t_src to a sample at time t_tgt. G may be wrapped (DDP, compile)."""
     out = G(x_src, y, t_src, t_tgt).float()
@@ -284,9 +283,44 @@ def sample(G, z, y, steps=1):
     return x
 
 
+def default_steps(nfe):
+    return 8 if nfe == "any" else int(nfe)                     # any-step models: 8 steps, as the official code
+
+
+def class_balanced_labels(num_samples, num_classes):
+    """Sample i gets class i * C // K: 50 of each class for 50,000 ImageNet samples, in class order."""
+    return [i * num_classes // num_samples for i in range(num_samples)]
+
+
+def to_uint8(x):
+    """[-1, 1] floats to the uint8 an official-release PNG holds: floor(255 * clamp((x + 1) / 2, 0, 1))."""
+    return (x.float().add(1).div(2).clamp(0, 1) * 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def generate(G, steps, decode, indices, labels, seed, batch_size, device):
+    """Yields (indices, uint8 images (n, C, H, W)) for the given sample indices, batch by batch; sample i starts
+    from noise seeded by seed + i, drawn on the CPU, so it does not depend on the device, ranks or batch size.
+    decode maps G's output to [-1, 1] images (the VAE decoder, or the identity for pixels)."""
+    size = G.input_size
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        z = torch.stack([torch.randn(G.in_channels, size, size, generator=torch.Generator().manual_seed(seed + i))
+                         for i in chunk]).to(device)          # (n, C, H, W)
+        y = torch.tensor([labels[i] for i in chunk], device=device)
+        yield chunk, to_uint8(decode(sample(G, z, y, steps)))
+
+
 #################################################################################
 #                          Discriminator and Classifier                         #
 #################################################################################
+
+def init_token_head(token, head):
+    # AFM departs from DiT: the read-out replaces DiT's final layer after DiT's initialisation in the official code,
+    # so it keeps PyTorch's default init, and the token gets N(0, 0.02).
+    head[1].reset_parameters()
+    nn.init.normal_(token, std=0.02)
+
 
 class Discriminator(DiT):
     def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
@@ -300,6 +334,10 @@ class Discriminator(DiT):
             nn.Linear(hidden_size, 1, bias=False),
         )
         self.initialize_weights()
+
+    def initialize_weights(self):
+        super().initialize_weights()
+        init_token_head(self.dis_embed, self.final_layer)
 
     def forward(self, x, y, t=None):
         """Logits (N,) of x being real, for class y (and time t with use_t)."""
@@ -321,14 +359,26 @@ class Classifier(DiT):
         )
         self.initialize_weights()
 
+    def initialize_weights(self):
+        super().initialize_weights()
+        init_token_head(self.cls_embed, self.final_layer)
+
     def forward(self, x, t):
         """Class logits (N, num_classes) of x_t at time t."""
         return self.final_layer(self.token_features(self.cls_embed, x, self.t_embedder(t)))
 
 
 #################################################################################
-#                                     Sizes                                     #
+#                                Sizes and modes                                #
 #################################################################################
+
+def mode_flags(nfe, repeat=1):
+    """The one place a training mode becomes network flags: (Generator kwargs, Discriminator kwargs). nfe "1" is the
+    one-step model (x-prediction, no time input, D blind to time); "2", "4", ... few-step models (velocity from the
+    source time; D sees the target time); "any" also gives G the target time. repeat: depth repetition (one step)."""
+    multi = nfe != "1"
+    return dict(use_t_src=multi, use_t_tgt=nfe == "any", repeat=repeat), dict(use_t=multi)
+
 
 # B/2 ... XL/2 are the paper's sizes (Table 10); S/2 is for demos and T/2 for tests.
 SIZES = {

@@ -28,7 +28,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from train import setup_distributed
+from train import fail, setup_distributed
 from vae import SCALE, AutoencoderKL, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -110,8 +110,8 @@ def write_atomic(path, data):
 def finalize(out, spec, classes, files, labels):
     status = np.load(f"{out}/status.partial.npy")
     if (status == 0).any():
-        sys.exit(f"error: {int((status == 0).sum())} images were not written (did a process fail?); "
-                 "run the same command again to finish")
+        fail(f"{int((status == 0).sum())} images were not written (did a process fail?); "
+             "run the same command again to finish")
     good = status == 1
     for name in ("latents", "std"):
         part, final = f"{out}/{name}.partial.npy", f"{out}/{name}.npy"
@@ -175,12 +175,12 @@ def load_encoder(args, device):
     if not args.vae_weights:
         if args.benchmark:
             return AutoencoderKL().to(device).eval()  # random weights time the same as real ones
-        sys.exit("error: --vae-weights FILE is required (or --vae none); "
-                 "get sd-vae-ft-mse from https://huggingface.co/stabilityai/sd-vae-ft-mse")
+        fail("--vae-weights FILE is required (or --vae none); "
+             "get sd-vae-ft-mse from https://huggingface.co/stabilityai/sd-vae-ft-mse")
     try:
         vae = load_vae(args.vae_weights, device)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        fail(str(e))
     return vae.to(memory_format=torch.channels_last) if device.type == "cuda" else vae
 
 
@@ -194,7 +194,7 @@ def check_out(out, spec, batch_size, rank):
         previous = found.get("source", {}) if state == "finished" else found
         differs = [k for k in spec if previous.get(k) != spec[k]]
         if differs:
-            sys.exit(f"error: {out} holds a different {state} run (differs in {', '.join(differs)}); use another --out")
+            fail(f"{out} holds a different {state} run (differs in {', '.join(differs)}); use another --out")
         if state == "finished":
             if rank == 0:
                 print(f"already done: {found['num_images']} images in {out} ({found['num_skipped']} skipped)")
@@ -211,19 +211,19 @@ def main(args):
         # One thread per process keeps the bytes independent of it; use more processes to use more cores.
         torch.set_num_threads(1)
     if args.image_size % 8:
-        sys.exit(f"error: --image-size {args.image_size} is not a multiple of 8")
+        fail(f"--image-size {args.image_size} is not a multiple of 8")
     vae = load_encoder(args, device)
     if args.benchmark:
         return benchmark(vae, args, device)
 
     if not os.path.isdir(args.data_path):
-        sys.exit(f"error: --data-path {args.data_path} is not a folder")
+        fail(f"--data-path {args.data_path} is not a folder")
     classes, files, labels = list_images(args.data_path)
     if not files:
-        sys.exit(f"error: no images in class sub-folders of {args.data_path} (expected one folder per class)")
+        fail(f"no images in class sub-folders of {args.data_path} (expected one folder per class)")
     empty = sorted(set(classes) - {classes[label] for label in labels})
     if empty:
-        sys.exit(f"error: {len(empty)} class folder(s) without images in {args.data_path}: {', '.join(empty[:5])}")
+        fail(f"{len(empty)} class folder(s) without images in {args.data_path}: {', '.join(empty[:5])}")
     if vae is None:
         vae_name, scale, shape = "none", 1.0, (3, args.image_size, args.image_size)
     else:

@@ -17,85 +17,10 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
-from model import SIZES, Generator, sample
-from train import fail, load_checkpoint, parse_nfe, positive_int, setup_distributed
-
-
-def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
-    """A Generator from a training checkpoint (its config decides the network) or from an official release .pth
-    (a bare state dict for ImageNet-256 latents; --model, --nfe and --repeat say which network it is: the keys of
-    few-step and repeated generators are the same, so only a wrong size can be caught there)."""
-    ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and "config" in ckpt:
-        config, info = ckpt["config"], ckpt.get("data_info", {})
-        trained = dict(model=ckpt["args"]["model"], nfe=ckpt["config"]["nfe"], repeat=config["G"]["repeat"])
-        for key, value in dict(model=model, nfe=nfe, repeat=repeat).items():
-            if value is not None and value != trained[key]:
-                fail(f"{path} holds a --{key} {trained[key]} model, not --{key} {value}")
-        kwargs, state, nfe = config["G"], ckpt[weights], config["nfe"]
-    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        if model is None:
-            fail(f"{path} is a bare state dict: say which network it is with --model (and --nfe, --repeat)")
-        nfe, repeat = nfe or "1", repeat or 1
-        kwargs = dict(SIZES[model], input_size=32, in_channels=4, num_classes=1000,
-                      use_t_src=nfe != "1", use_t_tgt=nfe == "any", repeat=repeat)
-        state, info = ckpt, dict(vae="sd-vae-ft-mse", scale=0.18215, num_classes=1000)
-    else:
-        fail(f"{path} is neither a training checkpoint nor a generator state dict")
-    try:
-        G = Generator(**kwargs)
-    except ValueError as e:                                    # e.g. --repeat with --nfe 2
-        fail(str(e))
-    missing, unexpected = [k for k in G.state_dict() if k not in state], [k for k in state if k not in G.state_dict()]
-    shapes = [k for k in state if k in G.state_dict() and state[k].shape != G.state_dict()[k].shape]
-    if missing or unexpected or shapes:
-        fail(f"{path} does not fit this generator (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-             f"other shapes {shapes[:3]}): check --model, --nfe and --repeat")
-    G.load_state_dict(state, strict=True)
-    return G.eval().requires_grad_(False), nfe, info
-
-
-def to_uint8(x):
-    """[-1, 1] floats to the uint8 an official-release PNG holds: floor(255 * clamp((x + 1) / 2, 0, 1))."""
-    return (x.float().add(1).div(2).clamp(0, 1) * 255).to(torch.uint8)
-
-
-def class_balanced_labels(num_samples, num_classes):
-    """Sample i gets class i * C // K: 50 of each class for 50,000 ImageNet samples, in class order."""
-    return [i * num_classes // num_samples for i in range(num_samples)]
-
-
-@torch.no_grad()
-def generate(G, steps, decode, indices, labels, seed, batch_size, device, progress=False):
-    """Yields (indices, uint8 images (n, 3, H, W)) for the given sample indices, sample i from noise seed + i."""
-    size = G.input_size
-    for start in tqdm(range(0, len(indices), batch_size), disable=not progress, desc="sampling"):
-        chunk = indices[start:start + batch_size]
-        z = torch.stack([torch.randn(G.in_channels, size, size, generator=torch.Generator().manual_seed(seed + i))
-                         for i in chunk]).to(device)          # (n, C, H, W), drawn on the CPU for every device
-        y = torch.tensor([labels[i] for i in chunk], device=device)
-        yield chunk, to_uint8(decode(sample(G, z, y, steps)))
-
-
-def make_decoder(info, vae_weights, device):
-    """Latents to [-1, 1] images: through the VAE (unscaled first), or as they are for pixel-space data."""
-    if info.get("vae", "none") == "none":
-        return lambda x: x
-    if vae_weights is None:
-        fail(f"these latents come from the {info['vae']} VAE: give its weights with --vae-weights")
-    from vae import load_vae
-    try:
-        vae = load_vae(vae_weights, device)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    return lambda x: vae.decode(x / info["scale"])
-
-
-def default_steps(nfe):
-    return 8 if nfe == "any" else int(nfe)                     # any-step models: 8 steps, as the official code
+from model import SIZES, class_balanced_labels, default_steps, generate
+from train import fail, load_generator, make_decoder, parse_nfe, positive_int, save_grid, setup_distributed
 
 
 def main(args):
@@ -105,7 +30,7 @@ def main(args):
     G, nfe, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
     G = G.to(device)
     steps = args.steps or default_steps(nfe)
-    if steps > 1 and nfe == "1":
+    if steps > 1 and not G.use_t_src:
         fail(f"a one-step generator samples in one step, not --steps {steps}")
     decode = make_decoder(info, args.vae_weights, device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
@@ -135,8 +60,9 @@ def main(args):
     if world > 1:
         dist.barrier()
     rows = np.load(staging, mmap_mode="r+")
-    for chunk, images in generate(G, steps, decode, list(range(rank, args.num_samples, world)), labels,
-                                  args.global_seed, args.batch_size, device, progress=rank == 0):
+    indices = list(range(rank, args.num_samples, world))
+    batches = generate(G, steps, decode, indices, labels, args.global_seed, args.batch_size, device)
+    for chunk, images in tqdm(batches, total=math.ceil(len(indices) / args.batch_size), disable=rank != 0):
         rows[row_of[chunk]] = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3), ADM's NHWC
     rows.flush()
     if world > 1:
@@ -149,19 +75,6 @@ def main(args):
         print(f"saved {args.num_samples} samples ({steps} steps, {num_classes} classes) to {args.npz}")
     if world > 1:
         dist.destroy_process_group()
-
-
-def save_grid(images, path, nrow):
-    """Tiles uint8 images (N, 3, H, W) into one PNG, 2 px apart, and writes it atomically."""
-    n, _, h, w = images.shape
-    ncol = math.ceil(n / nrow)
-    grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
-    for i, image in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = image
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

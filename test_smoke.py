@@ -7,8 +7,11 @@ The test suite: CPU only, tiny models, a few minutes on 2 cores.
 Reference vectors live in fixtures/ (see fixtures/README.md for how each was made); the networks' weights are
 rebuilt from (key, shape) lists by fill() below, so the fixtures stay small.
 """
+import ast
 import atexit
 import functools
+import glob
+import importlib
 import json
 import math
 import multiprocessing
@@ -101,6 +104,45 @@ def data(tmp_path_factory):
 
 
 TRAIN = ["--model", "T/2", "--device", "cpu", "--global-batch-size", 8, "--log-every", 2]
+
+
+#################################################################################
+#                                     Layout                                    #
+#################################################################################
+
+SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "*.py")) if "test_" not in p)
+
+
+def project_imports(name):
+    """-> (project modules imported at module level, project modules imported inside a function or class)."""
+    tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+    def imported(nodes):
+        found = set()
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                found.add(node.module.split(".")[0])
+        return found & set(SCRIPTS)
+    scopes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    nested = imported(n for scope in scopes for n in ast.walk(scope))
+    return imported(ast.walk(tree)) - nested, nested
+
+
+def test_imports_flow_one_way():
+    """model/vae/fid import nothing of the project; no cycle; no project import hidden in a function."""
+    graph = {}
+    for name in SCRIPTS:
+        importlib.import_module(name)                          # every script imports without running
+        graph[name], nested = project_imports(name)
+        assert not nested, f"{name} imports {nested} inside a function"
+    assert {"model", "train", "sample", "fid", "vae", "prepare_latents", "toy"} <= set(graph)
+    for copyable in ("model", "vae", "fid"):
+        assert not graph[copyable], f"{copyable}.py imports {graph[copyable]}"
+    assert "sample" not in graph["train"] and "train" in graph["sample"]
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph[a])
+    assert not [n for n in graph if reaches(n, n)], "import cycle"
 
 
 #################################################################################
@@ -242,12 +284,22 @@ def test_gradient_normalisation_makes_the_loss_scale_irrelevant():
 
 
 def test_ot_scale_schedule():
-    args = type("A", (), dict(ot_schedule="cosine", ot_scale=0.2, ot_scale_end=0.005, ot_decay_steps=101))
-    assert train.ot_scale_at(0, args) == pytest.approx(0.2)
-    assert train.ot_scale_at(50, args) == pytest.approx(0.1025)
-    assert train.ot_scale_at(100, args) == train.ot_scale_at(10**6, args) == 0.005
-    args.ot_schedule = "constant"
-    assert train.ot_scale_at(10**6, args) == 0.2
+    assert train.ot_scale_at(0, 0.2, 0.005, 101) == pytest.approx(0.2)
+    assert train.ot_scale_at(50, 0.2, 0.005, 101) == pytest.approx(0.1025)
+    assert train.ot_scale_at(100, 0.2, 0.005, 101) == train.ot_scale_at(10**6, 0.2, 0.005, 101) == 0.005
+    assert {train.ot_scale_at(s, 0.001, 0.001, 101) for s in (0, 50, 10**6)} == {0.001}   # a constant stage
+
+
+def test_defaults_table():
+    """Flags left unset take the paper's per-size and per-mode values, from one table."""
+    pick = train.paper_default
+    assert pick("ot_scale", "XL/2", "1", 1) == 0.2 and pick("ot_scale", "XL/2", "2", 1) == 0.25
+    assert pick("ot_scale", "XL/2", "any", 1) == 0.25
+    assert pick("ot_scale_end", "B/2", "1", 1) == 0.01 and pick("ot_scale_end", "L/2", "1", 1) == 0.005
+    assert pick("ot_constant", "B/2", "1", 1) == 0.001
+    assert [pick("grad_clip", "XL/2", n, r) for n, r in (("1", 1), ("2", 1), ("1", 2), ("1", 4))] == [50, 5, 5, 5]
+    assert [pick("g_lr_ratio", "XL/2", "1", r) for r in (1, 2, 4)] == [1.0, 0.5, 0.25]
+    assert all(len(row) == 5 and row[4] for row in train.DEFAULTS)          # every row cites its source
 
 
 def test_batches_share_the_image_not_the_noise(data):
@@ -290,19 +342,19 @@ def changed(net, before):
 
 
 def test_d_step_changes_only_d_and_g_step_only_g(data):
-    args = type("A", (), dict(nfe="2", precision="fp32", gp_scale=0.25, gp_eps=0.01, gp_ratio=0.25, cp_scale=0.01,
-                              grad_clip=5.0, ema_decay=0.9))
+    players_kw = dict(velocity=True, d_time=True, grad_clip=5.0)
     G, D = players("2")
     EMA = model.Generator(**dict(TINY, in_channels=3, num_classes=5), use_t_src=True)
     EMA.load_state_dict(G.state_dict())
     opt_G, opt_D = torch.optim.AdamW(G.parameters(), lr=1e-3), torch.optim.AdamW(D.parameters(), lr=1e-3)
     d = train.LatentData(data)
     g0, d0, e0 = snapshot(G), snapshot(D), snapshot(EMA)
-    stats = train.d_step(G, D, opt_D, train.make_batch(d, 8, "2", "cpu"), args)
+    stats = train.d_step(G, D, opt_D, train.make_batch(d, 8, "2", "cpu"), gp_scale=0.25, gp_eps=0.01, gp_ratio=0.25,
+                         cp_scale=0.01, **players_kw)
     assert not changed(G, g0) and changed(D, d0) == set(d0) - {"pos_embed"}
     assert all(torch.isfinite(v) for v in stats.values())
     d1, d_grads = snapshot(D), [None if p.grad is None else p.grad.clone() for p in D.parameters()]
-    stats = train.g_step(G, D, opt_G, train.GradNorm(), train.make_batch(d, 8, "2", "cpu"), args, ot_scale=0.25)
+    stats = train.g_step(G, D, opt_G, train.GradNorm(), train.make_batch(d, 8, "2", "cpu"), ot_scale=0.25, **players_kw)
     assert not changed(D, d1) and changed(G, g0) == set(g0) - {"pos_embed"}
     # D passed gradients to G without collecting any itself, and is trainable again (pos_embed stays frozen).
     assert all(a is None and p.grad is None or torch.equal(a, p.grad) for a, p in zip(d_grads, D.parameters()))
@@ -343,14 +395,14 @@ def test_resume_is_bit_identical(data, tmp_path):
 
 
 def test_resume_takes_this_commands_hyperparameters(data, tmp_path):
-    """A later stage resumes with a new lr and a constant lambda_ot, which defaults to where the decay ended."""
+    """A later stage resumes with a new lr and a constant lambda_ot, which defaults to Table 11's 0.001."""
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, "--lr", 5e-4,
                "--ot-schedule", "constant", "--resume", tmp_path / "checkpoints" / "0000001.pt")
     ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
     assert ckpt["opt_G"]["param_groups"][0]["lr"] == ckpt["opt_D"]["param_groups"][0]["lr"] == 5e-4
-    assert ckpt["args"]["ot_scale"] == ckpt["args"]["ot_scale_end"] == 0.005
-    assert "ot_scale 0.005" in open(tmp_path / "log.txt").read().splitlines()[-3]
+    assert ckpt["args"]["ot_scale"] == ckpt["args"]["ot_scale_end"] == 0.001
+    assert "ot_scale 0.001" in open(tmp_path / "log.txt").read().splitlines()[-3]
 
 
 def test_train_checkpoint_sample_end_to_end(data, tmp_path):

@@ -145,14 +145,13 @@ def train_adversarial(nfe, steps, seed, use_ot=True):
     EMA = deepcopy(G).requires_grad_(False)
     opt_G, opt_D = (torch.optim.AdamW(m.parameters(), lr=LR, betas=(0.0, 0.9), weight_decay=0.01) for m in (G, D))
     start, end = OT_SCALE["multi" if multi else 1]
-    # train.py's settings, but no gradient clipping; D's regularisers at the image defaults (see above).
-    args = argparse.Namespace(nfe=str(nfe), precision="fp32", gp_scale=0.25, gp_eps=0.01, gp_ratio=0.25,
-                              cp_scale=0.01, grad_clip=math.inf, ot_schedule="cosine", ot_scale=start,
-                              ot_scale_end=end, ot_decay_steps=steps)
+    # train.py's steps with the image defaults for D's regularisers (see above), but no gradient clipping.
+    players = dict(velocity=multi, d_time=multi, grad_clip=math.inf)
     for step in range(steps):
-        stats = d_step(G, D, opt_D, make_batch(Mixture(), BATCH, args.nfe, "cpu"), args)
-        stats.update(g_step(G, D, opt_G, grad_norm, make_batch(Mixture(), BATCH, args.nfe, "cpu"), args,
-                            ot_scale_at(step, args) if use_ot else 0.0))
+        stats = d_step(G, D, opt_D, make_batch(Mixture(), BATCH, str(nfe), "cpu"), gp_scale=0.25, gp_eps=0.01,
+                       gp_ratio=0.25, cp_scale=0.01, **players)
+        stats.update(g_step(G, D, opt_G, grad_norm, make_batch(Mixture(), BATCH, str(nfe), "cpu"),
+                            ot_scale=ot_scale_at(step, start, end, steps) if use_ot else 0.0, **players))
         update_ema(EMA, G, EMA_DECAY)
     return EMA, {k: v.item() for k, v in stats.items()}
 

@@ -1,15 +1,14 @@
 """
-Trains an Adversarial Flow Model (https://arxiv.org/abs/2511.22475) on a latent data directory made by
-prepare_latents.py: a generator G and a discriminator D, one D step then one G step per iteration.
+Trains an Adversarial Flow Model (https://arxiv.org/abs/2511.22475) on a data directory made by prepare_latents.py:
+a generator G and a discriminator D, one D step then one G step per iteration.
 
     python train.py --model B/2 --data-path data/imagenet256                          # one GPU
     torchrun --nproc_per_node=8 train.py --model B/2 --data-path data/imagenet256     # eight GPUs
-    python train.py --model T/2 --data-path data/tiny --device cpu --global-batch-size 8 --max-steps 20
+    python train.py --model T/2 --data-path data/fmnist --device cpu --global-batch-size 8 --max-steps 20
     python train.py --model XL/2 --nfe 2 ...       # few-step (velocity) model; --nfe any for any-step
     python train.py --model XL/2 --repeat 4 ...    # 112-layer one-step generator by depth repetition
 
-Defaults are the paper's one-step B/2 setting: the official configs' values (configs/train/afm/*.yaml, written for
-XL/2) with B/2's final lambda_ot of 0.01; flags left unset take the paper's value for the chosen mode and size.
+Flags left unset take the paper's value for the chosen size and mode from DEFAULTS below (each row cites its source).
 """
 import argparse
 import json
@@ -24,10 +23,49 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import SIZES, Discriminator, Generator, transport
+import fid
+from model import (SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags,
+                   transport)
+from vae import load_vae
+
+#################################################################################
+#                       The paper's values, per size and mode                   #
+#################################################################################
+# The only place these values are written. A flag left unset takes the first row whose flag, size and mode match.
+# Modes: "1" one step, "2"/"4"/"any" few or any steps, "multi" any of those, "R2"/"R4" depth repetition, "*" all.
+DEFAULTS = [
+    # flag          size    mode    value   source
+    ("ot_scale",     "*",   "multi", 0.25,  "official configs/train/afm/train_afm_multi_nfe.yaml, train_afm_any_nfe.yaml"),
+    ("ot_scale",     "*",   "*",     0.2,   "Table 11, stage 1; official train_afm_1nfe.yaml"),
+    ("ot_scale_end", "B/2", "*",     0.01,  "Table 11, B/2 stage 1 (0.2 -> 0.01)"),
+    ("ot_scale_end", "*",   "*",     0.005, "Table 11, stage 1 of the other models"),
+    ("ot_constant",  "*",   "*",     0.001, "Table 11, stages 2-4 (--ot-schedule constant)"),
+    ("grad_clip",    "*",   "multi", 5.0,   "official train_afm_multi_nfe.yaml, train_afm_any_nfe.yaml"),
+    ("grad_clip",    "*",   "R2",    5.0,   "official train_afm_1nfe_deep.yaml"),
+    ("grad_clip",    "*",   "R4",    5.0,   "official train_afm_1nfe_deep.yaml"),
+    ("grad_clip",    "*",   "*",     50.0,  "official train_afm_1nfe.yaml ('effectively disabled, kept for logging')"),
+    ("g_lr_ratio",   "*",   "R2",    0.5,   "Table 11, 56 layers: G 5e-5 with D 1e-4 ('lr / depth', train_afm_1nfe_deep.yaml)"),
+    ("g_lr_ratio",   "*",   "R4",    0.25,  "Table 11, 112 layers: G 2.5e-5 with D 1e-4"),
+    ("g_lr_ratio",   "*",   "*",     1.0,   "Table 11: one lr for both players"),
+]
+
+
+def mode_labels(nfe, repeat):
+    return {"*", nfe} | ({"multi"} if nfe != "1" else set()) | ({f"R{repeat}"} if repeat > 1 else set())
+
+
+def paper_default(flag, model, nfe, repeat):
+    labels = mode_labels(nfe, repeat)
+    return next(value for f, size, mode, value, _ in DEFAULTS if f == flag and size in ("*", model) and mode in labels)
+
+
+def defaults_help(flag):
+    """'0.25 (multi), 0.2 (*)' for the argparse help: the table, not a copy of it."""
+    return ", ".join(f"{value} ({mode if size == '*' else size})" for f, size, mode, value, _ in DEFAULTS if f == flag)
 
 
 def fail(message):
@@ -74,6 +112,20 @@ class LatentData:
         if self.std is not None:
             x = x + torch.from_numpy(self.std[idx, view].astype(np.float32)) * torch.randn(x.shape)
         return x, torch.from_numpy(self.labels[idx])
+
+
+def make_decoder(info, vae_weights, device):
+    """G's outputs to [-1, 1] images, as the data's info.json says: through the VAE (after undoing the latent scale),
+    or as they are for pixel-space data."""
+    if info.get("vae", "none") == "none":
+        return lambda x: x
+    if vae_weights is None:
+        fail(f"these latents come from the {info['vae']} VAE: give its weights with --vae-weights")
+    try:
+        vae = load_vae(vae_weights, device)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    return lambda x: vae.decode(x / info["scale"])
 
 
 def make_batch(data, n, nfe, device):
@@ -140,8 +192,7 @@ class _GradNormFn(torch.autograd.Function):
 #                             The two players' losses                           #
 #################################################################################
 
-def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale=0.25, gp_eps=0.01, gp_ratio=0.25,
-                       cp_scale=0.01):
+def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale, gp_eps, gp_ratio, cp_scale):
     """D's loss on real and generated samples at time t (t=None for one-step models). Returns (loss, stats)."""
     bsz = len(x_real)
     gp_bsz = max(round(bsz * gp_ratio), 1)                    # R1/R2 on the first gp_ratio of the batch
@@ -177,47 +228,45 @@ def generator_loss(D, x_fake, x_src, x_real, y, t, weighting, ot_scale, grad_nor
 
 
 #################################################################################
-#                                Training helpers                               #
+#                              The two players' steps                           #
 #################################################################################
+# velocity: G predicts velocity (few-step models), not the sample; d_time: D sees the target time. bf16: G runs under
+# bf16 autocast. D runs in fp32 in both steps (TF32 matmuls on GPU, as the official code): R1/R2 differences of logits
+# 0.01 apart drown in bf16 rounding, and the G step then trains against the same D the D step trained.
 
-def ot_scale_at(step, args):
-    """lambda_ot at generator step `step`: cosine from --ot-scale to --ot-scale-end, then constant."""
-    if args.ot_schedule == "constant" or step >= args.ot_decay_steps - 1:
-        return args.ot_scale if args.ot_schedule == "constant" else args.ot_scale_end
-    progress = step / (args.ot_decay_steps - 1)
-    return args.ot_scale_end + (args.ot_scale - args.ot_scale_end) * (1 + math.cos(math.pi * progress)) / 2
-
-
-def d_step(G, D_train, opt_D, batch, args):
-    """One discriminator update; G runs without gradients. D's own step stays in fp32 (TF32 matmuls on GPU, as the
-    official code) even with --precision bf16: R1/R2 differences of logits 0.01 apart drown in bf16 rounding."""
-    with torch.no_grad(), autocast(args):
-        x_fake = transport(G, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], args.nfe != "1")
-    loss, stats = discriminator_loss(D_train, batch["x_tgt"], x_fake, batch["y"], time_for_d(batch, args),
-                                     batch["weighting"], args.gp_scale, args.gp_eps, args.gp_ratio, args.cp_scale)
+def d_step(G, D, opt_D, batch, velocity, d_time, gp_scale, gp_eps, gp_ratio, cp_scale, grad_clip, bf16=False):
+    """One discriminator update; G runs without gradients."""
+    with torch.no_grad(), autocast(bf16):
+        x_fake = transport(G, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], velocity)
+    loss, stats = discriminator_loss(D, batch["x_tgt"], x_fake, batch["y"], batch["t_tgt"] if d_time else None,
+                                     batch["weighting"], gp_scale, gp_eps, gp_ratio, cp_scale)
     opt_D.zero_grad(set_to_none=True)
     loss.backward()
-    stats["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(D_train.parameters(), args.grad_clip)
+    stats["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
     opt_D.step()
     return stats
 
 
-def g_step(G_train, D, opt_G, grad_norm, batch, args, ot_scale):
+def g_step(G, D, opt_G, grad_norm, batch, velocity, d_time, ot_scale, grad_clip, bf16=False):
     """One generator update; D is frozen but passes gradients through to G's samples."""
     frozen = [p for p in D.parameters() if p.requires_grad]   # not pos_embed, which stays fixed for good
     for p in frozen:
         p.requires_grad_(False)
-    with autocast(args):
-        x_fake = transport(G_train, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], args.nfe != "1")
-        loss, stats = generator_loss(D, x_fake, batch["x_src"], batch["x_tgt"], batch["y"], time_for_d(batch, args),
-                                     batch["weighting"], ot_scale, grad_norm)
+    with autocast(bf16):
+        x_fake = transport(G, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], velocity)
+    loss, stats = generator_loss(D, x_fake, batch["x_src"], batch["x_tgt"], batch["y"],
+                                 batch["t_tgt"] if d_time else None, batch["weighting"], ot_scale, grad_norm)
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
     for p in frozen:
         p.requires_grad_(True)
-    stats["grad_norm_g"] = torch.nn.utils.clip_grad_norm_(G_train.parameters(), args.grad_clip)
+    stats["grad_norm_g"] = torch.nn.utils.clip_grad_norm_(G.parameters(), grad_clip)
     opt_G.step()
     return stats
+
+
+def autocast(bf16):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
 
 @torch.no_grad()
@@ -226,28 +275,15 @@ def update_ema(EMA, G, decay):
     torch._foreach_lerp_(list(EMA.parameters()), list(G.parameters()), 1 - decay)
 
 
-def time_for_d(batch, args):
-    return None if args.nfe == "1" else batch["t_tgt"]       # one-step discriminators take no time
-
-
-def autocast(args):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-
-def evaluate_fid(G, steps, decode, inception, ref, num_samples, num_classes, seed, batch_size, device):
-    """FID of num_samples class-balanced samples of G against the reference (mu, sigma), sharded over ranks."""
-    import fid
-    from sample import class_balanced_labels, generate
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    labels = class_balanced_labels(num_samples, num_classes)
-    batches = (images for _, images in generate(G, steps, decode, list(range(rank, num_samples, world)), labels,
-                                                seed, batch_size, device))
-    stats, _ = fid.extract_features(batches, inception)     # summed over ranks
-    return fid.frechet_distance(*stats.mean_cov(), *ref)
+def ot_scale_at(step, start, end, decay_steps):
+    """lambda_ot at generator step `step`: cosine from start to end over decay_steps, then end (constant: start = end)."""
+    if step >= decay_steps - 1:
+        return end
+    return end + (start - end) * (1 + math.cos(math.pi * step / (decay_steps - 1))) / 2
 
 
 #################################################################################
-#                                  Checkpoints                                  #
+#                            Checkpoints and evaluation                         #
 #################################################################################
 
 def load_checkpoint(path):
@@ -260,10 +296,68 @@ def load_checkpoint(path):
         fail(f"cannot read checkpoint {path} (corrupt, truncated or not a checkpoint): {type(e).__name__}")
 
 
+def load_resume(path, config):
+    """A training checkpoint of this very network configuration, or one clear line."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        fail(f"{path} is not a training checkpoint of this project")
+    if ckpt["config"] != config:
+        a = ckpt["args"]
+        fail(f"{path} holds another model (--model {a['model']} --nfe {a['nfe']} --repeat {a['repeat']}, "
+             f"data {a['data_path']}) than this run asks for")
+    return ckpt
+
+
+def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
+    """A Generator from a training checkpoint (its config decides the network) or from an official release .pth
+    (a bare state dict for ImageNet-256 latents; --model, --nfe and --repeat say which network it is: the keys of
+    few-step and repeated generators are the same, so only a wrong size can be caught there)."""
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and "config" in ckpt:
+        config, info = ckpt["config"], ckpt.get("data_info", {})
+        trained = dict(model=ckpt["args"]["model"], nfe=ckpt["config"]["nfe"], repeat=config["G"]["repeat"])
+        for key, value in dict(model=model, nfe=nfe, repeat=repeat).items():
+            if value is not None and value != trained[key]:
+                fail(f"{path} holds a --{key} {trained[key]} model, not --{key} {value}")
+        kwargs, state, nfe = config["G"], ckpt[weights], config["nfe"]
+    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if model is None:
+            fail(f"{path} is a bare state dict: say which network it is with --model (and --nfe, --repeat)")
+        nfe, repeat = nfe or "1", repeat or 1
+        kwargs = dict(SIZES[model], input_size=32, in_channels=4, num_classes=1000, **mode_flags(nfe, repeat)[0])
+        state, info = ckpt, dict(vae="sd-vae-ft-mse", scale=0.18215, num_classes=1000)
+    else:
+        fail(f"{path} is neither a training checkpoint nor a generator state dict")
+    try:
+        G = Generator(**kwargs)
+    except ValueError as e:                                    # e.g. --repeat with --nfe 2
+        fail(str(e))
+    missing, unexpected = [k for k in G.state_dict() if k not in state], [k for k in state if k not in G.state_dict()]
+    shapes = [k for k in state if k in G.state_dict() and state[k].shape != G.state_dict()[k].shape]
+    if missing or unexpected or shapes:
+        fail(f"{path} does not fit this generator (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+             f"other shapes {shapes[:3]}): check --model, --nfe and --repeat")
+    G.load_state_dict(state, strict=True)
+    return G.eval().requires_grad_(False), nfe, info
+
+
 def save_atomic(obj, path):
     """Writes to a temporary file and renames it, so a crash never leaves a half-written checkpoint."""
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_grid(images, path, nrow):
+    """Tiles uint8 images (N, 3, H, W) into one PNG, 2 px apart, and writes it atomically."""
+    n, _, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = image
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(grid).save(tmp)
     os.replace(tmp, path)
 
 
@@ -277,164 +371,43 @@ def gather_rng_states(device):
     return states
 
 
-#################################################################################
-#                                 Training loop                                 #
-#################################################################################
-
-def setup_distributed(device):
-    """DDP as in DiT and nanoGPT: torchrun sets RANK/WORLD_SIZE, plain `python` runs one process. nccl on CUDA,
-    gloo on CPU. Returns (device, rank, world size)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if "RANK" not in os.environ:
-        return device, 0, 1
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def main(args):
-    device, rank, world = setup_distributed(args.device)
-    if args.precision == "bf16" and device.type != "cuda":
-        fail("--precision bf16 is for CUDA devices")
-    if args.global_batch_size % world:
-        fail(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world}")
-    batch_size = args.global_batch_size // world
-    torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official code
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
-
-    data = LatentData(args.data_path)
-    if data.size % SIZES[args.model]["patch_size"]:
-        fail(f"latents of size {data.size} do not split into patches of {SIZES[args.model]['patch_size']}")
-
-    # The paper's per-mode values (official configs) where a flag was left unset.
-    multi = args.nfe != "1"
-    args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else (0.01 if args.model == "B/2" else 0.005)
-    if args.ot_scale is None:                                  # a constant stage continues where the decay ended
-        args.ot_scale = args.ot_scale_end if args.ot_schedule == "constant" else (0.25 if multi else 0.2)
-    args.grad_clip = args.grad_clip if args.grad_clip is not None else (5.0 if multi or args.repeat > 1 else 50.0)
-
-    common = dict(SIZES[args.model], input_size=data.size, in_channels=data.channels, num_classes=data.num_classes)
-    config = dict(G=dict(common, use_t_src=multi, use_t_tgt=args.nfe == "any", repeat=args.repeat),
-                  D=dict(common, use_t=multi), nfe=args.nfe)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and (not isinstance(ckpt, dict) or "config" not in ckpt):
-        fail(f"{args.resume} is not a training checkpoint of this project")
-    if ckpt is not None and ckpt["config"] != config:
-        fail(f"{args.resume} holds another model (--model {ckpt['args']['model']} --nfe {ckpt['args']['nfe']} "
-             f"--repeat {ckpt['args']['repeat']}, data {ckpt['args']['data_path']}) than this run asks for")
-    if args.fid_every:                                         # Inception, VAE and reference loaded once
-        import fid
-        from sample import default_steps, make_decoder
-        if not (args.fid_ref and args.inception):
-            fail("--fid-every needs --fid-ref (statistics, image npz or folder) and --inception (weights file)")
-        try:
-            inception = fid.load_inception(args.inception, device)
-            ref = fid.compute_stats(args.fid_ref, inception, batch_size=args.fid_batch_size)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        decode = make_decoder(data.info, args.vae_weights, device)
-        fid_steps = default_steps(args.nfe)
-
-    # Inputs are good: only now does the run write anything.
-    if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
-    logger = create_logger(args.results_dir if rank == 0 else None)
-    torch.manual_seed(args.global_seed)                        # the same initial weights on every rank
-    G, D = Generator(**config["G"]).to(device), Discriminator(**config["D"]).to(device)
-    EMA = deepcopy(G).requires_grad_(False)
-    grad_norm = GradNorm().to(device)
-    adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")
-    opt_G = torch.optim.AdamW(G.parameters(), lr=args.lr / args.repeat, **adamw)  # repeated G: lr / R
-    opt_D = torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw)
-    hyper = {opt: dict(adamw, lr=opt.param_groups[0]["lr"]) for opt in (opt_G, opt_D)}
-    logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
-
-    start = 0
-    if ckpt is not None:
-        for module, key in ((G, "G"), (D, "D"), (EMA, "EMA"), (opt_G, "opt_G"), (opt_D, "opt_D"), (grad_norm, "grad_norm")):
-            module.load_state_dict(ckpt[key])
-        for opt, values in hyper.items():                      # this command's lr etc., not the checkpoint's
-            opt.param_groups[0].update(values)
-        start = ckpt["step"]
-        logger.info(f"resumed from {args.resume} at step {start}")
-    torch.manual_seed(args.global_seed * world + rank)         # per-rank streams of batches and noise
+def restore_rng(ckpt, seed, rank, world, step, device):
+    """Per-rank streams of batches and noise: the checkpoint's when the world size is the same, else fresh ones."""
+    torch.manual_seed(seed * world + rank)
     if ckpt is not None and len(ckpt["rng"]) == world:
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    elif ckpt is not None:                                     # another world size: fresh streams for this step
-        torch.manual_seed((args.global_seed * world + rank) * 1_000_003 + start)
-
-    # Only the player being trained runs through DDP: D's step calls the bare G without gradients, and G's step
-    # calls the bare, frozen D, so neither wrapper ever waits for gradients that do not come.
-    G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    G_train = DDP(G_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G_fwd
-    D_train = DDP(D_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D_fwd
-
-    logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, "
-                f"batch {batch_size}/rank, ot_scale {args.ot_scale}->{args.ot_scale_end}, grad clip {args.grad_clip}")
-    sums, count, tic = {}, 0, time.time()
-    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
-        ot_scale = ot_scale_at(step, args)
-        stats = d_step(G_fwd, D_train, opt_D, make_batch(data, batch_size, args.nfe, device), args)
-        stats.update(g_step(G_train, D_fwd, opt_G, grad_norm, make_batch(data, batch_size, args.nfe, device), args,
-                            ot_scale))
-        update_ema(EMA, G, args.ema_decay)
-        sums = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}
-        count += 1
-        done = step + 1
-        log_now = done % args.log_every == 0 or done == args.max_steps
-        ckpt_now = done % args.ckpt_every == 0 or done == args.max_steps
-        if log_now or ckpt_now:
-            means = reduce_means(sums, count)
-            if not all(math.isfinite(v) for v in means.values()):
-                fail(f"non-finite loss at step {done} ({', '.join(f'{k} {v:.4g}' for k, v in means.items())}); "
-                     f"the last good checkpoint is in {os.path.join(args.results_dir, 'checkpoints')}")
-        if log_now:
-            seconds = time.time() - tic
-            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                        f" ot_scale {ot_scale:.4g} lr {opt_D.param_groups[0]['lr']:.3g}"
-                        f" img/s {2 * args.global_batch_size * count / seconds:.1f}")
-            sums, count, tic = {}, 0, time.time()
-        if ckpt_now:
-            rng_states = gather_rng_states(device)
-            if rank == 0:
-                path = os.path.join(args.results_dir, "checkpoints", f"{done:07d}.pt")
-                save_atomic(dict(G=G.state_dict(), D=D.state_dict(), EMA=EMA.state_dict(), opt_G=opt_G.state_dict(),
-                                 opt_D=opt_D.state_dict(), grad_norm=grad_norm.state_dict(), step=done,
-                                 args=vars(args), config=config, data_info=data.info, rng=rng_states), path)
-                logger.info(f"saved {path}")
-            if world > 1:
-                dist.barrier()
-        if args.fid_every and done % args.fid_every == 0:
-            t0 = time.time()
-            score = evaluate_fid(EMA, fid_steps, decode, inception, ref, args.fid_samples, data.num_classes,
-                                 args.global_seed, args.fid_batch_size, device)
-            logger.info(f"step {done:07d} FID-{args.fid_samples} {score:.4f} (EMA, {fid_steps} steps)")
-            tic += time.time() - t0                            # keep sampling time out of img/s
-
-    if world > 1:
-        # Every rank must hold the same weights: a cheap end-of-run proof that DDP kept the players in step.
-        check = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in (G, D)]).to(device)
-        gathered = [torch.zeros_like(check) for _ in range(world)]
-        dist.all_gather(gathered, check)
-        if not all(torch.equal(g, gathered[0]) for g in gathered):
-            raise RuntimeError("ranks ended with different weights")
-        logger.info(f"weights identical on all {world} ranks")
-        dist.destroy_process_group()
-    logger.info("done")
+    elif ckpt is not None:
+        torch.manual_seed((seed * world + rank) * 1_000_003 + step)
 
 
-def reduce_means(sums, count):
-    """Averages the accumulated statistics over steps and ranks."""
-    keys = sorted(sums)
-    values = torch.stack([sums[k] for k in keys]) / count
-    if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.AVG)
-    return dict(zip(keys, values.tolist()))
+def make_fid_evaluator(args, data, device):
+    """Loads the Inception network, the VAE and the reference statistics once; returns G -> FID of its samples."""
+    if not (args.fid_ref and args.inception):
+        fail("--fid-every needs --fid-ref (statistics, image npz or folder) and --inception (weights file)")
+    try:
+        inception = fid.load_inception(args.inception, device)
+        ref = fid.compute_stats(args.fid_ref, inception, batch_size=args.fid_batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    decode = make_decoder(data.info, args.vae_weights, device)
 
+    def evaluate(G, steps):
+        """FID of --fid-samples class-balanced samples, sharded over ranks, against the reference."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        labels = class_balanced_labels(args.fid_samples, data.num_classes)
+        indices = list(range(rank, args.fid_samples, world))
+        batches = (images for _, images in generate(G, steps, decode, indices, labels, args.global_seed,
+                                                    args.fid_batch_size, device))
+        stats, _ = fid.extract_features(batches, inception)  # summed over ranks
+        return fid.frechet_distance(*stats.mean_cov(), *ref)
+    return evaluate
+
+
+#################################################################################
+#                                    Logging                                    #
+#################################################################################
 
 def create_logger(logging_dir):
     """Rank 0 logs to stdout and log.txt; the other ranks stay silent."""
@@ -457,6 +430,86 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stdout)
 
 
+def reduce_means(sums, count, step, results_dir):
+    """Averages the accumulated statistics over steps and ranks; a non-finite one stops the run."""
+    keys = sorted(sums)
+    values = torch.stack([sums[k] for k in keys]) / count
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.AVG)
+    means = dict(zip(keys, values.tolist()))
+    if not all(math.isfinite(v) for v in means.values()):
+        fail(f"non-finite loss at step {step} ({', '.join(f'{k} {v:.4g}' for k, v in means.items())}); "
+             f"the last good checkpoint is in {os.path.join(results_dir, 'checkpoints')}")
+    return means
+
+
+#################################################################################
+#                                  Training                                     #
+#################################################################################
+
+def save_checkpoint(state, step, args, config, data_info, device, logger):
+    """The modules in `state`, the step, the command, the networks' config, the data's info and every rank's RNG."""
+    ckpt = dict({k: m.state_dict() for k, m in state.items()}, step=step, args=vars(args), config=config,
+                data_info=data_info, rng=gather_rng_states(device))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
+        save_atomic(ckpt, path)
+        logger.info(f"saved {path}")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_in_sync(models, device, world):
+    """Every rank must end with the same weights: a cheap proof that DDP kept the players in step."""
+    check = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in models]).to(device)
+    gathered = [torch.zeros_like(check) for _ in range(world)]
+    dist.all_gather(gathered, check)
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("ranks ended with different weights")
+
+
+def setup_distributed(device):
+    """DDP as in DiT and nanoGPT: torchrun sets RANK/WORLD_SIZE, plain `python` runs one process. nccl on CUDA,
+    gloo on CPU. Returns (device, rank, world size)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def check_setup(args, device, world):
+    """-> the per-rank batch size, once the flags fit this device and world size."""
+    if args.precision == "bf16" and device.type != "cuda":
+        fail("--precision bf16 is for CUDA devices")
+    if args.global_batch_size % world:
+        fail(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world}")
+    return args.global_batch_size // world
+
+
+def fill_defaults(args):
+    """The paper's value (DEFAULTS) for every such flag left unset; a constant schedule holds --ot-scale."""
+    pick = lambda flag: paper_default(flag, args.model, args.nfe, args.repeat)
+    if args.ot_schedule == "constant":
+        args.ot_scale = args.ot_scale_end = args.ot_scale if args.ot_scale is not None else pick("ot_constant")
+    args.ot_scale = args.ot_scale if args.ot_scale is not None else pick("ot_scale")
+    args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else pick("ot_scale_end")
+    args.grad_clip = args.grad_clip if args.grad_clip is not None else pick("grad_clip")
+    args.lr_g = args.lr_g if args.lr_g is not None else args.lr * pick("g_lr_ratio")
+
+
+def network_config(model, nfe, repeat, data):
+    """Everything that decides the networks' shapes: what a checkpoint must match to be resumed."""
+    if data.size % SIZES[model]["patch_size"]:
+        fail(f"inputs of size {data.size} do not split into patches of {SIZES[model]['patch_size']}")
+    g_flags, d_flags = mode_flags(nfe, repeat)
+    common = dict(SIZES[model], input_size=data.size, in_channels=data.channels, num_classes=data.num_classes)
+    return dict(G=dict(common, **g_flags), D=dict(common, **d_flags), nfe=nfe)
+
+
 def parse_nfe(value):
     if value == "any" or (value.isdigit() and int(value) >= 1):
         return value if value == "any" else str(int(value))
@@ -469,27 +522,110 @@ def positive_int(value):
     return int(value)
 
 
+def main(args):
+    # Setup: processes and devices; flags left unset take the paper's values.
+    device, rank, world = setup_distributed(args.device)
+    batch_size = check_setup(args, device, world)
+    fill_defaults(args)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official code
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+    # Inputs: data, checkpoint and evaluation files are all checked before the run writes anything.
+    data = LatentData(args.data_path)
+    config = network_config(args.model, args.nfe, args.repeat, data)
+    ckpt = load_resume(args.resume, config) if args.resume else None
+    evaluate_fid = make_fid_evaluator(args, data, device) if args.fid_every else None
+
+    # Models: G, D and the EMA of G (the same initial weights on every rank), the gradient normalisation, AdamW.
+    if rank == 0:
+        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
+    logger = create_logger(args.results_dir if rank == 0 else None)
+    torch.manual_seed(args.global_seed)
+    G, D = Generator(**config["G"]).to(device), Discriminator(**config["D"]).to(device)
+    adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")  # Table 10
+    opt_G = torch.optim.AdamW(G.parameters(), lr=args.lr_g, **adamw)
+    opt_D = torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw)
+    EMA, grad_norm = deepcopy(G).requires_grad_(False), GradNorm().to(device)
+    state = dict(G=G, D=D, EMA=EMA, opt_G=opt_G, opt_D=opt_D, grad_norm=grad_norm)   # what a checkpoint holds
+    logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
+
+    # Resume: weights, optimizer moments and grad-norm state; this command's lr and loss weights; every rank's RNG.
+    start = 0 if ckpt is None else ckpt["step"]
+    if ckpt is not None:
+        for key, module in state.items():
+            module.load_state_dict(ckpt[key])
+        opt_G.param_groups[0].update(adamw, lr=args.lr_g)
+        opt_D.param_groups[0].update(adamw, lr=args.lr)
+        logger.info(f"resumed from {args.resume} at step {start}")
+    restore_rng(ckpt, args.global_seed, rank, world, start, device)
+
+    # Only the player being trained runs through DDP: D's step calls the bare G without gradients, and G's step
+    # calls the bare, frozen D, so neither wrapper ever waits for gradients that do not come.
+    G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    G_train = DDP(G_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G_fwd
+    D_train = DDP(D_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D_fwd
+    players = dict(velocity=G.use_t_src, d_time=D.use_t, grad_clip=args.grad_clip, bf16=args.precision == "bf16")
+    d_weights = dict(gp_scale=args.gp_scale, gp_eps=args.gp_eps, gp_ratio=args.gp_ratio, cp_scale=args.cp_scale)
+
+    # The loop: one D step, one G step, the EMA; logs, checkpoints and FID every so many steps.
+    logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, batch {batch_size}/"
+                f"rank, ot_scale {args.ot_scale}->{args.ot_scale_end}, lr G {args.lr_g} D {args.lr}, clip {args.grad_clip}")
+    sums, count, tic = {}, 0, time.time()
+    for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
+        ot_scale = ot_scale_at(step, args.ot_scale, args.ot_scale_end, args.ot_decay_steps)
+        stats = d_step(G_fwd, D_train, opt_D, make_batch(data, batch_size, args.nfe, device), **players, **d_weights)
+        stats.update(g_step(G_train, D_fwd, opt_G, grad_norm, make_batch(data, batch_size, args.nfe, device),
+                            ot_scale=ot_scale, **players))
+        update_ema(EMA, G, args.ema_decay)
+        sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
+        log_now, ckpt_now = done % args.log_every == 0 or done == args.max_steps, done % args.ckpt_every == 0
+        if log_now or ckpt_now:
+            means = reduce_means(sums, count, done, args.results_dir)
+        if log_now:
+            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                        f" ot_scale {ot_scale:.4g} lr {opt_D.param_groups[0]['lr']:.3g}"
+                        f" img/s {2 * args.global_batch_size * count / (time.time() - tic):.1f}")
+            sums, count, tic = {}, 0, time.time()
+        if ckpt_now or done == args.max_steps:
+            save_checkpoint(state, done, args, config, data.info, device, logger)
+        if evaluate_fid is not None and done % args.fid_every == 0:
+            t0, steps = time.time(), default_steps(args.nfe)
+            logger.info(f"step {done:07d} FID-{args.fid_samples} {evaluate_fid(EMA, steps):.4f} (EMA, {steps} steps)")
+            tic += time.time() - t0                            # keep sampling time out of img/s
+
+    # End: every rank must hold the same weights, a cheap proof that DDP kept the players in step.
+    if world > 1:
+        check_in_sync([G, D], device, world)
+        logger.info(f"weights identical on all {world} ranks")
+        dist.destroy_process_group()
+    logger.info("done")
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Train an adversarial flow model.")
+    parser = argparse.ArgumentParser(description="Train an adversarial flow model. Unset defaults: train.DEFAULTS.")
     parser.add_argument("--data-path", type=str, required=True, help="directory written by prepare_latents.py")
     parser.add_argument("--results-dir", type=str, default="results")
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
     parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), 2 or 4 (few steps), or any")
     parser.add_argument("--repeat", type=positive_int, default=1, help="depth repetition R of a one-step generator (2, 4)")
-    parser.add_argument("--global-batch-size", type=positive_int, default=256)            # official configs
+    parser.add_argument("--global-batch-size", type=positive_int, default=256)            # Table 10
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--max-steps", type=positive_int, default=500_000, help="iterations of one D step and one G step")
-    parser.add_argument("--lr", type=float, default=1e-4)                        # G gets lr / repeat
-    parser.add_argument("--ema-decay", type=float, default=0.9999)
-    parser.add_argument("--ot-scale", type=float, default=None, help="lambda_ot start (default 0.2, multi-step 0.25)")
-    parser.add_argument("--ot-scale-end", type=float, default=None, help="lambda_ot end (default 0.005, B/2 0.01)")
-    parser.add_argument("--ot-schedule", choices=["cosine", "constant"], default="cosine")
+    parser.add_argument("--lr", type=float, default=1e-4, help="D's lr, and G's unless --lr-g")  # Table 11, stage 1
+    parser.add_argument("--lr-g", type=float, default=None, help=f"G's lr (default: --lr x {defaults_help('g_lr_ratio')})")
+    parser.add_argument("--ema-decay", type=float, default=0.9999)                         # Table 10
+    parser.add_argument("--ot-scale", type=float, default=None,
+                        help=f"lambda_ot at the start (default: {defaults_help('ot_scale')}; constant: "
+                             f"{defaults_help('ot_constant')})")
+    parser.add_argument("--ot-scale-end", type=float, default=None, help=f"lambda_ot at the end ({defaults_help('ot_scale_end')})")
+    parser.add_argument("--ot-schedule", choices=["cosine", "constant"], default="cosine",
+                        help="cosine decay (stage 1) or constant (later stages, Table 11)")
     parser.add_argument("--ot-decay-steps", type=positive_int, default=500_000, help="cosine length in G steps (~100 epochs)")
-    parser.add_argument("--gp-scale", type=float, default=0.25)                 # lambda_gp for R1 and R2
-    parser.add_argument("--gp-eps", type=float, default=0.01)                   # finite-difference step
-    parser.add_argument("--gp-ratio", type=float, default=0.25)                 # share of the batch for R1/R2
-    parser.add_argument("--cp-scale", type=float, default=0.01)                 # logit centering
-    parser.add_argument("--grad-clip", type=float, default=None, help="default 50, multi-step or repeated 5")
+    parser.add_argument("--gp-scale", type=float, default=0.25)                 # lambda_gp for R1 and R2 (Table 10)
+    parser.add_argument("--gp-eps", type=float, default=0.01)                   # finite-difference step (Table 10)
+    parser.add_argument("--gp-ratio", type=float, default=0.25)                 # share of the batch for R1/R2 (Table 10)
+    parser.add_argument("--cp-scale", type=float, default=0.01)                 # logit centering (Table 10)
+    parser.add_argument("--grad-clip", type=float, default=None, help=f"both players ({defaults_help('grad_clip')})")
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
     parser.add_argument("--fid-every", type=int, default=0, help="score the EMA every N steps (0: never)")
@@ -500,7 +636,9 @@ if __name__ == "__main__":
     parser.add_argument("--fid-batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32 uses TF32 matmuls")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32 (TF32 matmuls on GPU, the paper's setting) or bf16 autocast for G, D staying fp32; "
+                             "the paper (App. D) found bf16 needs QK-norm for stability and no faster at 256 px")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     args = parser.parse_args()
     if args.repeat > 1 and args.nfe != "1":
