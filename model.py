@@ -363,9 +363,13 @@ class Classifier(DiT):
         super().initialize_weights()
         init_token_head(self.cls_embed, self.final_layer)
 
+    def features(self, x, t):
+        """The last hidden features (N, D): the class token after the blocks, before the read-out."""
+        return self.token_features(self.cls_embed, x, self.t_embedder(t))
+
     def forward(self, x, t):
         """Class logits (N, num_classes) of x_t at time t."""
-        return self.final_layer(self.token_features(self.cls_embed, x, self.t_embedder(t)))
+        return self.final_layer(self.features(x, t))
 
 
 #################################################################################

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from model import (SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags,
+from model import (SIZES, Classifier, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags,
                    transport)
 from vae import load_vae
 
@@ -346,6 +346,17 @@ def save_atomic(obj, path):
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_classifier(path, weights="EMA"):
+    """The frozen time-conditioned classifier of a train_classifier.py checkpoint (its EMA weights by default), and
+    the info.json of the data it was trained on; one clear line when the file is not such a checkpoint."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "C" not in ckpt["config"]:
+        fail(f"{path} is not a classifier checkpoint of train_classifier.py")
+    C = Classifier(**ckpt["config"]["C"])
+    C.load_state_dict(ckpt[weights])
+    return C.eval().requires_grad_(False), ckpt.get("data_info", {})
 
 
 def save_grid(images, path, nrow):
