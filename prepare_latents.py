@@ -1,23 +1,32 @@
 """
-Encode an ImageNet-style folder (one sub-folder per class) into the latent data set that train.py reads.
+Encode images into the data set that train.py reads: an ImageNet-style folder (one sub-folder per class), an IDX
+image file of the MNIST family (Fashion-MNIST, MNIST, KMNIST; its labels file beside it) or an npz of uint8 images
+with labels (`arr_0` and `labels`, as ADM writes them).
 
     python prepare_latents.py --data-path /data/imagenet/train --out data/imagenet256 --vae-weights sd-vae-ft-mse.pth
     torchrun --nproc_per_node=8 prepare_latents.py --data-path ... --out ... --vae-weights ...    # 8 GPUs
     python prepare_latents.py --data-path ... --out data/pixels64 --vae none --image-size 64       # pixels, no VAE
+    python prepare_latents.py --data-path /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
+        --out data/fmnist --vae none --image-size 32                                               # 28 px padded to 32
     python prepare_latents.py --benchmark --vae-weights sd-vae-ft-mse.pth                         # encoder images/s
 
-Each image is centre-cropped as ADM does and encoded twice, as is (view 0) and mirrored (view 1):
-    latents.npy  float16 (N, 2, 4, S/8, S/8)  posterior mean * 0.18215  (--vae none: pixels in [-1, 1], N,2,3,S,S)
+Folder images are centre-cropped as ADM does; IDX and npz images keep their size unless --image-size asks for
+another (a larger size pads them with zeros, centred; a smaller one crops and resizes as ADM does). Each image is
+stored twice, as is (view 0) and mirrored (view 1):
+    latents.npy  float16 (N, 2, 4, S/8, S/8)  posterior mean * 0.18215  (--vae none: pixels in [-1, 1], N,2,C,S,S)
     std.npy      float16 (N, 2, 4, S/8, S/8)  posterior std * 0.18215   (not written with --vae none)
-    labels.npy   int64 (N,)                   index into info.json's `classes` (sorted folder names)
+    labels.npy   int64 (N,)                   index into info.json's `classes` (sorted folder names, or 0..K-1)
     info.json    num_classes, image_size, scale, vae, classes, num_images, ...
     skipped.txt  images that could not be decoded, with the reason (they are left out of the arrays)
 Interrupted? Run the same command again: finished chunks are kept and the result is byte-identical.
 """
 import argparse
+import gzip
 import hashlib
 import json
+import math
 import os
+import struct
 import sys
 import time
 
@@ -85,6 +94,95 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         arr, error = load_image(os.path.join(self.root, self.files[i]), self.image_size)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), error is None  # (3, S, S) uint8, good?
+
+
+#################################################################################
+#                          Small-image files: IDX and npz                       #
+#################################################################################
+
+def read_idx(path):
+    """An IDX array of uint8 (the MNIST family's format), gzip-compressed or not: two zero bytes, the type 0x08, the
+    number of dimensions, the sizes as big-endian uint32, then the values."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        fail(f"cannot read {path}: {e}")
+    ndim = raw[3] if len(raw) > 3 else 0
+    if raw[:3] != b"\0\0\x08" or ndim == 0 or len(raw) < 4 + 4 * ndim:
+        fail(f"{path} is not an IDX file of uint8 values (the MNIST format)")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    if len(raw) != 4 + 4 * ndim + math.prod(dims):
+        fail(f"{path} is truncated or corrupt: its header says {dims}, its size does not match")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def read_arrays(path):
+    """(uint8 images (N, H, W, C), int64 labels (N,)) of an IDX image file (the labels are the matching
+    *-labels-idx1-ubyte file beside it) or of an npz holding `arr_0` and `labels` (or `arr_1`)."""
+    if path.endswith(".npz"):
+        try:
+            with np.load(path) as f:
+                label_key = next((k for k in ("labels", "arr_1") if k in f.files), None)
+                if "arr_0" not in f.files or label_key is None:
+                    fail(f"{path} needs the images in `arr_0` and the labels in `labels` (found {f.files})")
+                images, labels = f["arr_0"], f[label_key]
+        except (OSError, ValueError, EOFError) as e:
+            fail(f"cannot read {path}: {e}")
+    else:
+        label_path = os.path.join(os.path.dirname(path), os.path.basename(path).replace("images-idx3", "labels-idx1"))
+        if label_path == path or not os.path.isfile(label_path):
+            fail(f"no labels for {path}: expected {label_path} (an MNIST-family *-images-idx3-ubyte file's labels)")
+        images, labels = read_idx(path), read_idx(label_path)
+    images = images[..., None] if images.ndim == 3 else images                # (N, H, W, C)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or 0 in images.shape:
+        fail(f"{path}: images must be uint8 (N, H, W) or (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    if labels.shape != images.shape[:1] or labels.dtype.kind not in "iu" or labels.min() < 0:
+        fail(f"{path}: labels must be {len(images)} non-negative integers, got {labels.dtype} {labels.shape}")
+    return images, labels.astype(np.int64)
+
+
+def fit(image, size):
+    """(H, W, C) uint8 -> (size, size, C): zero-padded around the centre when it fits (28 -> 32 for the MNIST family,
+    whose background is 0), else cropped and resized as ADM does."""
+    h, w, c = image.shape
+    if h <= size and w <= size:
+        top, left = (size - h) // 2, (size - w) // 2
+        out = np.zeros((size, size, c), np.uint8)
+        out[top:top + h, left:left + w] = image
+        return out
+    return center_crop_arr(Image.fromarray(image[..., 0] if c == 1 else image), size).reshape(size, size, c)
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    def __init__(self, images, image_size):
+        self.images, self.image_size = images, image_size
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(fit(self.images[i], self.image_size))).permute(2, 0, 1), True  # (C, S, S)
+
+
+def open_source(path, image_size):
+    """-> (classes, names, labels, dataset, channels, image_size, sha1 of what was read) for a class folder, an IDX
+    image file or an npz; sha1 identifies the input, so that a resumed run continues the same one."""
+    if os.path.isdir(path):
+        classes, files, labels = list_images(path)
+        if not files:
+            fail(f"no images in class sub-folders of {path} (expected one folder per class)")
+        empty = sorted(set(classes) - {classes[label] for label in labels})
+        if empty:
+            fail(f"{len(empty)} class folder(s) without images in {path}: {', '.join(empty[:5])}")
+        image_size = image_size or 256
+        sha1 = hashlib.sha1("\n".join(f"{l} {f}" for l, f in zip(labels, files)).encode()).hexdigest()
+        return classes, files, labels, ImageFiles(path, files, image_size), 3, image_size, sha1
+    if not os.path.isfile(path):
+        fail(f"--data-path {path} is neither a folder, an IDX image file nor an npz")
+    images, labels = read_arrays(path)
+    image_size = image_size or max(images.shape[1:3])
+    sha1 = hashlib.sha1(labels.tobytes() + images.tobytes()).hexdigest()
+    classes = [str(k) for k in range(labels.max() + 1)]
+    names = [str(i) for i in range(len(images))]
+    return classes, names, labels.tolist(), ArrayImages(images, image_size), images.shape[3], image_size, sha1
 
 
 #################################################################################
@@ -158,14 +256,15 @@ def encode(vae, x, device):
 
 
 def benchmark(vae, args, device, steps=3):
-    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    size = args.image_size or 256
+    x = torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1
     encode(vae, x, device)[0].sum().item()  # warm-up (kernel selection, allocator); .item() waits for the GPU
     start = time.time()
     for _ in range(steps):
         mean, _ = encode(vae, x, device)
     mean.sum().item()
     print(f"encoder: {steps * args.batch_size / (time.time() - start):.3g} images/s "
-          f"({args.image_size}x{args.image_size}, batch {args.batch_size}, {device})")
+          f"({size}x{size}, batch {args.batch_size}, {device})")
 
 
 def load_encoder(args, device):
@@ -210,31 +309,23 @@ def main(args):
         # CPU kernels split their float sums by thread count, so 1 and N processes would differ in the last bit.
         # One thread per process keeps the bytes independent of it; use more processes to use more cores.
         torch.set_num_threads(1)
-    if args.image_size % 8:
-        fail(f"--image-size {args.image_size} is not a multiple of 8")
     vae = load_encoder(args, device)
     if args.benchmark:
         return benchmark(vae, args, device)
 
-    if not os.path.isdir(args.data_path):
-        fail(f"--data-path {args.data_path} is not a folder")
-    classes, files, labels = list_images(args.data_path)
-    if not files:
-        fail(f"no images in class sub-folders of {args.data_path} (expected one folder per class)")
-    empty = sorted(set(classes) - {classes[label] for label in labels})
-    if empty:
-        fail(f"{len(empty)} class folder(s) without images in {args.data_path}: {', '.join(empty[:5])}")
+    classes, files, labels, dataset, channels, image_size, sha1 = open_source(args.data_path, args.image_size)
     if vae is None:
-        vae_name, scale, shape = "none", 1.0, (3, args.image_size, args.image_size)
+        vae_name, scale, shape = "none", 1.0, (channels, image_size, image_size)
     else:
+        if image_size % 8:
+            fail(f"--image-size {image_size} is not a multiple of 8, which the VAE needs")
         factor, latent = 2 ** (len(vae.encoder.down_blocks) - 1), vae.post_quant_conv.out_channels
         widths = [block.resnets[0].conv1.out_channels for block in vae.encoder.down_blocks]
         vae_name = "sd-vae-ft-mse" if widths == [128, 256, 512, 512] and latent == 4 else f"kl-f{factor}-c{latent}"
-        scale, shape = SCALE, (latent, args.image_size // factor, args.image_size // factor)
+        scale, shape = SCALE, (latent, image_size // factor, image_size // factor)
     # What identifies a run, so that a resumed run continues the same one.
-    listing = hashlib.sha1("\n".join(f"{l} {f}" for l, f in zip(labels, files)).encode()).hexdigest()
-    spec = dict(data_path=os.path.abspath(args.data_path), num_files=len(files), files_sha1=listing,
-                image_size=args.image_size, vae=vae_name, scale=scale,
+    spec = dict(data_path=os.path.abspath(args.data_path), num_files=len(files), files_sha1=sha1,
+                image_size=image_size, vae=vae_name, scale=scale,
                 vae_weights=None if vae is None else os.path.basename(args.vae_weights))
     out, names = args.out, ["latents"] if vae is None else ["latents", "std"]
     chunk = check_out(out, spec, args.batch_size, rank)
@@ -257,13 +348,15 @@ def main(args):
                if (status[c * chunk:(c + 1) * chunk] == 0).any()]
     # With no batches left, an interrupted finalize may already have renamed the staging arrays.
     staging = [np.load(f"{out}/{name}.partial.npy", mmap_mode="r+") for name in names] if batches else []
-    loader = torch.utils.data.DataLoader(ImageFiles(args.data_path, files, args.image_size), batch_sampler=batches,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
     start = time.time()
     for i, (rows, (x, ok)) in enumerate(tqdm(zip(batches, loader), total=len(batches), disable=rank != 0)):
         a, b = rows[0], rows[-1] + 1
         x = x.to(device, non_blocking=True).float() / 127.5 - 1
-        x = torch.cat([x, x.flip(3)])                                         # (2B, 3, S, S): views 0, then 1
+        x = torch.cat([x, x.flip(3)])                                         # (2B, C, S, S): views 0, then 1
+        if vae is not None and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)                                       # grayscale to RGB for the VAE
         for array, t in zip(staging, [x] if vae is None else encode(vae, x, device)):  # pixels, or mean and std
             array[a:b] = (t * scale).view(2, b - a, *shape).transpose(0, 1).half().cpu().numpy()  # (B, 2, C, H, W)
             array.flush()
@@ -283,11 +376,13 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", type=str, help="folder with one sub-folder of images per class")
+    parser.add_argument("--data-path", type=str, help="folder with one sub-folder of images per class, an "
+                        "MNIST-family *-images-idx3-ubyte[.gz] file, or an npz with arr_0 and labels")
     parser.add_argument("--out", type=str, help="output folder (created; rerun the same command to resume)")
     parser.add_argument("--vae", type=str, choices=["sd-vae-ft-mse", "none"], default="sd-vae-ft-mse")
     parser.add_argument("--vae-weights", type=str, default=None, help=".safetensors, .bin or .pth of sd-vae-ft-mse")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="output size (default: 256 for folders, the images' own size for IDX and npz)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per chunk and per encoder call (x2 views)")
     parser.add_argument("--num-workers", type=int, default=8, help="image-decoding DataLoader workers per process")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")

@@ -11,6 +11,7 @@ import ast
 import atexit
 import functools
 import glob
+import gzip
 import importlib
 import json
 import math
@@ -770,6 +771,60 @@ def test_prepare_latents_vae_one_vs_two_processes_and_resume(tmp_path, capsys):
     assert "this run read 5 images" in capsys.readouterr().out  # only chunks 2-4 (rows 4-8) were left
     assert {n: (tmp_path / "resumed" / n).read_bytes() for n in names} == one
     assert sorted(os.listdir(tmp_path / "resumed")) == sorted(names)
+
+
+def write_idx(path, array):
+    """An IDX file of uint8 values, as the MNIST family ships them (gzip when the name ends in .gz)."""
+    raw = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def test_prepare_latents_small_image_files(tmp_path):
+    """MNIST-family IDX files (gzip or not) and ADM-style npz files, at their own size, padded or resized."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (7, 6, 6), dtype=np.uint8), np.array([3, 0, 1, 3, 2, 0, 1])
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    run_prepare("--data-path", tmp_path / "train-images-idx3-ubyte.gz", "--out", tmp_path / "own", "--vae", "none",
+                "--num-workers", 0, "--batch-size", 3)
+    latents = np.load(tmp_path / "own" / "latents.npy")
+    assert latents.shape == (7, 2, 1, 6, 6) and np.load(tmp_path / "own" / "labels.npy").tolist() == labels.tolist()
+    pixels = np.round((latents.astype(np.float32) + 1) * 127.5)
+    assert np.array_equal(pixels[:, 0, 0], images) and np.array_equal(pixels[:, 1, 0], images[:, :, ::-1])
+    info = json.loads((tmp_path / "own" / "info.json").read_text())
+    assert info["num_classes"] == 4 and info["image_size"] == 6 and info["shape"] == [2, 1, 6, 6]
+    # Padded to 10 (zeros, i.e. -1, around the centred image), uncompressed IDX gives the same.
+    write_idx(tmp_path / "raw-images-idx3-ubyte", images)
+    write_idx(tmp_path / "raw-labels-idx1-ubyte", labels)
+    run_prepare("--data-path", tmp_path / "raw-images-idx3-ubyte", "--out", tmp_path / "pad", "--vae", "none",
+                "--image-size", 10, "--num-workers", 0)
+    padded = np.load(tmp_path / "pad" / "latents.npy")[:, 0, 0]
+    assert padded.shape == (7, 10, 10) and np.array_equal(padded[:, 2:8, 2:8], latents[:, 0, 0])
+    assert (padded[:, :2] == -1).all() and (padded[:, :, 8:] == -1).all()
+    # An npz of RGB images with labels, resized down as ADM crops (3 channels kept).
+    rgb = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", arr_0=rgb, labels=np.arange(5))
+    run_prepare("--data-path", tmp_path / "rgb.npz", "--out", tmp_path / "npz", "--vae", "none", "--image-size", 6,
+                "--num-workers", 0)
+    small = np.round((np.load(tmp_path / "npz" / "latents.npy")[:, 0].astype(np.float32) + 1) * 127.5)
+    expect = [prepare_latents.center_crop_arr(Image.fromarray(im), 6) for im in rgb]
+    assert small.shape == (5, 3, 6, 6) and np.array_equal(small.transpose(0, 2, 3, 1), np.stack(expect))
+    # train.py trains on one channel at its own size.
+    run_script("train.py", "--data-path", tmp_path / "own", "--results-dir", tmp_path / "run", "--model", "T/2",
+               "--device", "cpu", "--global-batch-size", 4, "--max-steps", 1)
+    config = torch.load(tmp_path / "run" / "checkpoints" / "0000001.pt", weights_only=True)["config"]["G"]
+    assert (config["input_size"], config["in_channels"], config["num_classes"]) == (6, 1, 4)
+    # Bad small-image files: one line each.
+    write_idx(tmp_path / "lonely-images-idx3-ubyte", images)
+    assert "no labels for" in error_of("--data-path", tmp_path / "lonely-images-idx3-ubyte", "--out", tmp_path / "x",
+                                       "--vae", "none")
+    (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + b"\0" * 5)
+    write_idx(tmp_path / "bad-labels-idx1-ubyte", labels)
+    assert "not an IDX file" in error_of("--data-path", tmp_path / "bad-images-idx3-ubyte", "--out", tmp_path / "x",
+                                         "--vae", "none")
+    np.savez(tmp_path / "nolabels.npz", arr_0=rgb)
+    assert "labels" in error_of("--data-path", tmp_path / "nolabels.npz", "--out", tmp_path / "x", "--vae", "none")
 
 
 def test_prepare_latents_already_done_and_bad_inputs(tmp_path, capsys):
