@@ -416,6 +416,29 @@ def make_fid_evaluator(args, data, device):
     return evaluate
 
 
+def make_grid_writer(args, data, device):
+    """Fixed noise and labels (8 samples of each of up to 10 classes, a row per class); returns a function that writes
+    a PNG grid of each generator it is given to RESULTS/samples/, so a run can be watched."""
+    decode = make_decoder(data.info, args.vae_weights, device)
+    shown = min(data.num_classes, 10)
+    labels = [k * data.num_classes // shown for k in range(shown) for _ in range(8)]
+
+    def write(step, generators):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
+            for name, G in generators.items():
+                images = torch.cat([x for _, x in generate(G, default_steps(args.nfe), decode, list(range(len(labels))),
+                                                           labels, args.global_seed, 64, device)])
+                save_grid(images, os.path.join(args.results_dir, "samples", f"{step:07d}_{name}.png"), nrow=8)
+            # With decay d the EMA still holds d^step of its initialisation (a zero-output G: a grey grid).
+            share = args.ema_decay ** step
+            note = f"; the EMA is still {share:.0%} its initialisation (decay {args.ema_decay})" if share > 0.01 else ""
+            logging.getLogger("afm").info(f"step {step:07d} sample grids in {args.results_dir}/samples{note}")
+        if dist.is_initialized():
+            dist.barrier()
+    return write
+
+
 #################################################################################
 #                                    Logging                                    #
 #################################################################################
@@ -546,6 +569,7 @@ def main(args):
     config = network_config(args.model, args.nfe, args.repeat, data)
     ckpt = load_resume(args.resume, config) if args.resume else None
     evaluate_fid = make_fid_evaluator(args, data, device) if args.fid_every else None
+    write_grids = make_grid_writer(args, data, device) if args.sample_every else None
 
     # Models: G, D and the EMA of G (the same initial weights on every rank), the gradient normalisation, AdamW.
     if rank == 0:
@@ -599,6 +623,8 @@ def main(args):
             sums, count, tic = {}, 0, time.time()
         if ckpt_now or done == args.max_steps:
             save_checkpoint(state, done, args, config, data.info, device, logger)
+        if write_grids is not None and done % args.sample_every == 0:
+            write_grids(done, dict(ema=EMA, g=G))
         if evaluate_fid is not None and done % args.fid_every == 0:
             t0, steps = time.time(), default_steps(args.nfe)
             logger.info(f"step {done:07d} FID-{args.fid_samples} {evaluate_fid(EMA, steps):.4f} (EMA, {steps} steps)")
@@ -639,6 +665,8 @@ if __name__ == "__main__":
     parser.add_argument("--grad-clip", type=float, default=None, help=f"both players ({defaults_help('grad_clip')})")
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
+    parser.add_argument("--sample-every", type=int, default=0, help="write sample grids of the EMA and of G to "
+                        "RESULTS/samples every N steps (0: never)")
     parser.add_argument("--fid-every", type=int, default=0, help="score the EMA every N steps (0: never)")
     parser.add_argument("--fid-samples", type=positive_int, default=50_000)               # FID-50K, as the paper
     parser.add_argument("--fid-ref", type=str, default=None, help="reference statistics/images, e.g. ADM's npz")
