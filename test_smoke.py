@@ -466,6 +466,133 @@ def test_two_processes_under_torchrun(data, tmp_path):
 
 
 #################################################################################
+#                 Later stages: reloads, guidance, augmentation                 #
+#################################################################################
+
+def test_augment_shares_parameters_and_moves_whole_pixels():
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 8, 8)
+    a, b = train.augment(x, x + 1, 0.0)
+    assert torch.equal(a, x) and torch.equal(b, x + 1)                          # p = 0: the identity
+    a, b = train.augment(x, x.clone(), 1.0)
+    assert torch.equal(a, b)                                                    # one set of parameters per pair
+    # Unique positive values: every output pixel is 0 (erased or vacated) or the input pixel at one whole-pixel shift
+    # (dx, dy) in [0, 0.3 * 8] per sample, right and down.
+    x = (torch.arange(64 * 2 * 8 * 8, dtype=torch.float32) + 1).view(64, 2, 8, 8)
+    fake = x.clone().requires_grad_(True)
+    a, b = train.augment(x, fake, 1.0)
+    zeros, shifts = (a == 0).float().mean().item(), set()
+    for n in range(64):
+        kept = (a[n, 0] != 0).nonzero()
+        assert len(kept), "a sample erased entirely"
+        i, j = kept[0].tolist()
+        flat = int(a[n, 0, i, j].item()) - 1 - n * 128                          # where the value came from
+        dy, dx = i - flat // 8, j - flat % 8
+        assert 0 <= dx <= 2 and 0 <= dy <= 2
+        shifts.add((dx, dy))
+        moved = torch.zeros(2, 8, 8)
+        moved[:, dy:, dx:] = x[n, :, :8 - dy, :8 - dx]
+        assert torch.equal(torch.where(a[n] != 0, moved, a[n]), a[n]) and ((a[n] == 0) | (a[n] == moved)).all()
+    assert len(shifts) > 3 and 0.2 < zeros < 0.9                                # shifts vary; boxes of 10-50 % area
+    b.sum().backward()
+    assert ((fake.grad == 1) | (fake.grad == 0)).all() and fake.grad.sum() > 0  # differentiable in the fake sample
+    p_half = train.augment(torch.ones(4000, 1, 8, 8), torch.ones(4000, 1, 8, 8), 0.4)[0]
+    assert 0.6 < (p_half == 1).all(-1).all(-1).float().mean().item() / 0.6 ** 4 < 1.4   # untouched ~ (1 - p)^4
+
+
+class LinearC(torch.nn.Module):
+    """A classifier C(x, t) = x W + t b with frozen weights: the guidance loss can be computed by hand."""
+    def __init__(self, dim, classes=3):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1, 1, dim * classes).view(dim, classes), requires_grad=False)
+        self.b = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]), requires_grad=False)
+
+    def forward(self, x, t):
+        return x.flatten(1) @ self.w + t[:, None] * self.b
+
+
+def test_classifier_guidance_by_hand():
+    C, x = LinearC(4), torch.tensor([[1., 0, 0, 2], [0, 1, -1, 0], [2, 2, 0, 1]], requires_grad=True)
+    y = torch.tensor([0, 2, 1])
+    torch.manual_seed(0)
+    one_step = train.guidance_loss(C, x, y, None, 0.0, 0.1)                    # t' ~ U(0, 0.1), x' = (1-t')x + t'z'
+    torch.manual_seed(0)
+    t = 0.1 * torch.rand(3)
+    x_cg = (1 - t[:, None]) * x + t[:, None] * torch.randn(3, 4)
+    logp = torch.log_softmax(x_cg @ C.w + t[:, None] * C.b, 1)
+    torch.testing.assert_close(one_step, -logp[torch.arange(3), y].mean())
+    t = torch.tensor([0.0, 0.25, 0.5])                                          # few steps: t' = t, guided in [0, .25]
+    few = train.guidance_loss(C, x, y, t, 0.0, 0.25)
+    logp = torch.log_softmax(x @ C.w + t[:, None] * C.b, 1)
+    torch.testing.assert_close(few, -(logp[0, 0] + logp[1, 2]) / 3)
+    few.backward()
+    assert x.grad[:2].abs().sum() > 0 and x.grad[2].abs().sum() == 0 and C.w.grad is None
+
+
+def test_guided_g_step_trains_g_only(data):
+    G, D = players("1")
+    C = model.Classifier(**dict(TINY, in_channels=3, num_classes=5)).requires_grad_(False)
+    opt_G = torch.optim.AdamW(G.parameters(), lr=1e-3)
+    g0, d0, c0 = snapshot(G), snapshot(D), snapshot(C)
+    stats = train.g_step(G, D, opt_G, train.GradNorm(), train.make_batch(train.LatentData(data), 8, "1", "cpu"),
+                         velocity=False, d_time=False, ot_scale=0.2, grad_clip=50.0, aug_p=0.4, classifier=C,
+                         cg_scale=0.003, cg_time=(0.0, 0.1))
+    assert stats["cg"] > 0 and changed(G, g0) and not changed(D, d0) and not changed(C, c0)
+    assert all(p.grad is None for p in C.parameters())
+
+
+def test_ema_reload_and_a_four_stage_chain(data, tmp_path):
+    """decay -> constant + EMA reload -> D reload -> guidance + augmentation, each stage from the last (Table 11)."""
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "s1", *TRAIN, "--max-steps", 2)
+    s1 = tmp_path / "s1" / "checkpoints" / "0000002.pt"
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "s2", *TRAIN, "--max-steps", 4,
+               "--init", s1, "--ot-schedule", "constant", "--lr", 8e-5, "--ema-reload-every", 2)
+    s2 = torch.load(tmp_path / "s2" / "checkpoints" / "0000004.pt", weights_only=True)
+    assert all(torch.equal(s2["G"][k], s2["EMA"][k]) for k in s2["G"])     # reloaded at step 4, right before saving
+    assert s2["args"]["ot_scale"] == 0.001 and s2["opt_D"]["param_groups"][0]["lr"] == 8e-5
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "s3", *TRAIN, "--max-steps", 5,
+               "--init", tmp_path / "s2" / "checkpoints" / "0000004.pt", "--init-d", s1, "--lr", 3e-5,
+               "--ot-schedule", "constant", "--ema-reload-every", 2)
+    s3 = torch.load(tmp_path / "s3" / "checkpoints" / "0000005.pt", weights_only=True)
+    assert not all(torch.equal(s3["G"][k], s3["EMA"][k]) for k in s3["G"])  # step 5: no reload
+    classifier = model.Classifier(**dict(TINY, in_channels=3, num_classes=5))
+    torch.save(dict(EMA=classifier.state_dict(), config=dict(C=dict(TINY, in_channels=3, num_classes=5))),
+               tmp_path / "cls.pt")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "s4", *TRAIN, "--max-steps", 6,
+               "--init", tmp_path / "s3" / "checkpoints" / "0000005.pt", "--lr", 5e-5, "--ot-schedule", "constant",
+               "--ema-reload-every", 2, "--classifier", tmp_path / "cls.pt", "--aug-p", 0.4)
+    s4 = torch.load(tmp_path / "s4" / "checkpoints" / "0000006.pt", weights_only=True)
+    assert s4["step"] == 6 and s4["args"]["classifier"] == str(tmp_path / "cls.pt") and s4["args"]["aug_p"] == 0.4
+    assert s4["args"]["cg_scale"] == 0.003 and tuple(s4["args"]["cg_time"]) == (0.0, 0.1)
+    log = open(tmp_path / "s4" / "log.txt").read()
+    assert " cg " in log and "aug_p 0.4" in log and "--init " in log
+    expect_error("train.py", "--data-path", data, *TRAIN, "--resume", s1, "--init", s1, match="give one or the other")
+    seven = dict(TINY, in_channels=3, num_classes=7)
+    torch.save(dict(EMA=model.Classifier(**seven).state_dict(), config=dict(C=seven)), tmp_path / "cls7.pt")
+    torch.save(dict(EMA=classifier.state_dict(), config=dict(C=seven)), tmp_path / "mixed.pt")
+    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "cls7.pt", match="of 7 classes")
+    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", s1, match="not a classifier checkpoint")
+    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "mixed.pt", match="does not load")
+    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "no.pt", match="does not exist")
+
+
+def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_path):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
+    G, D = model.Generator(**ckpt["config"]["G"]), model.Discriminator(**ckpt["config"]["D"])
+    state = dict(G=G, D=D, EMA=model.Generator(**ckpt["config"]["G"]), grad_norm=train.GradNorm(),
+                 opt_G=torch.optim.AdamW(G.parameters(), lr=7e-5), opt_D=torch.optim.AdamW(D.parameters(), lr=6e-5))
+    args = type("Paths", (), dict(init="stage1.pt"))
+    logger = train.create_logger(None)
+    assert train.begin(state, {"init": ckpt}, args, logger) == 2
+    for key, source in (("G", "EMA"), ("EMA", "EMA"), ("D", "D")):
+        assert all(torch.equal(v, ckpt[source][k]) for k, v in state[key].state_dict().items()), key
+    assert state["grad_norm"].square_avg == ckpt["grad_norm"]["square_avg"] > 0
+    assert torch.equal(state["opt_D"].state_dict()["state"][1]["exp_avg_sq"], ckpt["opt_D"]["state"][1]["exp_avg_sq"])
+    assert [state[k].param_groups[0]["lr"] for k in ("opt_G", "opt_D")] == [7e-5, 6e-5]    # this command's lr
+
+
+#################################################################################
 #                                   Bad input                                   #
 #################################################################################
 

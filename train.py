@@ -51,6 +51,10 @@ DEFAULTS = [
     ("g_lr_ratio",   "*",   "R2",    0.5,   "Table 11, 56 layers: G 5e-5 with D 1e-4 ('lr / depth', train_afm_1nfe_deep.yaml)"),
     ("g_lr_ratio",   "*",   "R4",    0.25,  "Table 11, 112 layers: G 2.5e-5 with D 1e-4"),
     ("g_lr_ratio",   "*",   "*",     1.0,   "Table 11: one lr for both players"),
+    ("cg_scale",     "*",   "multi", 0.02,  "Table 11, stage 4 of the 2- and 4-step models"),
+    ("cg_scale",     "*",   "*",     0.003, "Table 11, stage 4 of the one-step models; Table 3"),
+    ("cg_time",      "*",   "multi", (0.0, 0.25), "Table 11: guided target times [0] (2 steps), [0, 0.25] (4 steps)"),
+    ("cg_time",      "*",   "*",     (0.0, 0.1), "Table 3's best range of t' (U(0, 0.1)); Table 11, stage 4"),
 ]
 
 
@@ -192,8 +196,44 @@ class _GradNormFn(torch.autograd.Function):
 #                             The two players' losses                           #
 #################################################################################
 
-def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale, gp_eps, gp_ratio, cp_scale):
+def augment(x_real, x_fake, p):
+    """Discriminator augmentation (App. C, Eq. 33-34, Algorithm 1), Kornia's RandomTranslate(translate_x=translate_y=
+    (0, 0.3), nearest) and then three RandomErasing(scale=(0.1, 0.5)), each applied to a pair with probability p, with
+    the SAME parameters for the real and the generated sample of a pair: the relativistic loss compares the two.
+    Batched, in plain torch; differentiable in x_fake. Returns the pair."""
+    if p == 0:
+        return x_real, x_fake
+    x = torch.cat([x_real, x_fake], dim=1)                    # (N, 2C, H, W): a pair shares its parameters
+    N, _, H, W = x.shape
+    uniform = lambda lo, hi: lo + (hi - lo) * torch.rand(N, device=x.device)
+    on = lambda: torch.rand(N, device=x.device) < p
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    # Translation by (dx, dy) ~ U(0, 0.3) (W, H), right and down only (Kornia reads the tuple as the range itself);
+    # nearest resampling makes it a whole-pixel shift. The vacated band is zero.
+    shift = on()
+    dx, dy = (torch.round(uniform(0, 0.3 * size)).long() * shift for size in (W, H))
+    src_y, src_x = rows - dy[:, None], cols - dx[:, None]                         # (N, H), (N, W)
+    moved = x[torch.arange(N, device=x.device)[:, None, None], :, src_y.clamp(min=0)[:, :, None],
+              src_x.clamp(min=0)[:, None, :]].permute(0, 3, 1, 2)                 # (N, 2C, H, W)
+    x = torch.where(((src_y >= 0)[:, :, None] & (src_x >= 0)[:, None, :])[:, None], moved, torch.zeros_like(x))
+    for _ in range(3):
+        # Kornia's erasing: area ~ U(0.1, 0.5) HW, aspect h/w from U(0.3, 1) or U(1, 3.3) on a coin flip, the box
+        # placed uniformly where it fits, filled with 0.
+        area, r = uniform(0.1, 0.5) * H * W, torch.where(torch.rand(N, device=x.device) < 0.5, uniform(0.3, 1),
+                                                         uniform(1, 3.3))
+        h = torch.round((area * r).sqrt()).clamp(1, H).long()
+        w = torch.round((area / r).sqrt()).clamp(1, W).long()
+        y0 = (torch.rand(N, device=x.device) * (H - h + 1)).floor().long()
+        x0 = (torch.rand(N, device=x.device) * (W - w + 1)).floor().long()
+        inside = ((rows >= y0[:, None]) & (rows < (y0 + h)[:, None]))[:, :, None] & \
+                 ((cols >= x0[:, None]) & (cols < (x0 + w)[:, None]))[:, None, :]  # (N, H, W)
+        x = torch.where((inside & on()[:, None, None])[:, None], torch.zeros_like(x), x)
+    return x.chunk(2, dim=1)
+
+
+def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale, gp_eps, gp_ratio, cp_scale, aug_p=0.0):
     """D's loss on real and generated samples at time t (t=None for one-step models). Returns (loss, stats)."""
+    x_real, x_fake = augment(x_real, x_fake, aug_p)           # Eq. 33: before the R1/R2 perturbation
     bsz = len(x_real)
     gp_bsz = max(round(bsz * gp_ratio), 1)                    # R1/R2 on the first gp_ratio of the batch
     x_real_gp = x_real[:gp_bsz] + gp_eps * torch.randn_like(x_real[:gp_bsz])
@@ -215,16 +255,36 @@ def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale, gp_eps, gp_
     return loss, {name: v.detach() for name, v in stats.items()}
 
 
-def generator_loss(D, x_fake, x_src, x_real, y, t, weighting, ot_scale, grad_norm):
-    """G's loss with D frozen: the relativistic loss through normalised gradients plus the optimal-transport loss."""
+def generator_loss(D, x_fake, x_src, x_real, y, t, weighting, ot_scale, grad_norm, aug_p=0.0, classifier=None,
+                   cg_scale=0.0, cg_time=(0.0, 0.1)):
+    """G's loss with D frozen (Eq. 25): the relativistic loss through normalised gradients, the optimal-transport loss,
+    and with a classifier its guidance."""
+    x_real_aug, x_fake_aug = augment(x_real, x_fake, aug_p)  # Eq. 34: D sees the augmented pair, normalised after it
     with torch.no_grad():
-        logits_real = D(x_real, y, t).float()                 # D is frozen: real logits need no graph
-    logits_fake = D(grad_norm(x_fake), y, t).float()
+        logits_real = D(x_real_aug, y, t).float()             # D is frozen: real logits need no graph
+    logits_fake = D(grad_norm(x_fake_aug), y, t).float()
     loss_adv = F.softplus(-(logits_fake - logits_real)).mean()                  # log(1 + e^-(D(x^_t) - D(x_t)))
     loss_ot = (ot_scale * (x_fake - x_src).square().flatten(1).mean(1) / weighting).mean()  # l_ot |x^_t - x_s|^2/(n w)
     # (the G step's logits, logged apart from the D step's, which they would otherwise overwrite)
     stats = dict(loss_g=loss_adv, ot=loss_ot, g_logits_real=logits_real.mean(), g_logits_fake=logits_fake.mean())
-    return loss_adv + loss_ot, {name: v.detach() for name, v in stats.items()}
+    loss = loss_adv + loss_ot
+    if classifier is not None:
+        stats["cg"] = cg_scale * guidance_loss(classifier, x_fake, y, t, *cg_time)  # l_cg CE(C(x', t'), y)
+        loss = loss + stats["cg"]
+    return loss, {name: v.detach() for name, v in stats.items()}
+
+
+def guidance_loss(C, x_fake, y, t, lo, hi):
+    """Cross-entropy of the frozen classifier C on G's samples. One-step models (t None) interpolate the sample with
+    fresh noise at t' ~ U(lo, hi) (Eq. 26, Algorithm 2); few-step models classify their own x^_t at t' = t where
+    lo <= t <= hi, zero elsewhere, averaged over the batch (Eq. 38). The gradient reaches G only (C is frozen) and,
+    as in the official code, is not normalised: only D's gradient passes the gradient normalisation."""
+    if t is None:
+        t_cg = lo + (hi - lo) * torch.rand(len(x_fake), device=x_fake.device)
+        x_cg, guided = interpolate(x_fake, torch.randn_like(x_fake), t_cg), torch.ones_like(t_cg)
+    else:
+        t_cg, x_cg, guided = t, x_fake, ((t >= lo) & (t <= hi)).float()
+    return (F.cross_entropy(C(x_cg, t_cg).float(), y, reduction="none") * guided).mean()
 
 
 #################################################################################
@@ -234,12 +294,13 @@ def generator_loss(D, x_fake, x_src, x_real, y, t, weighting, ot_scale, grad_nor
 # bf16 autocast. D runs in fp32 in both steps (TF32 matmuls on GPU, as the official code): R1/R2 differences of logits
 # 0.01 apart drown in bf16 rounding, and the G step then trains against the same D the D step trained.
 
-def d_step(G, D, opt_D, batch, velocity, d_time, gp_scale, gp_eps, gp_ratio, cp_scale, grad_clip, bf16=False):
+def d_step(G, D, opt_D, batch, velocity, d_time, gp_scale, gp_eps, gp_ratio, cp_scale, grad_clip, bf16=False,
+           aug_p=0.0):
     """One discriminator update; G runs without gradients."""
     with torch.no_grad(), autocast(bf16):
         x_fake = transport(G, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], velocity)
     loss, stats = discriminator_loss(D, batch["x_tgt"], x_fake, batch["y"], batch["t_tgt"] if d_time else None,
-                                     batch["weighting"], gp_scale, gp_eps, gp_ratio, cp_scale)
+                                     batch["weighting"], gp_scale, gp_eps, gp_ratio, cp_scale, aug_p)
     opt_D.zero_grad(set_to_none=True)
     loss.backward()
     stats["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip)
@@ -247,15 +308,17 @@ def d_step(G, D, opt_D, batch, velocity, d_time, gp_scale, gp_eps, gp_ratio, cp_
     return stats
 
 
-def g_step(G, D, opt_G, grad_norm, batch, velocity, d_time, ot_scale, grad_clip, bf16=False):
-    """One generator update; D is frozen but passes gradients through to G's samples."""
+def g_step(G, D, opt_G, grad_norm, batch, velocity, d_time, ot_scale, grad_clip, bf16=False, aug_p=0.0, **guidance):
+    """One generator update; D (and a guidance classifier) are frozen but pass gradients through to G's samples.
+    guidance: classifier, cg_scale and cg_time, as generator_loss takes them."""
     frozen = [p for p in D.parameters() if p.requires_grad]   # not pos_embed, which stays fixed for good
     for p in frozen:
         p.requires_grad_(False)
     with autocast(bf16):
         x_fake = transport(G, batch["x_src"], batch["y"], batch["t_src"], batch["t_tgt"], velocity)
     loss, stats = generator_loss(D, x_fake, batch["x_src"], batch["x_tgt"], batch["y"],
-                                 batch["t_tgt"] if d_time else None, batch["weighting"], ot_scale, grad_norm)
+                                 batch["t_tgt"] if d_time else None, batch["weighting"], ot_scale, grad_norm, aug_p,
+                                 **guidance)
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
     for p in frozen:
@@ -273,6 +336,12 @@ def autocast(bf16):
 def update_ema(EMA, G, decay):
     # One fused kernel over all tensors instead of one launch per parameter (hundreds per step on GPU).
     torch._foreach_lerp_(list(EMA.parameters()), list(G.parameters()), 1 - decay)
+
+
+@torch.no_grad()
+def reload_ema(G, EMA):
+    # EMA reload (App. C, Table 11 stages 2-4): G continues from the EMA, which outperforms it; optimizer state kept.
+    torch._foreach_copy_(list(G.parameters()), list(EMA.parameters()))
 
 
 def ot_scale_at(step, start, end, decay_steps):
@@ -354,8 +423,11 @@ def load_classifier(path, weights="EMA"):
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "C" not in ckpt["config"]:
         fail(f"{path} is not a classifier checkpoint of train_classifier.py")
-    C = Classifier(**ckpt["config"]["C"])
-    C.load_state_dict(ckpt[weights])
+    try:
+        C = Classifier(**ckpt["config"]["C"])
+        C.load_state_dict(ckpt[weights])
+    except (KeyError, TypeError, RuntimeError) as e:
+        fail(f"{path} holds a classifier that does not load: {' '.join(str(e).split())[:200]}")
     return C.eval().requires_grad_(False), ckpt.get("data_info", {})
 
 
@@ -383,14 +455,55 @@ def gather_rng_states(device):
 
 
 def restore_rng(ckpt, seed, rank, world, step, device):
-    """Per-rank streams of batches and noise: the checkpoint's when the world size is the same, else fresh ones."""
+    """Per-rank streams of batches and noise: a resumed checkpoint's when the world size is the same, else fresh
+    ones for this step (a new stage, or another world size)."""
     torch.manual_seed(seed * world + rank)
     if ckpt is not None and len(ckpt["rng"]) == world:
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    elif ckpt is not None:
+    elif step > 0:
         torch.manual_seed((seed * world + rank) * 1_000_003 + step)
+
+
+def load_starts(args, config):
+    """The checkpoints a run starts from, read before the run writes anything: --resume (the exact continuation of a
+    run), or --init (a new stage from a run's last checkpoint) and --init-d (D from an earlier one)."""
+    if args.resume and (args.init or args.init_d):
+        fail("--resume continues a run exactly; --init and --init-d start a new stage: give one or the other")
+    return {key: load_resume(getattr(args, key), config) for key in ("resume", "init", "init_d") if getattr(args, key)}
+
+
+def begin(state, starts, args, logger):
+    """Loads the starting checkpoints into `state` and returns the step to start from. --resume restores everything.
+    --init starts a stage as the paper does (Table 11): G from the previous stage's EMA, and the EMA, D, both
+    optimizers and the gradient normalisation carried over (its running scale too: restarted from zero it would make
+    the first G steps ~3x too large). --init-d then takes D and its optimizer from an earlier checkpoint (App. C)."""
+    hyper = {key: {k: v for k, v in state[key].param_groups[0].items() if k != "params"} for key in ("opt_G", "opt_D")}
+    if "resume" in starts:
+        for key, module in state.items():
+            module.load_state_dict(starts["resume"][key])
+    if "init" in starts:
+        for key, module in state.items():
+            module.load_state_dict(starts["init"]["EMA" if key == "G" else key])
+    if "init_d" in starts:
+        for key in ("D", "opt_D"):
+            state[key].load_state_dict(starts["init_d"][key])
+    for key, values in hyper.items():                         # this command's lr etc., not the checkpoint's
+        state[key].param_groups[0].update(values)
+    for key, ckpt in starts.items():
+        logger.info(f"--{key.replace('_', '-')} {getattr(args, key)} (step {ckpt['step']})")
+    return starts.get("resume", starts.get("init", {})).get("step", 0)
+
+
+def load_guidance(args, data, device):
+    """The frozen classifier for classifier guidance, checked against the data it must classify."""
+    C, info = load_classifier(args.classifier)
+    shape = (C.input_size, C.in_channels, C.final_layer[1].out_features)
+    if shape != (data.size, data.channels, data.num_classes):
+        fail(f"{args.classifier} classifies {shape[1]} x {shape[0]} x {shape[0]} inputs of {shape[2]} classes, "
+             f"but the data are {data.channels} x {data.size} x {data.size} of {data.num_classes}")
+    return dict(classifier=C.to(device), cg_scale=args.cg_scale, cg_time=args.cg_time)
 
 
 def make_fid_evaluator(args, data, device):
@@ -533,6 +646,8 @@ def fill_defaults(args):
     args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else pick("ot_scale_end")
     args.grad_clip = args.grad_clip if args.grad_clip is not None else pick("grad_clip")
     args.lr_g = args.lr_g if args.lr_g is not None else args.lr * pick("g_lr_ratio")
+    args.cg_scale = args.cg_scale if args.cg_scale is not None else pick("cg_scale")
+    args.cg_time = tuple(args.cg_time) if args.cg_time is not None else pick("cg_time")
 
 
 def network_config(model, nfe, repeat, data):
@@ -567,7 +682,8 @@ def main(args):
     # Inputs: data, checkpoint and evaluation files are all checked before the run writes anything.
     data = LatentData(args.data_path)
     config = network_config(args.model, args.nfe, args.repeat, data)
-    ckpt = load_resume(args.resume, config) if args.resume else None
+    starts = load_starts(args, config)
+    guidance = load_guidance(args, data, device) if args.classifier else {}
     evaluate_fid = make_fid_evaluator(args, data, device) if args.fid_every else None
     write_grids = make_grid_writer(args, data, device) if args.sample_every else None
 
@@ -584,22 +700,17 @@ def main(args):
     state = dict(G=G, D=D, EMA=EMA, opt_G=opt_G, opt_D=opt_D, grad_norm=grad_norm)   # what a checkpoint holds
     logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
 
-    # Resume: weights, optimizer moments and grad-norm state; this command's lr and loss weights; every rank's RNG.
-    start = 0 if ckpt is None else ckpt["step"]
-    if ckpt is not None:
-        for key, module in state.items():
-            module.load_state_dict(ckpt[key])
-        opt_G.param_groups[0].update(adamw, lr=args.lr_g)
-        opt_D.param_groups[0].update(adamw, lr=args.lr)
-        logger.info(f"resumed from {args.resume} at step {start}")
-    restore_rng(ckpt, args.global_seed, rank, world, start, device)
+    # Start: fresh, the exact continuation of a run (--resume), or a new stage of one (--init, --init-d).
+    start = begin(state, starts, args, logger)
+    restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
 
     # Only the player being trained runs through DDP: D's step calls the bare G without gradients, and G's step
     # calls the bare, frozen D, so neither wrapper ever waits for gradients that do not come.
     G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     G_train = DDP(G_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G_fwd
     D_train = DDP(D_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D_fwd
-    players = dict(velocity=G.use_t_src, d_time=D.use_t, grad_clip=args.grad_clip, bf16=args.precision == "bf16")
+    players = dict(velocity=G.use_t_src, d_time=D.use_t, grad_clip=args.grad_clip, bf16=args.precision == "bf16",
+                   aug_p=args.aug_p)
     d_weights = dict(gp_scale=args.gp_scale, gp_eps=args.gp_eps, gp_ratio=args.gp_ratio, cp_scale=args.cp_scale)
 
     # The loop: one D step, one G step, the EMA; logs, checkpoints and FID every so many steps.
@@ -610,15 +721,17 @@ def main(args):
         ot_scale = ot_scale_at(step, args.ot_scale, args.ot_scale_end, args.ot_decay_steps)
         stats = d_step(G_fwd, D_train, opt_D, make_batch(data, batch_size, args.nfe, device), **players, **d_weights)
         stats.update(g_step(G_train, D_fwd, opt_G, grad_norm, make_batch(data, batch_size, args.nfe, device),
-                            ot_scale=ot_scale, **players))
+                            ot_scale=ot_scale, **players, **guidance))
         update_ema(EMA, G, args.ema_decay)
+        if args.ema_reload_every and (step + 1) % args.ema_reload_every == 0:
+            reload_ema(G, EMA)
         sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
         log_now, ckpt_now = done % args.log_every == 0 or done == args.max_steps, done % args.ckpt_every == 0
         if log_now or ckpt_now:
             means = reduce_means(sums, count, done, args.results_dir)
         if log_now:
             logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                        f" ot_scale {ot_scale:.4g} lr {opt_D.param_groups[0]['lr']:.3g}"
+                        f" ot_scale {ot_scale:.4g} aug_p {args.aug_p:.3g} lr {opt_D.param_groups[0]['lr']:.3g}"
                         f" img/s {2 * args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
         if ckpt_now or done == args.max_steps:
@@ -673,7 +786,19 @@ if __name__ == "__main__":
     parser.add_argument("--inception", type=str, default=None, help="FID Inception weights file")
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode samples")
     parser.add_argument("--fid-batch-size", type=positive_int, default=64, help="per rank")
-    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
+    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
+    parser.add_argument("--init", type=str, default=None, help="start a new stage from this checkpoint: G from its "
+                        "EMA; EMA, D, optimizers and gradient normalisation carried over; this command's settings")
+    parser.add_argument("--init-d", type=str, default=None, help="D and its optimizer from this (earlier) checkpoint")
+    parser.add_argument("--ema-reload-every", type=int, default=0, help="copy the EMA into G every N steps (0: never; "
+                        "the paper's later stages: every epoch)")
+    parser.add_argument("--classifier", type=str, default=None, help="train_classifier.py checkpoint: classifier "
+                        "guidance (stage 4)")
+    parser.add_argument("--cg-scale", type=float, default=None, help=f"lambda_cg ({defaults_help('cg_scale')})")
+    parser.add_argument("--cg-time", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help=f"one step: t' ~ U(LO, HI); few steps: the guided target times ({defaults_help('cg_time')})")
+    parser.add_argument("--aug-p", type=float, default=0.0, help="discriminator augmentation probability (the "
+                        "paper's guided stage: 0.4, Algorithm 1)")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="fp32 (TF32 matmuls on GPU, the paper's setting) or bf16 autocast for G, D staying fp32; "
