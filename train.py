@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from copy import deepcopy
@@ -75,6 +76,31 @@ def defaults_help(flag):
 def fail(message):
     """A user error: one line on stderr and a non-zero exit, no traceback."""
     raise SystemExit(f"error: {message}")
+
+
+def check_output(path, flag, folder=False):
+    """Fails before any work when an output path cannot be what it must be: a file (not an existing folder) in a
+    folder that exists, or a folder (not an existing file)."""
+    if folder and os.path.isfile(path):
+        fail(f"{flag} {path} is a file, not a folder")
+    if not folder and os.path.isdir(path):
+        fail(f"{flag} {path} is a folder; give a file name")
+    if not folder and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        fail(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+
+
+def run_interruptible(main, args, resume_hint):
+    """Runs a script's main with SIGTERM (a preemption) raising KeyboardInterrupt like Ctrl-C: either ends in one line
+    and exit status 130 after main's own cleanup, never a traceback. The process group is destroyed in any case."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: {resume_hint}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 #################################################################################
