@@ -38,6 +38,7 @@ import model
 import prepare_latents
 import toy
 import train
+import train_classifier
 import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1321,6 +1322,182 @@ def test_toy_wasserstein1_and_prior_weighting():
     assert abs(toy.w1_to_data(np.zeros(20_000)) - 1.0) < 0.01      # everything at 0: each point moves ~1 on average
     z = np.linspace(-4, 4, 801)
     assert abs(toy.prior_mean_abs(z, np.zeros_like(z), z) - math.sqrt(2 / math.pi)) < 1e-3
+
+
+#################################################################################
+#          train_classifier.py: the guidance classifier and evaluation          #
+#################################################################################
+
+CLS = ["--model", "T/2", "--device", "cpu", "--log-every", 2, "--lr", 1e-3]
+
+
+def logged(path):
+    """The values of every `step ...` line of a log.txt, as dicts."""
+    rows = [line.split()[4:] for line in open(path).read().splitlines() if " step " in line]
+    return [{k: float(v) for k, v in zip(row[::2], row[1::2])} for row in rows]
+
+
+def test_classifier_trains_30_epochs_and_load_classifier_reads_it(data, tmp_path):
+    run_script("train_classifier.py", "--data-path", data, "--results-dir", tmp_path, *CLS, "--global-batch-size", 24)
+    assert "30 steps (30.0 epochs)" in open(tmp_path / "log.txt").read()   # default: 30 epochs of 24 images
+    for row in logged(tmp_path / "log.txt"):
+        assert 0 <= row["acc"] <= 1 and all(math.isfinite(row[k]) for k in ("loss", "grad_norm", "lr", "img/s"))
+    path = tmp_path / "checkpoints" / "0000030.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["config"] == dict(C=dict(model.SIZES["T/2"], input_size=8, in_channels=3,
+                                                                num_classes=5))
+    assert ckpt["opt"]["param_groups"][0]["betas"] == (0.9, 0.95) and ckpt["opt"]["param_groups"][0]["lr"] == 1e-3
+    assert ckpt["data_info"]["num_classes"] == 5 and len(ckpt["rng"]) == 1 and ckpt["args"]["ema_decay"] == 0.9995
+    C, info = train.load_classifier(path)
+    assert info == ckpt["data_info"]
+    torch.manual_seed(0)
+    init = model.Classifier(**ckpt["config"]["C"])                        # the run's initial weights (seed 0)
+    for name, p in C.state_dict().items():
+        assert torch.equal(p, ckpt["EMA"][name])
+        if name != "pos_embed":
+            assert not torch.equal(p, init.state_dict()[name]) and not torch.equal(p, ckpt["model"][name]), name
+
+
+def test_classifier_resume_is_bit_identical(data, tmp_path):
+    run = ["--data-path", data, *CLS, "--global-batch-size", 8]
+    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "a", "--max-steps", 4)
+    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "b", "--max-steps", 2)
+    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "b", "--max-steps", 4,
+               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
+    for key in ("model", "EMA"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert torch.equal(a["opt"]["state"][1]["exp_avg_sq"], b["opt"]["state"][1]["exp_avg_sq"])
+
+
+def test_classifier_loss_falls_on_a_learnable_set(tmp_path):
+    """Two classes that differ by a constant offset: the loss must fall well below ln 2 within a few dozen steps."""
+    path = make_data(tmp_path / "offset", n=32, num_classes=2)
+    labels = np.load(os.path.join(path, "labels.npy"))
+    x = (labels - 0.5)[:, None, None, None, None] + 0.1 * np.random.default_rng(0).standard_normal((32, 2, 3, 8, 8))
+    np.save(os.path.join(path, "latents.npy"), x.astype(np.float16))
+    run_script("train_classifier.py", "--data-path", path, "--results-dir", tmp_path, *CLS, "--global-batch-size", 16,
+               "--max-steps", 40, "--log-every", 5)
+    losses = [row["loss"] for row in logged(tmp_path / "log.txt")]
+    assert losses[0] > 0.5 and max(losses[-2:]) < 0.35, losses
+
+
+def test_classifier_random_affine():
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(train_classifier.random_affine(x, p=0), x)
+    identity = train_classifier.random_affine(x, p=1, degrees=0, translate=0, scale=(1, 1))
+    torch.testing.assert_close(identity, x, atol=1e-5, rtol=0)
+    # 2 px right and 1 px up: the content moves, the vacated band mirrors the edge (reflection about it).
+    out = train_classifier.affine(x, torch.zeros(4), torch.tensor([[0.25, -0.125]]).repeat(4, 1), torch.ones(4))
+    torch.testing.assert_close(out[..., :7, 2:], x[..., 1:, :6], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[..., :7, :2], x[..., 1:, [1, 0]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[..., 7, 2:], x[..., 7, :6], atol=1e-5, rtol=0)
+    # 90 degrees about the image centre, counter-clockwise like kornia; a 2x zoom about the centre (3.5, 3.5).
+    out = train_classifier.affine(x, torch.full((4,), 90.0), torch.zeros(4, 2), torch.ones(4))
+    torch.testing.assert_close(out, torch.rot90(x, 1, (2, 3)), atol=1e-5, rtol=0)
+    ramp = torch.arange(8.0).expand(1, 1, 8, 8)
+    out = train_classifier.affine(ramp, torch.zeros(1), torch.zeros(1, 2), torch.full((1,), 2.0))
+    torch.testing.assert_close(out[0, 0, 0, 2:6], torch.tensor([2.75, 3.25, 3.75, 4.25]))
+    # Each image on its own: p = 0.8 leaves about a fifth unchanged, and the ranges are respected.
+    x = torch.randn(2000, 1, 4, 4)
+    torch.manual_seed(0)
+    unchanged = (train_classifier.random_affine(x) == x).flatten(1).all(1).float().mean()
+    assert 0.17 < unchanged < 0.23
+
+
+def test_classifier_evaluates_a_generator(data, tmp_path, capsys):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 2)
+    run_script("train_classifier.py", "--data-path", data, "--results-dir", tmp_path / "cls", *CLS,
+               "--global-batch-size", 8, "--max-steps", 10)
+    g_path, c_path = tmp_path / "afm" / "checkpoints" / "0000002.pt", tmp_path / "cls" / "checkpoints" / "0000010.pt"
+    capsys.readouterr()
+    run_script("train_classifier.py", "--evaluate", g_path, "--classifier", c_path, "--data-path", data,
+               "--real-data", data, "--num-samples", 24, "--batch-size", 5, "--device", "cpu")
+    printed = capsys.readouterr().out.splitlines()
+    G, _, _ = train.load_generator(g_path)
+    C, _ = train.load_classifier(c_path)
+    d = train.LatentData(data)
+    out = train_classifier.evaluate(G, 1, C, d, d, 24, 0, 7, torch.device("cpu"))
+    assert printed[0].startswith("samples   (EMA, 1 step, 24)") and printed[1].startswith("real ")
+    assert printed[2].startswith("held-out ") and f"class accuracy {out['held_out_accuracy']:.4f}" in printed[2]
+    assert f"Frechet distance {out['samples_frechet']:.4f}" in printed[0]
+    # Random weights, so that the samples and the features vary (adaLN-Zero starts both networks near constant).
+    torch.manual_seed(0)
+    for net in (G, C):
+        for name, p in net.named_parameters():
+            if name != "pos_embed":
+                p.data.normal_(0, 0.1)
+    out = train_classifier.evaluate(G, 1, C, d, d, 24, 0, 7, torch.device("cpu"))
+    # By hand: sample i from noise seeded by i, labels class-balanced, C at t = 0; real images are view 0.
+    z = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(24)])
+    y = torch.tensor(model.class_balanced_labels(24, 5))
+    x = model.sample(G, z, y, 1)
+    t0 = torch.zeros(24)
+    real = torch.from_numpy(d.latents[:, 0].astype(np.float32))
+    assert out["samples_accuracy"] == pytest.approx((C(x, t0).argmax(1) == y).float().mean().item())
+    assert out["held_out_accuracy"] == pytest.approx((C(real, t0).argmax(1) == torch.from_numpy(d.labels)).float().mean())
+    f_fake, f_real = C.features(x, t0).double().numpy(), C.features(real, t0).double().numpy()
+    expect = fid.frechet_distance(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
+    assert out["samples_frechet"] == pytest.approx(expect, rel=1e-6) and out["samples_frechet"] > 1e-3
+    # The whole set against itself: the same accuracy, and a distance of zero.
+    assert out["real_accuracy"] == out["held_out_accuracy"] and out["num_real"] == out["num_held_out"] == 24
+    assert abs(out["real_frechet"]) < 1e-6 * np.trace(np.cov(f_real, rowvar=False))
+
+
+def test_classifier_under_torchrun(data, tmp_path, capsys):
+    """Two ranks split the batch and stay in sync; evaluation shards samples and images and agrees with one rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = subprocess.run(torchrun + ["train_classifier.py", "--data-path", data, "--results-dir", tmp_path, *map(str, CLS),
+                                     "--global-batch-size", "8", "--max-steps", "4"], cwd=HERE, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
+    c_path = tmp_path / "checkpoints" / "0000004.pt"
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 1)
+    g_path = tmp_path / "afm" / "checkpoints" / "0000001.pt"
+    argv = ["--evaluate", g_path, "--classifier", c_path, "--data-path", data, "--real-data", data, "--num-samples",
+            15, "--batch-size", 4, "--device", "cpu"]
+    out = subprocess.run(torchrun + ["train_classifier.py", *map(str, argv)], cwd=HERE, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    capsys.readouterr()
+    run_script("train_classifier.py", *argv)
+    assert capsys.readouterr().out == out.stdout
+
+
+def test_classifier_bad_inputs(data, tmp_path):
+    run = ["--results-dir", tmp_path / "cls", *CLS, "--global-batch-size", 8]
+    expect_error("train_classifier.py", "--data-path", tmp_path / "nothing", *run, match="latents.npy is missing")
+    odd = make_data(tmp_path / "odd", size=7)
+    expect_error("train_classifier.py", "--data-path", odd, *run, match="inputs of size 7 do not split into patches")
+    run_script("train_classifier.py", "--data-path", data, *run, "--max-steps", 1)
+    c_path = tmp_path / "cls" / "checkpoints" / "0000001.pt"
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 1)
+    g_path = tmp_path / "afm" / "checkpoints" / "0000001.pt"
+    expect_error("train_classifier.py", "--data-path", data, *run[:2], "--model", "S/2", *run[4:], "--resume", c_path,
+                 match="holds another classifier (--model T/2")
+    expect_error("train_classifier.py", "--data-path", data, *run, "--resume", g_path,
+                 match="is not a classifier checkpoint")
+    evaluate = ["--evaluate", g_path, "--classifier", c_path, "--device", "cpu"]
+    expect_error("train_classifier.py", *evaluate[:2], "--classifier", g_path, "--data-path", data,
+                 match="is not a classifier checkpoint")
+    four = make_data(tmp_path / "four", num_classes=4)
+    expect_error("train_classifier.py", *evaluate, "--data-path", four, match="(8, 3, 5) vs (8, 3, 4)")
+    run_script("train.py", "--data-path", four, "--results-dir", tmp_path / "afm4", *TRAIN, "--max-steps", 1)
+    expect_error("train_classifier.py", "--evaluate", tmp_path / "afm4" / "checkpoints" / "0000001.pt", *evaluate[2:],
+                 "--data-path", data, match="the classifier does not fit")
+    latents = make_data(tmp_path / "latents")
+    json.dump(dict(num_classes=5, image_size=8, scale=0.18215, vae="sd-vae-ft-mse"),
+              open(os.path.join(latents, "info.json"), "w"))
+    expect_error("train_classifier.py", *evaluate, "--data-path", data, "--real-data", latents,
+                 match="vae 'none' vs 'sd-vae-ft-mse'")
+    expect_error("train_classifier.py", *evaluate, "--data-path", data, "--num-samples", 1, match="at least 2 images")
+    with pytest.raises(SystemExit) as e:
+        run_script("train_classifier.py", "--evaluate", g_path, "--data-path", data)
+    assert e.value.code == 2                                   # argparse: "--evaluate needs --classifier"
 
 
 if __name__ == "__main__":
