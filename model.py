@@ -297,16 +297,22 @@ def to_uint8(x):
     return (x.float().add(1).div(2).clamp(0, 1) * 255).to(torch.uint8)
 
 
+def noise(indices, shape, seed):
+    """The starting noise of samples `indices`, (n, *shape) float32: sample i's from its own generator seeded by
+    (seed, i), so it depends on neither the device, the number of ranks nor the batch size, and two seeds give
+    unrelated samples (seed + i would give the same samples shifted by one). seed >= 0."""
+    return torch.from_numpy(np.stack([np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)
+                                      for i in indices]))
+
+
 @torch.no_grad()
 def generate(G, steps, decode, indices, labels, seed, batch_size, device):
-    """Yields (indices, uint8 images (n, C, H, W)) for the given sample indices, batch by batch; sample i starts
-    from noise seeded by seed + i, drawn on the CPU, so it does not depend on the device, ranks or batch size.
-    decode maps G's output to [-1, 1] images (the VAE decoder, or the identity for pixels)."""
+    """Yields (indices, uint8 images (n, C, H, W)) for the given sample indices, batch by batch, from noise(); decode
+    maps G's output to [-1, 1] images (the VAE decoder, or the identity for pixels)."""
     size = G.input_size
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
-        z = torch.stack([torch.randn(G.in_channels, size, size, generator=torch.Generator().manual_seed(seed + i))
-                         for i in chunk]).to(device)          # (n, C, H, W)
+        z = noise(chunk, (G.in_channels, size, size), seed).to(device)  # (n, C, H, W)
         y = torch.tensor([labels[i] for i in chunk], device=device)
         yield chunk, to_uint8(decode(sample(G, z, y, steps)))
 

@@ -6,13 +6,16 @@ Draws class-conditional samples from a trained generator (the EMA weights by def
     python sample.py --ckpt xl2_112layer_1nfe_guided_FID1.94.pth --model XL/2 --repeat 4 --vae-weights ...
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --vae-weights ... --num-samples 50000 --npz samples.npz
 
-The grid goes to --out (default samples.png). With --npz, --num-samples class-balanced samples are packed into one
-ADM-format npz (`arr_0` uint8 NHWC, `labels`) for fid.py or the ADM evaluation suite. Sample i always starts from
-noise seeded by --global-seed + i, whatever the number of ranks or the batch size.
+The grid goes to --out (default samples.png; .jpg etc. by its extension). With --npz, --num-samples class-balanced
+samples are packed into one ADM-format npz (`arr_0` uint8 NHWC, `labels`) for fid.py or the ADM evaluation suite;
+an interrupted --npz run resumes when the same command is run again. Sample i always starts from noise seeded by
+(--global-seed, i), whatever the device, the number of ranks or the batch size.
 """
 import argparse
+import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import torch
@@ -20,13 +23,20 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model import SIZES, class_balanced_labels, default_steps, generate
-from train import fail, load_generator, make_decoder, parse_nfe, positive_int, save_grid, setup_distributed
+from train import (allocate_npy, check_output, count, fail, image_format, load_generator, make_decoder, parse_nfe,
+                   positive_int, run_interruptible, save_atomic, save_grid, setup_distributed)
 
 
 def main(args):
+    # Setup, and every output checked before any work.
     device, rank, world = setup_distributed(args.device)
     torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official sampler
     torch.backends.cudnn.conv.fp32_precision = "tf32"
+    check_output(args.npz or args.out, "--npz" if args.npz else "--out")
+    if args.npz is not None and not args.npz.endswith(".npz"):
+        fail(f"--npz {args.npz}: the evaluation file must end in .npz")
+    if args.npz is None:
+        image_format(args.out)
     G, nfe, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
     G = G.to(device)
     steps = args.steps or default_steps(nfe)
@@ -44,37 +54,59 @@ def main(args):
                                                        args.global_seed, args.batch_size, device)])
             save_grid(images, args.out, nrow=args.nrow or math.ceil(math.sqrt(len(images))))
             print(f"saved {len(images)} samples ({steps} steps) to {args.out}")
-        if world > 1:
-            dist.destroy_process_group()
         return
 
-    # Evaluation set: class-balanced, sharded over ranks, packed by rank 0 into one shuffled npz.
+    # Evaluation set: class-balanced, sharded over ranks into a staging file that a rerun of the same command resumes,
+    # then packed by rank 0 into one npz, shuffled with a fixed permutation as the official packing script does (so
+    # Inception Score splits are unbiased).
     labels = class_balanced_labels(args.num_samples, num_classes)
-    # Shuffled with a fixed permutation, as the official packing script, so Inception Score splits are unbiased.
     perm = np.random.RandomState(42).permutation(args.num_samples)
     row_of = np.argsort(perm)                                  # sample i lands at row row_of[i] of arr_0
     size = G.input_size * (8 if info.get("vae", "none") != "none" else 1)  # the VAE upsamples 8x
-    staging = f"{args.npz}.staging.npy"
-    if rank == 0:
-        np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8, shape=(args.num_samples, size, size, 3))
-    if world > 1:
-        dist.barrier()
-    rows = np.load(staging, mmap_mode="r+")
-    indices = list(range(rank, args.num_samples, world))
+    rows, done = open_staging(args, steps, (args.num_samples, size, size, 3), rank)
+    indices = [i for i in range(rank, args.num_samples, world) if not done[i]]
     batches = generate(G, steps, decode, indices, labels, args.global_seed, args.batch_size, device)
     for chunk, images in tqdm(batches, total=math.ceil(len(indices) / args.batch_size), disable=rank != 0):
-        rows[row_of[chunk]] = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3), ADM's NHWC
-    rows.flush()
+        rows[row_of[chunk]] = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, C), ADM's NHWC
+        rows.flush()
+        done[chunk] = 1                                        # only once the rows are on disk
+        done.flush()
     if world > 1:
         dist.barrier()
     if rank == 0:
-        tmp = f"{args.npz}.tmp.npz"
-        np.savez(tmp, arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm])
-        os.replace(tmp, args.npz)
-        os.remove(staging)
+        save_atomic(dict(arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm]), args.npz, save=savez)
+        for suffix in (".staging.npy", ".staging-done.npy", ".staging.json"):
+            os.remove(args.npz + suffix)
         print(f"saved {args.num_samples} samples ({steps} steps, {num_classes} classes) to {args.npz}")
-    if world > 1:
-        dist.destroy_process_group()
+
+
+def savez(arrays, path):
+    with open(path, "wb") as f:                               # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+
+
+def open_staging(args, steps, shape, rank):
+    """(rows, done): the memory-mapped samples of --npz and a byte per sample written; what an interrupted run of the
+    same command (checkpoint, weights, steps, seed, number) left is kept, anything else starts afresh."""
+    stat = os.stat(args.ckpt)
+    spec = dict(ckpt=os.path.abspath(args.ckpt), size=stat.st_size, mtime=stat.st_mtime, weights=args.weights,
+                steps=steps, seed=args.global_seed, shape=list(shape))
+    record, rows, done = (args.npz + suffix for suffix in (".staging.json", ".staging.npy", ".staging-done.npy"))
+    if rank == 0:
+        try:
+            with open(record) as f:
+                same = json.load(f) == spec and os.path.isfile(rows) and os.path.isfile(done)
+        except (OSError, ValueError):
+            same = False
+        if same:
+            print(f"resuming {args.npz}: {int(np.load(done).sum())} of {shape[0]} samples already drawn")
+        else:
+            allocate_npy(rows, shape, np.uint8)
+            allocate_npy(done, shape[:1], np.uint8)
+            save_atomic(spec, record, save=lambda obj, tmp: pathlib.Path(tmp).write_text(json.dumps(obj)))
+    if dist.is_initialized():
+        dist.barrier()
+    return np.load(rows, mmap_mode="r+"), np.load(done, mmap_mode="r+")
 
 
 if __name__ == "__main__":
@@ -86,7 +118,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=positive_int, default=None, help="depth repetition of an official .pth")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights to decode latents")
-    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--global-seed", type=count, default=0, help="sample i's noise is seeded by (seed, i)")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None)
     parser.add_argument("--num-images", type=positive_int, default=16)
     parser.add_argument("--nrow", type=positive_int, default=None)
@@ -95,4 +127,4 @@ if __name__ == "__main__":
     parser.add_argument("--num-samples", type=positive_int, default=50_000)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--device", type=str, default=None)
-    main(parser.parse_args())
+    run_interruptible(main, parser.parse_args(), "--npz: run the same command again to resume")

@@ -424,11 +424,11 @@ def test_train_checkpoint_sample_end_to_end(data, tmp_path):
     run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 6, "--nrow", 3)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (2 + 2 * 10, 2 + 3 * 10, 3) and grid[2:10, 2:10].std() > 0
-    # The same samples come out of the EMA weights by hand: sample i from noise seeded by i, two v-steps.
+    # The same samples come out of the EMA weights by hand: sample i from noise seeded by (seed 0, i), two v-steps.
     state = torch.load(ckpt, weights_only=True)
     G = model.Generator(**state["config"]["G"])
     G.load_state_dict(state["EMA"])
-    z = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(4))[None]
+    z = torch.from_numpy(np.random.default_rng([0, 4]).standard_normal((1, 3, 8, 8), dtype=np.float32))
     x = model.sample(G.eval(), z, torch.tensor([4]), steps=2)          # grid cell (1, 1), label 4 % 5
     expect = ((x[0].clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.abs(grid[12:20, 12:20].astype(int) - expect.astype(int)).max() <= 1
@@ -598,19 +598,37 @@ def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_
 #################################################################################
 
 def test_bad_data_directories(tmp_path):
+    """What cannot be latents or [-1, 1] pixels is refused in one line before the run writes anything."""
     expect_error("train.py", "--data-path", tmp_path / "nothing", *TRAIN, match="latents.npy is missing")
-    bad = make_data(tmp_path / "rank")
-    np.save(os.path.join(bad, "latents.npy"), np.zeros((24, 3, 8, 8), np.float16))
-    expect_error("train.py", "--data-path", bad, *TRAIN, match="must have shape (N, V, C, H, W)")
-    bad = make_data(tmp_path / "labels")
-    np.save(os.path.join(bad, "labels.npy"), np.zeros(23, np.int64))
-    expect_error("train.py", "--data-path", bad, *TRAIN, match="but there are 24 latents")
-    bad = make_data(tmp_path / "info")
-    open(os.path.join(bad, "info.json"), "w").write("{not json")
-    expect_error("train.py", "--data-path", bad, *TRAIN, match="cannot read the data")
-    bad = make_data(tmp_path / "classes")
-    np.save(os.path.join(bad, "labels.npy"), np.full(24, 9, np.int64))
-    expect_error("train.py", "--data-path", bad, *TRAIN, match="labels must be in [0, 5)")
+    cases = [  # (file, content, words of the error)
+        ("latents.npy", np.zeros((24, 3, 8, 8), np.float16), "must have shape (N, V, C, S, S)"),
+        ("latents.npy", np.zeros((24, 2, 3, 8, 6), np.float16), "must have shape (N, V, C, S, S)"),
+        ("latents.npy", np.zeros((24, 0, 3, 8, 8), np.float16), "must have shape (N, V, C, S, S)"),
+        ("latents.npy", np.full((24, 2, 3, 8, 8), 200, np.uint8), "holds uint8"),
+        ("latents.npy", np.full((24, 2, 3, 8, 8), 60000, np.float16), "must be 1 or 3 channels in [-1, 1]"),
+        ("latents.npy", np.zeros((24, 2, 4, 8, 8), np.float16), "must be 1 or 3 channels in [-1, 1]"),
+        ("labels.npy", np.zeros(23, np.int64), "must hold 24 integers"),
+        ("labels.npy", np.zeros(24, np.float32), "must hold 24 integers"),
+        ("labels.npy", np.array(["a"] * 24), "must hold 24 integers"),
+        ("labels.npy", np.full(24, 9, np.int64), "labels must be in [0, 5)"),
+        ("info.json", "{not json", "cannot read the data"),
+        ("info.json", '{"num_classes": 10.9, "vae": "none"}', "num_classes must be an integer"),
+        ("info.json", '{"num_classes": 1000000000000, "vae": "none"}', "num_classes must be an integer"),
+        ("info.json", '{"num_classes": 5, "vae": "sd-vae-ft-mse"}', "need a positive `scale`"),
+    ]
+    for i, (name, content, words) in enumerate(cases):
+        bad = make_data(tmp_path / str(i))
+        if isinstance(content, str):
+            open(os.path.join(bad, name), "w").write(content)
+        else:
+            np.save(os.path.join(bad, name), content)
+        expect_error("train.py", "--data-path", bad, "--results-dir", tmp_path / f"run{i}", *TRAIN, match=words)
+        assert not (tmp_path / f"run{i}").exists()
+    latents = make_data(tmp_path / "latents")
+    with open(os.path.join(latents, "info.json"), "w") as f:
+        json.dump(dict(num_classes=5, vae="sd-vae-ft-mse", scale=0.18215), f)
+    np.save(os.path.join(latents, "latents.npy"), np.full((24, 2, 4, 8, 8), 6e4, np.float16))
+    expect_error("train.py", "--data-path", latents, *TRAIN, match="cannot be scaled VAE latents")
 
 
 def test_bad_flags_and_checkpoints(data, tmp_path):
@@ -622,9 +640,10 @@ def test_bad_flags_and_checkpoints(data, tmp_path):
     expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN,
                  "--resume", tmp_path / "missing.pt", match="does not exist")
     assert not (tmp_path / "never").exists()                   # a run that fails on its inputs writes nothing
-    expect_error("train.py", "--data-path", data, *TRAIN, "--nfe", "2", "--resume", ckpt, match="holds another model")
+    expect_error("train.py", "--data-path", data, *TRAIN, "--nfe", "2", "--resume", ckpt,
+                 match="holds another network than this run asks for: D.use_t False (asked: True)")
     expect_error("train.py", "--data-path", data, "--model", "S/2", *TRAIN[2:], "--resume", ckpt,
-                 match="holds another model")
+                 match="G.depth 2 (asked: 12)")
     expect_error("sample.py", "--ckpt", ckpt, "--nfe", "2", match="holds a --nfe 1 model")
     expect_error("sample.py", "--ckpt", ckpt, "--steps", "2", match="samples in one step")
     expect_error("train.py", "--data-path", data, *TRAIN, "--precision", "bf16", match="for CUDA devices")
@@ -664,17 +683,16 @@ def test_errors_are_one_line_on_the_command_line(tmp_path):
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:")
 
 
-def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
-    bad = make_data(tmp_path / "data")
-    run_script("train.py", "--data-path", bad, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2,
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2,
                "--ckpt-every", 2)
-    rows = np.load(os.path.join(bad, "latents.npy"))
-    rows[:] = np.inf
-    np.save(os.path.join(bad, "latents.npy"), rows)
-    expect_error("train.py", "--data-path", bad, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 4,
-                 "--ckpt-every", 2, "--resume", tmp_path / "run" / "checkpoints" / "0000002.pt",
-                 match="non-finite loss at step 4")
+    # An absurd lr makes the weights, and then the losses, non-finite within a step or two.
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 6,
+                 "--ckpt-every", 2, "--lr", 1e30, "--resume", tmp_path / "run" / "checkpoints" / "0000002.pt",
+                 match="the last good checkpoint is " + str(tmp_path / "run" / "checkpoints" / "0000002.pt"))
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000002.pt"]
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "fresh", *TRAIN, "--max-steps", 6,
+                 "--lr", 1e30, match="no checkpoint was written before it")
 
 
 #################################################################################
@@ -1430,8 +1448,9 @@ def test_classifier_evaluates_a_generator(data, tmp_path, capsys):
             if name != "pos_embed":
                 p.data.normal_(0, 0.1)
     out = train_classifier.evaluate(G, 1, C, d, d, 24, 0, 7, torch.device("cpu"))
-    # By hand: sample i from noise seeded by i, labels class-balanced, C at t = 0; real images are view 0.
-    z = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(24)])
+    # By hand: sample i from noise seeded by (0, i), labels class-balanced, C at t = 0; real images are view 0.
+    z = torch.from_numpy(np.stack([np.random.default_rng([0, i]).standard_normal((3, 8, 8), dtype=np.float32)
+                                   for i in range(24)]))
     y = torch.tensor(model.class_balanced_labels(24, 5))
     x = model.sample(G, z, y, 1)
     t0 = torch.zeros(24)

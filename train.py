@@ -11,6 +11,7 @@ a generator G and a discriminator D, one D step then one G step per iteration.
 Flags left unset take the paper's value for the chosen size and mode from DEFAULTS below (each row cites its source).
 """
 import argparse
+import glob
 import json
 import logging
 import math
@@ -121,18 +122,12 @@ class LatentData:
                 self.info = json.load(f)
             has_std = os.path.isfile(os.path.join(path, "std.npy"))
             self.std = np.load(os.path.join(path, "std.npy"), mmap_mode="r") if has_std else None
-            self.num_classes = int(self.info["num_classes"])
-        except (ValueError, OSError, KeyError, TypeError) as e:
-            fail(f"cannot read the data in {path}: {e}")
-        if self.latents.ndim != 5:
-            fail(f"latents.npy must have shape (N, V, C, H, W), got {self.latents.shape}")
-        if self.labels.shape != (len(self.latents),):
-            fail(f"labels.npy has shape {self.labels.shape} but there are {len(self.latents)} latents")
-        if self.std is not None and self.std.shape != self.latents.shape:
-            fail(f"std.npy has shape {self.std.shape}, latents.npy {self.latents.shape}")
-        if len(self.labels) == 0 or self.labels.min() < 0 or self.labels.max() >= self.num_classes:
-            fail(f"labels must be in [0, {self.num_classes}) and there must be at least one image")
+            self.num_classes = self.info["num_classes"]
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+            fail(f"cannot read the data in {path}: {type(e).__name__}: {e}")
+        check_data(self, path)
         _, self.views, self.channels, self.size, _ = self.latents.shape
+        self.labels = self.labels.astype(np.int64)
 
     def sample(self, n):
         """n random images with a random view each, a posterior draw when std.npy is there, as float32."""
@@ -142,6 +137,35 @@ class LatentData:
         if self.std is not None:
             x = x + torch.from_numpy(self.std[idx, view].astype(np.float32)) * torch.randn(x.shape)
         return x, torch.from_numpy(self.labels[idx])
+
+
+def check_data(data, path):
+    """Refuses, in one line, what cannot be latents or [-1, 1] pixels, before a run starts on it."""
+    x, labels, info, n = data.latents, data.labels, data.info, len(data.latents)
+    if x.ndim != 5 or x.shape[1] < 1 or x.shape[3] != x.shape[4] or 0 in x.shape:
+        fail(f"{path}/latents.npy must have shape (N, V, C, S, S) with N, V >= 1, got {x.shape}")
+    if x.dtype not in (np.float16, np.float32):
+        fail(f"{path}/latents.npy holds {x.dtype}; latents and pixels are float16 or float32 (pixels in [-1, 1])")
+    if labels.shape != (n,) or labels.dtype.kind not in "iu":
+        fail(f"{path}/labels.npy must hold {n} integers, got {labels.dtype} {labels.shape}")
+    k = info.get("num_classes")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100_000:
+        fail(f"{path}/info.json: num_classes must be an integer from 1 to 100000, got {k!r}")
+    if labels.min() < 0 or labels.max() >= k:
+        fail(f"{path}: labels must be in [0, {k}), found {labels.min()} to {labels.max()}")
+    if data.std is not None and data.std.shape != x.shape:
+        fail(f"{path}: std.npy has shape {data.std.shape}, latents.npy {x.shape}")
+    rows = np.asarray(x[np.linspace(0, n - 1, min(n, 256)).astype(int)], dtype=np.float32)  # a sample of rows
+    if info.get("vae", "none") == "none":
+        if x.shape[2] not in (1, 3) or not np.isfinite(rows).all() or np.abs(rows).max() > 1.001:
+            fail(f"{path}: pixel data (info.json vae 'none') must be 1 or 3 channels in [-1, 1], got {x.shape[2]} "
+                 f"channels in [{rows.min():.4g}, {rows.max():.4g}]")
+    else:
+        scale = info.get("scale")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+            fail(f"{path}/info.json: latents of the {info['vae']} VAE need a positive `scale`, got {scale!r}")
+        if not np.isfinite(rows).all() or np.abs(rows).max() > 1000:
+            fail(f"{path}: values up to {np.abs(rows).max():.4g} cannot be scaled VAE latents (they are of order 1)")
 
 
 def make_decoder(info, vae_weights, device):
@@ -392,14 +416,16 @@ def load_checkpoint(path):
 
 
 def load_resume(path, config):
-    """A training checkpoint of this very network configuration, or one clear line."""
+    """A checkpoint of this very network configuration (train.py's or train_classifier.py's), or one clear line."""
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "step" not in ckpt:
         fail(f"{path} is not a training checkpoint of this project")
     if ckpt["config"] != config:
-        a = ckpt["args"]
-        fail(f"{path} holds another model (--model {a['model']} --nfe {a['nfe']} --repeat {a['repeat']}, "
-             f"data {a['data_path']}) than this run asks for")
+        flat = lambda c: {f"{k}.{j}" if isinstance(v, dict) else k: w
+                          for k, v in c.items() for j, w in (v.items() if isinstance(v, dict) else [(k, v)])}
+        old, new = flat(ckpt["config"]), flat(config)
+        diffs = [f"{k} {old.get(k)} (asked: {new.get(k)})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        fail(f"{path} holds another network than this run asks for: {', '.join(diffs[:4])}")
     return ckpt
 
 
@@ -436,11 +462,19 @@ def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
     return G.eval().requires_grad_(False), nfe, info
 
 
-def save_atomic(obj, path):
-    """Writes to a temporary file and renames it, so a crash never leaves a half-written checkpoint."""
+def save_atomic(obj, path, save=torch.save):
+    """Writes through a temporary file renamed into place, so a crash never leaves a half-written file; a failed
+    write (a full disk) removes the temporary file and ends in one line."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):       # torch.save reports a failed write as a RuntimeError
+            fail(f"cannot write {path}: {getattr(e, 'strerror', None) or ' '.join(str(e).split())[:200]}")
+        raise
 
 
 def load_classifier(path, weights="EMA"):
@@ -458,16 +492,36 @@ def load_classifier(path, weights="EMA"):
 
 
 def save_grid(images, path, nrow):
-    """Tiles uint8 images (N, 3, H, W) into one PNG, 2 px apart, and writes it atomically."""
+    """Tiles uint8 images (N, C, H, W) into one picture, 2 px apart, in the format its extension names, atomically."""
     n, _, h, w = images.shape
     ncol = math.ceil(n / nrow)
     grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
     for i, image in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
         r, c = divmod(i, nrow)
         grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = image
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    save_atomic(Image.fromarray(grid), path, save=lambda im, tmp: im.save(tmp, format=image_format(path)))
+
+
+def image_format(path):
+    """The Pillow format an image file's extension names (PNG for .png, JPEG for .jpg, ...), or one clear line."""
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if fmt is None or fmt not in Image.SAVE:
+        fail(f"{path}: name an image file (.png, .jpg, ...), not {os.path.splitext(path)[1] or 'no extension'}")
+    return fmt
+
+
+def allocate_npy(path, shape, dtype):
+    """A new .npy of zeros, memory-mapped for writing, with its disk blocks reserved now: a full disk is reported
+    here in one line, not by a SIGBUS when a page of the mapping is written later."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:
+        os.remove(path)
+        fail(f"cannot write {path}: {e.strerror}")
+    return array
 
 
 def gather_rng_states(device):
@@ -497,7 +551,23 @@ def load_starts(args, config):
     run), or --init (a new stage from a run's last checkpoint) and --init-d (D from an earlier one)."""
     if args.resume and (args.init or args.init_d):
         fail("--resume continues a run exactly; --init and --init-d start a new stage: give one or the other")
-    return {key: load_resume(getattr(args, key), config) for key in ("resume", "init", "init_d") if getattr(args, key)}
+    starts = {key: load_resume(getattr(args, key), config) for key in ("resume", "init", "init_d") if getattr(args, key)}
+    step = starts.get("resume", starts.get("init", {})).get("step", 0)
+    if step >= args.max_steps:
+        fail(f"the checkpoint is at step {step}, already at --max-steps {args.max_steps}: ask for more steps")
+    check_results_dir(args.results_dir, args.resume)
+    return starts
+
+
+def check_results_dir(results_dir, resume):
+    """A run never overwrites another: a results directory that holds a run takes only a --resume of that run."""
+    check_output(results_dir, "--results-dir", folder=True)
+    ckpts = os.path.join(results_dir, "checkpoints")
+    holds_run = os.path.isfile(os.path.join(results_dir, "log.txt")) or (os.path.isdir(ckpts) and os.listdir(ckpts))
+    this_run = resume and os.path.isdir(ckpts) and os.path.samefile(os.path.dirname(os.path.abspath(resume)), ckpts)
+    if holds_run and not this_run:
+        fail(f"{results_dir} already holds a run: continue it with --resume {ckpts}/<last>.pt, or give a fresh "
+             f"--results-dir")
 
 
 def begin(state, starts, args, logger):
@@ -536,6 +606,8 @@ def make_fid_evaluator(args, data, device):
     """Loads the Inception network, the VAE and the reference statistics once; returns G -> FID of its samples."""
     if not (args.fid_ref and args.inception):
         fail("--fid-every needs --fid-ref (statistics, image npz or folder) and --inception (weights file)")
+    if args.fid_samples < max(2, data.num_classes):
+        fail(f"--fid-samples {args.fid_samples} must be at least the number of classes ({data.num_classes}) and 2")
     try:
         inception = fid.load_inception(args.inception, device)
         ref = fid.compute_stats(args.fid_ref, inception, batch_size=args.fid_batch_size)
@@ -611,8 +683,9 @@ def reduce_means(sums, count, step, results_dir):
         dist.all_reduce(values, op=dist.ReduceOp.AVG)
     means = dict(zip(keys, values.tolist()))
     if not all(math.isfinite(v) for v in means.values()):
-        fail(f"non-finite loss at step {step} ({', '.join(f'{k} {v:.4g}' for k, v in means.items())}); "
-             f"the last good checkpoint is in {os.path.join(results_dir, 'checkpoints')}")
+        ckpts = sorted(glob.glob(os.path.join(results_dir, "checkpoints", "*.pt")))
+        fail(f"non-finite loss at step {step} ({', '.join(f'{k} {v:.4g}' for k, v in means.items())}); " +
+             (f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"))
     return means
 
 
@@ -624,12 +697,13 @@ def save_checkpoint(state, step, args, config, data_info, device, logger):
     """The modules in `state`, the step, the command, the networks' config, the data's info and every rank's RNG."""
     ckpt = dict({k: m.state_dict() for k, m in state.items()}, step=step, args=vars(args), config=config,
                 data_info=data_info, rng=gather_rng_states(device))
+    path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
         save_atomic(ckpt, path)
         logger.info(f"saved {path}")
     if dist.is_initialized():
         dist.barrier()
+    return path
 
 
 def check_in_sync(models, device, world):
@@ -641,10 +715,38 @@ def check_in_sync(models, device, world):
         raise RuntimeError("ranks ended with different weights")
 
 
+class StopOnSignal:
+    """SIGINT (Ctrl-C) or SIGTERM (a preemption) asks the loop to stop after the current step and write a checkpoint;
+    a second signal stops at once. Every rank sees the request at the same step: a CPU all-reduce per step (gloo,
+    so it never waits for the GPU)."""
+    def __init__(self):
+        self.signum = 0
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum:
+            print(f"{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            raise SystemExit(128 + signum)
+        self.signum = signum
+
+    def requested(self):
+        flag = torch.tensor([self.signum])
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+
 def setup_distributed(device):
     """DDP as in DiT and nanoGPT: torchrun sets RANK/WORLD_SIZE, plain `python` runs one process. nccl on CUDA,
     gloo on CPU. Returns (device, rank, world size)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"--device {device} is not a device: use cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}, but no GPU is visible")
     if "RANK" not in os.environ:
         return device, 0, 1
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -697,11 +799,32 @@ def positive_int(value):
     return int(value)
 
 
+def count(value):
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {value!r}")
+    return int(value)
+
+
+def number(lo=0.0, hi=math.inf, lo_open=False, hi_open=False):
+    """An argparse type: a finite float in [lo, hi], ends open where asked ("nan" and "inf" are refused)."""
+    def parse(value):
+        try:
+            x = float(value)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)):
+            raise argparse.ArgumentTypeError(f"must be a number in {'(' if lo_open else '['}{lo}, {hi}"
+                                             f"{')' if hi_open else ']'}, not {value!r}")
+        return x
+    return parse
+
+
 def main(args):
     # Setup: processes and devices; flags left unset take the paper's values.
     device, rank, world = setup_distributed(args.device)
     batch_size = check_setup(args, device, world)
     fill_defaults(args)
+    stop = StopOnSignal()
     torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official code
     torch.backends.cudnn.conv.fp32_precision = "tf32"
 
@@ -760,8 +883,12 @@ def main(args):
                         f" ot_scale {ot_scale:.4g} aug_p {args.aug_p:.3g} lr {opt_D.param_groups[0]['lr']:.3g}"
                         f" img/s {2 * args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
-        if ckpt_now or done == args.max_steps:
-            save_checkpoint(state, done, args, config, data.info, device, logger)
+        signum = stop.requested()
+        if ckpt_now or done == args.max_steps or signum:
+            path = save_checkpoint(state, done, args, config, data.info, device, logger)
+        if signum:
+            logger.info(f"stopped by {signal.Signals(signum).name} after step {done}: resume with --resume {path}")
+            raise SystemExit(128 + signum)
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
         if evaluate_fid is not None and done % args.fid_every == 0:
@@ -773,7 +900,6 @@ def main(args):
     if world > 1:
         check_in_sync([G, D], device, world)
         logger.info(f"weights identical on all {world} ranks")
-        dist.destroy_process_group()
     logger.info("done")
 
 
@@ -785,28 +911,30 @@ if __name__ == "__main__":
     parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), 2 or 4 (few steps), or any")
     parser.add_argument("--repeat", type=positive_int, default=1, help="depth repetition R of a one-step generator (2, 4)")
     parser.add_argument("--global-batch-size", type=positive_int, default=256)            # Table 10
-    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--global-seed", type=count, default=0)
     parser.add_argument("--max-steps", type=positive_int, default=500_000, help="iterations of one D step and one G step")
-    parser.add_argument("--lr", type=float, default=1e-4, help="D's lr, and G's unless --lr-g")  # Table 11, stage 1
-    parser.add_argument("--lr-g", type=float, default=None, help=f"G's lr (default: --lr x {defaults_help('g_lr_ratio')})")
-    parser.add_argument("--ema-decay", type=float, default=0.9999)                         # Table 10
-    parser.add_argument("--ot-scale", type=float, default=None,
-                        help=f"lambda_ot at the start (default: {defaults_help('ot_scale')}; constant: "
-                             f"{defaults_help('ot_constant')})")
-    parser.add_argument("--ot-scale-end", type=float, default=None, help=f"lambda_ot at the end ({defaults_help('ot_scale_end')})")
+    parser.add_argument("--lr", type=number(lo_open=True), default=1e-4, help="D's lr, and G's unless --lr-g")  # Table 11
+    parser.add_argument("--lr-g", type=number(lo_open=True), default=None,
+                        help=f"G's lr (default: --lr x {defaults_help('g_lr_ratio')})")
+    parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=0.9999)  # Table 10
+    parser.add_argument("--ot-scale", type=number(), default=None, help=f"lambda_ot at the start (default: "
+                        f"{defaults_help('ot_scale')}; constant: {defaults_help('ot_constant')})")
+    parser.add_argument("--ot-scale-end", type=number(), default=None,
+                        help=f"lambda_ot at the end ({defaults_help('ot_scale_end')})")
     parser.add_argument("--ot-schedule", choices=["cosine", "constant"], default="cosine",
                         help="cosine decay (stage 1) or constant (later stages, Table 11)")
     parser.add_argument("--ot-decay-steps", type=positive_int, default=500_000, help="cosine length in G steps (~100 epochs)")
-    parser.add_argument("--gp-scale", type=float, default=0.25)                 # lambda_gp for R1 and R2 (Table 10)
-    parser.add_argument("--gp-eps", type=float, default=0.01)                   # finite-difference step (Table 10)
-    parser.add_argument("--gp-ratio", type=float, default=0.25)                 # share of the batch for R1/R2 (Table 10)
-    parser.add_argument("--cp-scale", type=float, default=0.01)                 # logit centering (Table 10)
-    parser.add_argument("--grad-clip", type=float, default=None, help=f"both players ({defaults_help('grad_clip')})")
+    parser.add_argument("--gp-scale", type=number(), default=0.25)              # lambda_gp for R1 and R2 (Table 10)
+    parser.add_argument("--gp-eps", type=number(lo_open=True), default=0.01)    # finite-difference step (Table 10)
+    parser.add_argument("--gp-ratio", type=number(0, 1, lo_open=True), default=0.25)  # share of the batch (Table 10)
+    parser.add_argument("--cp-scale", type=number(), default=0.01)              # logit centering (Table 10)
+    parser.add_argument("--grad-clip", type=number(lo_open=True), default=None,
+                        help=f"both players ({defaults_help('grad_clip')})")
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
-    parser.add_argument("--sample-every", type=int, default=0, help="write sample grids of the EMA and of G to "
+    parser.add_argument("--sample-every", type=count, default=0, help="write sample grids of the EMA and of G to "
                         "RESULTS/samples every N steps (0: never)")
-    parser.add_argument("--fid-every", type=int, default=0, help="score the EMA every N steps (0: never)")
+    parser.add_argument("--fid-every", type=count, default=0, help="score the EMA every N steps (0: never)")
     parser.add_argument("--fid-samples", type=positive_int, default=50_000)               # FID-50K, as the paper
     parser.add_argument("--fid-ref", type=str, default=None, help="reference statistics/images, e.g. ADM's npz")
     parser.add_argument("--inception", type=str, default=None, help="FID Inception weights file")
@@ -816,15 +944,15 @@ if __name__ == "__main__":
     parser.add_argument("--init", type=str, default=None, help="start a new stage from this checkpoint: G from its "
                         "EMA; EMA, D, optimizers and gradient normalisation carried over; this command's settings")
     parser.add_argument("--init-d", type=str, default=None, help="D and its optimizer from this (earlier) checkpoint")
-    parser.add_argument("--ema-reload-every", type=int, default=0, help="copy the EMA into G every N steps (0: never; "
-                        "the paper's later stages: every epoch)")
+    parser.add_argument("--ema-reload-every", type=count, default=0, help="copy the EMA into G every N steps "
+                        "(0: never; the paper's later stages: every epoch)")
     parser.add_argument("--classifier", type=str, default=None, help="train_classifier.py checkpoint: classifier "
                         "guidance (stage 4)")
-    parser.add_argument("--cg-scale", type=float, default=None, help=f"lambda_cg ({defaults_help('cg_scale')})")
-    parser.add_argument("--cg-time", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    parser.add_argument("--cg-scale", type=number(), default=None, help=f"lambda_cg ({defaults_help('cg_scale')})")
+    parser.add_argument("--cg-time", type=number(0, 1), nargs=2, default=None, metavar=("LO", "HI"),
                         help=f"one step: t' ~ U(LO, HI); few steps: the guided target times ({defaults_help('cg_time')})")
-    parser.add_argument("--aug-p", type=float, default=0.0, help="discriminator augmentation probability (the "
-                        "paper's guided stage: 0.4, Algorithm 1)")
+    parser.add_argument("--aug-p", type=number(0, 1), default=0.0, help="discriminator augmentation probability "
+                        "(the paper's guided stage: 0.4, Algorithm 1)")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="fp32 (TF32 matmuls on GPU, the paper's setting) or bf16 autocast for G, D staying fp32; "
@@ -833,4 +961,14 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.repeat > 1 and args.nfe != "1":
         parser.error("--repeat is for one-step models (--nfe 1)")
-    main(args)
+    if args.cg_time is not None and args.cg_time[0] > args.cg_time[1]:
+        parser.error("--cg-time LO HI needs LO <= HI")
+    if args.classifier is None and args.cg_scale is not None:
+        parser.error("--cg-scale needs --classifier")
+    try:
+        main(args)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # what StopOnSignal took, for callers in-process
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if dist.is_initialized():
+            dist.destroy_process_group()

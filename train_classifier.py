@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from model import SIZES, Classifier, class_balanced_labels, default_steps, sample
+from model import SIZES, Classifier, class_balanced_labels, default_steps, noise, sample
 from train import (LatentData, check_in_sync, create_logger, fail, interpolate, load_checkpoint, load_classifier,
                    load_generator, positive_int, reduce_means, restore_rng, save_checkpoint, setup_distributed,
                    update_ema)
@@ -81,12 +81,6 @@ def make_batch(data, n, augment_p, device):
 #################################################################################
 #                                   Evaluation                                  #
 #################################################################################
-
-def noise(indices, shape, seed):
-    """The starting noise of samples `indices`, (n, *shape): sample i from a CPU generator seeded by seed + i, as
-    model.generate, so it depends on neither the device, the ranks nor the batch size."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in indices])
-
 
 def image_batches(data, indices, batch_size):
     """(x, y) batches of the images `indices` of a data directory: view 0, the posterior mean (no std draw)."""
