@@ -1271,19 +1271,19 @@ def test_toy_trains_and_writes_outputs(tmp_path):
     for nfe in (1, 2):                                        # one-step and velocity (D conditioned on t) paths
         out = tmp_path / f"nfe{nfe}"
         results, maps = toy.main(nfe=nfe, steps=3, seed=0, out_dir=str(out))
-        assert set(results) == {"afm", "gan", "fm"}
+        assert set(results) == {"afm", "twinflow", "gan", "fm"}
         for r in results.values():
             assert r["stats"] and all(math.isfinite(v) for v in r["stats"].values())
             assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("w1", "map_err", "seed_shift"))
         assert results["gan"]["stats"]["ot"] == 0.0 and results["afm"]["stats"]["ot"] > 0.0  # GAN: lambda_ot = 0
         with np.load(out / "toy.npz") as f:
-            assert {"z", "afm", "gan", "fm"} <= set(f.files)
+            assert {"z", "afm", "twinflow", "gan", "fm"} <= set(f.files)
             assert f["z"].ndim == 1 and len(f["z"]) > 100 and np.all(np.diff(f["z"]) > 0)
-            for name in ("afm", "gan", "fm"):
+            for name in ("afm", "twinflow", "gan", "fm"):
                 assert f[name].shape == f["z"].shape and np.all(np.isfinite(f[name]))
                 np.testing.assert_array_equal(f[name], maps[name])
         with Image.open(out / "toy.png") as im:
-            assert im.format == "PNG" and im.size == (3 * toy.PANEL_W, toy.PANEL_H)
+            assert im.format == "PNG" and im.size == (4 * toy.PANEL_W, toy.PANEL_H)
             im.load()
         assert sorted(p.name for p in out.iterdir()) == ["toy.npz", "toy.png"]   # no temp files left behind
 
@@ -1340,6 +1340,93 @@ def test_toy_wasserstein1_and_prior_weighting():
     assert abs(toy.w1_to_data(np.zeros(20_000)) - 1.0) < 0.01      # everything at 0: each point moves ~1 on average
     z = np.linspace(-4, 4, 801)
     assert abs(toy.prior_mean_abs(z, np.zeros_like(z), z) - math.sqrt(2 / math.pi)) < 1e-3
+
+
+class _ToyVelocity(torch.nn.Module):
+    """F(x, t, t_tgt) = a x + b t + c t_tgt + d + e x t + f x t_tgt, in float64: smooth enough to work out by hand,
+    with x and both times interacting so that no input can be mixed up unnoticed."""
+    def __init__(self, a, b, c, d, e, f):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([a, b, c, d, e, f], dtype=torch.float64))
+
+    def forward(self, x, y, t_src, t_tgt):
+        return (self.w * self.features(x, t_src, t_tgt)).sum(-1, keepdim=True)
+
+    @staticmethod
+    def features(x, t, tt):                                   # dF/dw, (N, 6)
+        x, t, tt = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1) for v in (x, t, tt))
+        return torch.cat([x, t, tt, torch.ones_like(x), x * t, x * tt], 1)
+
+
+def test_toy_twinflow_loss_terms_by_hand():
+    # Three samples: an RCGM roll-out, a t_tgt within DELTA of t (flow matching) and one whose residual is clipped.
+    col = lambda *v: torch.tensor(v, dtype=torch.float64).view(-1, 1)
+    x, z, z2 = col(0.5, -1.0, 1.5), col(1.0, 0.3, -0.7), col(0.2, -0.4, 0.9)
+    t, t_tgt, t2 = col(0.8, 0.5, 0.3), col(0.2, 0.495, 0.0), col(0.6, 0.1, 0.9)
+    # A nearly constant field and an EMA close to it, so that the roll-out's residual falls inside the clip.
+    G, EMA = _ToyVelocity(3e-3, -2e-3, 4e-3, 0.8, 2e-3, -3e-3), _ToyVelocity(4e-3, -1e-3, 3e-3, 0.802, 3e-3, -2e-3)
+    EMA.requires_grad_(False)
+    losses = toy.twinflow_losses(G, EMA, x, z, t, t_tgt, z2, t2)
+    assert list(losses) == ["base", "real", "fake", "rectify", "base_one_step"]
+
+    # The tutorial's arithmetic (methodes.py), written out per sample in plain floats.
+    Fw = lambda w, x, t, tt: sum(wi * fi for wi, fi in zip(w, _ToyVelocity.features(x, t, tt)[0].tolist()))
+    g, ema = G.w.tolist(), EMA.w.tolist()
+
+    def rcgm(F_th, xt, v, t, tt):                             # get_rcgm_target's residual before the clip
+        if t < tt + 0.01:                                     # cof_l = 1; the roll-out from tt to tt adds nothing
+            return F_th - v
+        ts = [(t - 0.01) * (1 - i / 2) + tt * i / 2 for i in range(3)]
+        xs, pred = xt - 0.01 * v, 0.0
+        for tc, tn in zip(ts, ts[1:]):
+            step = Fw(ema, xs, tc, tn) * (tc - tn)
+            xs, pred = xs - step, pred + step
+        return 100 * (t - tt) * F_th - 100 * pred - v         # cof_l = 100 (t - tt), cof_r = 100
+
+    clip = lambda r: min(max(r, -1.0), 1.0)
+    want = {k: [0.0, np.zeros(6)] for k in losses}          # value and gradient with respect to G.w
+
+    def add(name, residual, feats):                           # mean of residual^2; gradient 2 residual dF/dw
+        want[name][0] += residual ** 2 / 3
+        want[name][1] += 2 * residual * np.array(feats) / 3
+    for i in range(3):
+        xi, zi, ti, tti, z2i, t2i = (float(v[i]) for v in (x, z, t, t_tgt, z2, t2))
+        feats = lambda a, b, c: _ToyVelocity.features(a, b, c)[0].numpy()
+        vi, xti = zi - xi, ti * zi + (1 - ti) * xi
+        r = clip(rcgm(Fw(g, xti, ti, tti), xti, vi, ti, tti))
+        add("base", r, feats(xti, ti, tti))
+        add("real", Fw(g, xti, ti, ti) - vi, feats(xti, ti, ti))
+        x_fake = zi - Fw(g, zi, 1.0, 0.0)
+        xf = ti * zi + (1 - ti) * x_fake
+        add("fake", Fw(g, xf, -ti, -ti) - (zi - x_fake), feats(xf, -ti, -ti))
+        x2 = t2i * z2i + (1 - t2i) * x_fake
+        add("rectify", Fw(g, x2, -t2i, -t2i) - Fw(g, x2, t2i, t2i), feats(zi, 1.0, 0.0))
+        add("base_one_step", clip(rcgm(Fw(g, zi, 1.0, 0.0), zi, zi - xi, 1.0, 0.0)), feats(zi, 1.0, 0.0))
+        if i == 0:                                            # the roll-out, in range; the third sample clipped
+            assert 0.05 < abs(rcgm(Fw(g, xti, ti, tti), xti, vi, ti, tti)) < 1
+        if i == 2:
+            assert abs(rcgm(Fw(g, xti, ti, tti), xti, vi, ti, tti)) > 1
+            assert abs(rcgm(Fw(g, zi, 1.0, 0.0), zi, vi, 1.0, 0.0)) > 1
+    for name, loss in losses.items():
+        G.zero_grad()
+        loss.backward(retain_graph=True)
+        assert loss.item() == pytest.approx(want[name][0], rel=1e-12), name
+        np.testing.assert_allclose(G.w.grad.numpy(), want[name][1], rtol=1e-10, atol=1e-14, err_msg=name)
+    assert EMA.w.grad is None
+
+
+def test_toy_twinflow_trains_and_samples_any_step():
+    G1, s1 = toy.train_twinflow(nfe=1, steps=3, seed=5)
+    G2, s2 = toy.train_twinflow(nfe=1, steps=3, seed=5)
+    assert s1 == s2 and set(s1) == {"base", "real", "fake", "rectify", "base_one_step"}
+    assert all(torch.equal(a, b) for a, b in zip(G1.state_dict().values(), G2.state_dict().values()))
+    # The network sees both times; n steps are x <- x - (t - t_next) F(x, t, t_next) from z at t = 1.
+    z, t = torch.linspace(-2, 2, 9).view(-1, 1), lambda v: torch.full((9, 1), v)
+    assert not torch.equal(G1(z, None, t(1.0), t(0.0)), G1(z, None, t(1.0), t(0.5)))
+    x = z
+    for s, s_next in ((1.0, 0.5), (0.5, 0.0)):
+        x = x - (s - s_next) * G1(x, None, t(s), t(s_next))
+    np.testing.assert_allclose(toy.trajectory(G1, z.view(-1).numpy(), 2)[-1], x.view(-1).detach().numpy(), atol=1e-6)
 
 
 #################################################################################

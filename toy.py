@@ -1,7 +1,9 @@
 """
-The paper's 1-D toy (Figures 1 and 2): transport N(0, 1) to four Gaussian modes, learned three ways on one
-budget -- an adversarial flow model (AFM), the same model without the optimal-transport loss (a plain GAN), and
-flow matching (FM) sampled with the same number of Euler steps. The losses are train.py's, unchanged.
+The paper's 1-D toy (Figures 1 and 2): transport N(0, 1) to four Gaussian modes, learned four ways on one budget --
+an adversarial flow model (AFM), TwinFlow (the other one-step method without a teacher: no discriminator, one
+network that learns the real flow at t > 0 and its own samples' flow at t < 0), the AFM model without the
+optimal-transport loss (a plain GAN), and flow matching (FM) sampled with the same number of Euler steps. AFM and
+the GAN use train.py's losses, unchanged.
 
     python toy.py                 # one-step models, about a minute on 2 CPU cores
     python toy.py --nfe 2         # two-step velocity models (--nfe 4 too)
@@ -10,10 +12,10 @@ flow matching (FM) sampled with the same number of Euler steps. The losses are t
 In 1-D the optimal-transport map is known exactly, the monotone rearrangement T(z) = F^-1(Phi(z)), so each
 learned map is scored against it and against the same model trained from a second seed. Writes toy.png (one
 panel per model: paths z -> G(z) over the density of x_t) and toy.npz (the maps on a grid of z). Seed 0, one step:
-AFM matches the data (W1 0.03) with T's map (error 0.05, 0.02 between seeds); the GAN matches the data as well
-with a folded map that another seed folds differently (error 1.0, 1.1 between seeds); flow matching at one step
-puts every sample near the data mean (W1 0.94). In 1-D the exact flow-matching ODE is monotone, so it is T too:
-with enough Euler steps FM would find it; AFM gets there in one.
+AFM matches the data (W1 0.03) with T's map (error 0.05, 0.02 between seeds); TwinFlow follows T too, but is
+still converging after 1,000 steps (W1 0.08); the GAN matches the data with a folded map that another seed folds
+differently; flow matching at one step puts every sample near the data mean (W1 0.94). In 1-D the exact
+flow-matching ODE is monotone, so it is T too: with enough Euler steps FM would find it; AFM gets there in one.
 """
 import argparse
 import math
@@ -99,7 +101,8 @@ def prior_mean_abs(a, b, z):
 
 class MLP(nn.Module):
     """Each scalar input enters as sinusoids at 16 geometric frequencies, 0.1 to 30 rad per unit, as in the paper's
-    toy: the high ones let a small MLP jump between modes (and let a GAN with no OT loss fold anywhere)."""
+    toy: the high ones let a small MLP jump between modes (and let a GAN with no OT loss fold anywhere). use_t: how
+    many times follow x (False or True; TwinFlow's network takes two)."""
     def __init__(self, use_t):
         super().__init__()
         self.use_t = use_t
@@ -108,9 +111,9 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.SiLU())],
                                  nn.Linear(WIDTH, 1))
 
-    def mlp(self, x, t):
-        phases = [v.reshape(-1, 1).float() * self.freqs for v in ((x, t) if self.use_t else (x,))]  # (N, 16) each
-        return self.net(torch.cat([f(p) for p in phases for f in (torch.sin, torch.cos)], 1))      # (N, 1)
+    def mlp(self, x, *times):
+        phases = [v.reshape(-1, 1).float() * self.freqs for v in (x, *times)[:1 + self.use_t]]  # (N, 16) each
+        return self.net(torch.cat([f(p) for p in phases for f in (torch.sin, torch.cos)], 1))  # (N, 1)
 
 
 class ToyGenerator(MLP):
@@ -126,6 +129,18 @@ class ToyDiscriminator(MLP):
     """model.Discriminator's signature; t=None for one-step models."""
     def forward(self, x, y, t=None):
         return self.mlp(x, t).view(-1)                                         # (N,) logits
+
+
+class ToyTwinFlow(MLP):
+    """TwinFlow's F(x_t, t, t_tgt), in ToyGenerator's signature: the velocity that carries x_t from time t to t_tgt,
+    x_tgt = x_t - (t - t_tgt) F. Times t > 0 are the real flow; t < 0 the flow of the model's own one-step samples."""
+    use_t_src = True
+
+    def __init__(self):
+        super().__init__(use_t=2)
+
+    def forward(self, x, y, t_src, t_tgt):
+        return self.mlp(x, t_src, t_tgt)                                       # (N, 1), like x
 
 #################################################################################
 #                                   Training                                    #
@@ -183,6 +198,66 @@ def trajectory(G, z, nfe):
     return torch.cat(path, 1).T.double().numpy()
 
 #################################################################################
+#                 TwinFlow: one network, the real and the fake flow             #
+#################################################################################
+# TwinFlow (Cheng et al., arXiv 2512.05150) as its from-scratch MNIST tutorial trains it, without teacher or
+# discriminator: https://github.com/inclusionAI/TwinFlow/blob/main/tutorials/mnist/methodes.py (line numbers below).
+# The toy has no classes, so the tutorial's CFG-enhanced target (enhanced_ratio) is the plain v = z - x.
+
+DELTA, ORDER = 0.01, 2      # RCGM's first step and its estimate_order (methodes.py:189, main.py:27)
+TWIN_EMA = 0.99             # ema_decay_rate (main.py:28), reached through the tutorial's warm-up
+
+
+@torch.no_grad()
+def rcgm_residual(EMA, F_th, x_t, v, t, t_tgt):
+    """RCGM's any-step consistency residual (get_rcgm_target, :170), clipped to +-1. The jump (t - t_tgt) F_th from x_t
+    should equal DELTA along the true v, then ORDER Euler steps of the EMA from t - DELTA to t_tgt; within DELTA of
+    t_tgt the residual is flow matching's F_th - v."""
+    t_mid = torch.maximum(t - DELTA, t_tgt)
+    x, jump, times = x_t - DELTA * v, 0, [t_mid * (1 - i / ORDER) + t_tgt * i / ORDER for i in range(ORDER + 1)]
+    for t_c, t_n in zip(times, times[1:]):
+        step = (t_c - t_n) * EMA(x, None, t_c, t_n)
+        x, jump = x - step, jump + step
+    return torch.where(t < t_tgt + DELTA, F_th - v, ((t - t_tgt) * F_th - jump) / DELTA - v).clamp(-1, 1)
+
+
+def twinflow_losses(G, EMA, x, z, t, t_tgt, z2, t2):
+    """The five terms of TwinFlow.training_step (:448), each a mean square over the whole batch. All randomness is
+    given, as (N, 1): data x, noise z and z2, times t, t_tgt <= t and t2. The one-step sample is z - F(z, 1, 0)."""
+    ones, zeros, v, x_t = torch.ones_like(t), torch.zeros_like(t), z - x, interpolate(x, z, t)
+    F_th_t, F_fake = G(x_t, None, t, t_tgt), G(z, None, ones, zeros)
+    x_fake = (z - F_fake).detach()
+    with torch.no_grad():   # fake minus real velocity at x_fake noised afresh (dist_match, :423): the score difference
+        x_2 = interpolate(x_fake, z2, t2)
+        F_grad = G(x_2, None, -t2, -t2) - G(x_2, None, t2, t2)
+    return dict(
+        base=F.mse_loss(F_th_t, F_th_t.detach() - rcgm_residual(EMA, F_th_t, x_t, v, t, t_tgt)),  # L_base, :475
+        real=F.mse_loss(G(x_t, None, t, t), v),                                   # flow matching, t_tgt = t, :487
+        fake=F.mse_loss(G(interpolate(x_fake, z, t), None, -t, -t), z - x_fake),  # L_adv: the fake flow at -t, :498
+        rectify=F.mse_loss(F_fake, (F_fake - F_grad).detach()),                  # L_rectify: x_fake += F_grad, :506
+        base_one_step=F.mse_loss(F_fake, F_fake.detach() - rcgm_residual(EMA, F_fake, z, v, ones, zeros)))  # :509
+
+
+def train_twinflow(nfe, steps, seed):
+    """The tutorial's step on the toy's data, batch and steps; Adam at the toy's learning rate. One any-step F, so
+    nfe only matters when sampling: x_tgt = x - (t - t_tgt) F(x, t, t_tgt). The EMA is returned, as for the other
+    rows; the tutorial samples its online network and keeps this EMA as the consistency target."""
+    torch.manual_seed(seed)
+    G = ToyTwinFlow()
+    EMA, decay = deepcopy(G).requires_grad_(False), 0.0
+    opt = torch.optim.Adam(G.parameters(), lr=LR)
+    for _ in range(steps):
+        x, z, z2 = sample_data(BATCH), torch.randn(BATCH, 1), torch.randn(BATCH, 1)
+        t, u, t2 = torch.rand(3, BATCH, 1)
+        losses = twinflow_losses(G, EMA, x, z, t, t * (1 - u), z2, t2)
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+        decay += (1 - decay) * (TWIN_EMA - decay) / 2      # warm-up (:215): 0.495, 0.62, ..., 0.976 at step 100
+        update_ema(EMA, G, decay)
+    return EMA, {k: v.item() for k, v in losses.items()}
+
+#################################################################################
 #                                  The picture                                  #
 #################################################################################
 
@@ -225,7 +300,9 @@ def draw_panel(title, paths, z):
 #                                     Main                                      #
 #################################################################################
 
-NAMES = dict(afm="AFM", gan="GAN (no OT loss)", fm="flow matching")
+NAMES = dict(afm="AFM", twinflow="TwinFlow", gan="GAN (no OT loss)", fm="flow matching")
+TRAIN = dict(afm=partial(train_adversarial, use_ot=True), twinflow=train_twinflow,
+             gan=partial(train_adversarial, use_ot=False), fm=train_flow_matching)
 
 
 def save_atomic(path, write):
@@ -245,7 +322,7 @@ def main(nfe=1, steps=1000, seed=0, out_dir="."):
     print(f"{'model':<18}{'W1 to data':>11}{'map error':>11}{'seed shift':>12}{'seconds':>9}")
     for name, label in NAMES.items():
         tic = time.time()
-        train = train_flow_matching if name == "fm" else partial(train_adversarial, use_ot=name == "afm")
+        train = TRAIN[name]
         (G, stats), (G_other, _) = (train(nfe, steps, s) for s in (seed, seed + 1))
         maps[name] = trajectory(G, z_grid, nfe)[-1]
         r = results[name] = dict(w1=w1_to_data(trajectory(G, z_eval, nfe)[-1]),
