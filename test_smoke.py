@@ -9,6 +9,7 @@ rebuilt from (key, shape) lists by fill() below, so the fixtures stay small.
 """
 import ast
 import atexit
+import errno
 import functools
 import glob
 import gzip
@@ -19,6 +20,7 @@ import multiprocessing
 import os
 import runpy
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -667,6 +669,127 @@ def test_bad_flags_and_checkpoints(data, tmp_path):
     expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", match="does not fit this generator")
     expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", "--nfe", "2", "--repeat", "2",
                  match="depth repetition is for one-step generators")
+
+
+def test_a_run_never_overwrites_another(data, tmp_path):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2)
+    before = (tmp_path / "log.txt").read_text()
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 4,
+                 match="already holds a run: continue it with --resume")
+    other = tmp_path / "other"
+    run_script("train.py", "--data-path", data, "--results-dir", other, *TRAIN, "--max-steps", 2)
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 4,
+                 "--resume", other / "checkpoints" / "0000002.pt", match="already holds a run")
+    assert (tmp_path / "log.txt").read_text() == before and os.listdir(tmp_path / "checkpoints") == ["0000002.pt"]
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2,
+                 "--resume", tmp_path / "checkpoints" / "0000002.pt", match="already at --max-steps 2")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 3,
+               "--resume", tmp_path / "checkpoints" / "0000002.pt")         # a resume of this run is welcome
+    (tmp_path / "file").write_text("")
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "file", *TRAIN, match="is a file")
+
+
+def test_sigterm_checkpoints_and_the_run_resumes_exactly(data, tmp_path):
+    """SIGTERM: the step finishes, a checkpoint is written, the log says how to resume, the exit is non-zero; the
+    resumed run then ends bit-identical to one that was never stopped."""
+    command = [sys.executable, "train.py", "--data-path", data, "--results-dir", str(tmp_path / "a"),
+               *map(str, TRAIN[:-2]), "--log-every", "1", "--max-steps", "100000"]
+    proc = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = tmp_path / "a" / "log.txt"
+    while not (log.exists() and "step 0000002" in log.read_text()):
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    saved = sorted(os.listdir(tmp_path / "a" / "checkpoints"))
+    assert len(saved) == 1 and "stopped by SIGTERM after step" in out and f"--resume {tmp_path}/a/checkpoints" in out
+    step = int(saved[0][:7])
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "a", *TRAIN, "--max-steps", step + 2,
+               "--resume", tmp_path / "a" / "checkpoints" / saved[0])
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", step + 2)
+    a, b = (torch.load(tmp_path / r / "checkpoints" / f"{step + 2:07d}.pt", weights_only=True) for r in "ab")
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("G", "D", "EMA") for n in a[k])
+    stop = train.StopOnSignal()                                # a second signal does not wait for the step
+    try:
+        stop.handle(signal.SIGINT, None)
+        assert stop.requested() == signal.SIGINT
+        with pytest.raises(SystemExit) as e:
+            stop.handle(signal.SIGINT, None)
+        assert e.value.code == 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full_disk(obj, path):
+        open(path, "wb").write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(SystemExit) as e:
+        train.save_atomic({"x": 1}, str(tmp_path / "ckpt.pt"), save=full_disk)
+    assert str(e.value.code) == f"error: cannot write {tmp_path / 'ckpt.pt'}: No space left on device"
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: full_disk(None, "/dev/null"))
+    with pytest.raises(SystemExit, match="error: cannot write .*big.npy: No space left"):
+        train.allocate_npy(str(tmp_path / "big.npy"), (10, 10), np.uint8)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_flags_devices_and_outputs_fail_before_any_work(data, tmp_path):
+    for flag, value in (("--ema-decay", "2"), ("--gp-ratio", "-1"), ("--lr", "nan"), ("--lr", "0"), ("--aug-p", "1.5"),
+                        ("--gp-eps", "0"), ("--global-seed", "-1"), ("--fid-every", "-3"), ("--cg-time", "0.5")):
+        with pytest.raises(SystemExit) as e:
+            run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "never", flag, value)
+        assert e.value.code == 2, flag                         # argparse names the flag and the rule
+    with pytest.raises(SystemExit) as e:
+        run_script("train.py", "--data-path", data, "--cg-time", "0.5", "0.1")
+    assert e.value.code == 2
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN[2:], "--device", "gpu0",
+                 match="--device gpu0 is not a device")
+    if not torch.cuda.is_available():
+        expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN[2:], "--device",
+                     "cuda", match="no GPU is visible")
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN, "--fid-every", 1,
+                 "--fid-samples", 3, "--fid-ref", "x.npz", "--inception", "w.pth", match="--fid-samples 3 must be")
+    assert not (tmp_path / "never").exists()
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
+    os.makedirs(tmp_path / "folder.npz")
+    for out, words in ((["--npz", tmp_path / "folder.npz"], "is a folder"), (["--out", tmp_path], "is a folder"),
+                       (["--out", tmp_path / "no" / "s.png"], "does not exist"), (["--out", tmp_path / "s.xyz"],
+                       "name an image file"), (["--npz", tmp_path / "s.zip"], "must end in .npz")):
+        expect_error("sample.py", "--ckpt", ckpt, *out, match=words)
+    assert sorted(os.listdir(tmp_path)) == ["folder.npz", "run"]   # nothing written, no temporary file
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "s.jpg", "--num-images", 4)
+    assert Image.open(tmp_path / "s.jpg").format == "JPEG"
+
+
+def test_noise_seeds_are_unrelated_and_an_interrupted_npz_resumes(data, tmp_path, monkeypatch, capsys):
+    a, b = model.noise(range(6), (3, 4, 4), 0), model.noise(range(6), (3, 4, 4), 1)
+    assert torch.equal(a[2:4], model.noise([2, 3], (3, 4, 4), 0))              # sample i's noise is its own
+    assert not any(torch.allclose(x, y) for x in a for y in b)                 # seed 1 is not seed 0 shifted
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
+    ckpt = tmp_path / "checkpoints" / "0000001.pt"
+    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "whole.npz", "--num-samples", 10, "--batch-size", 3)
+    real_generate = model.generate
+
+    def interrupted(*args, **kwargs):                          # Ctrl-C after the first batch
+        for i, batch in enumerate(real_generate(*args, **kwargs)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield batch
+    monkeypatch.setattr(model, "generate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "part.npz", "--num-samples", 10, "--batch-size", 3)
+    assert e.value.code == 130 and "run the same command again to resume" in capsys.readouterr().err
+    assert not (tmp_path / "part.npz").exists() and (tmp_path / "part.npz.staging.npy").exists()
+    monkeypatch.setattr(model, "generate", real_generate)
+    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "part.npz", "--num-samples", 10, "--batch-size", 4)
+    assert "3 of 10 samples already drawn" in capsys.readouterr().out
+    with np.load(tmp_path / "whole.npz") as whole, np.load(tmp_path / "part.npz") as part:
+        assert np.array_equal(whole["arr_0"], part["arr_0"]) and np.array_equal(whole["labels"], part["labels"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "log.txt", "part.npz", "whole.npz"]
 
 
 class Exploit:
