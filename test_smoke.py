@@ -577,6 +577,10 @@ def test_ema_reload_and_a_four_stage_chain(data, tmp_path):
     expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", s1, match="not a classifier checkpoint")
     expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "mixed.pt", match="does not load")
     expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "no.pt", match="does not exist")
+    official = model.Classifier(**model.SIZES["T/2"], input_size=32, in_channels=4, num_classes=1000)
+    torch.save(official.state_dict(), tmp_path / "classifier.pth")        # the release's bare B/2 state dict ...
+    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "classifier.pth",
+                 match="does not load")                                    # ... is read as B/2, which T/2 is not
 
 
 def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_path):

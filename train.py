@@ -478,9 +478,13 @@ def save_atomic(obj, path, save=torch.save):
 
 
 def load_classifier(path, weights="EMA"):
-    """The frozen time-conditioned classifier of a train_classifier.py checkpoint (its EMA weights by default), and
-    the info.json of the data it was trained on; one clear line when the file is not such a checkpoint."""
+    """The frozen time-conditioned classifier of a train_classifier.py checkpoint (its EMA weights by default), or of
+    the official release's classifier.pth (a bare B/2 state dict for ImageNet-256 latents), and the info.json of the
+    data it was trained on; one clear line when the file is neither."""
     ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = dict(EMA=ckpt, config=dict(C=dict(SIZES["B/2"], input_size=32, in_channels=4, num_classes=1000)),
+                    data_info=dict(vae="sd-vae-ft-mse", scale=0.18215, num_classes=1000))
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "C" not in ckpt["config"]:
         fail(f"{path} is not a classifier checkpoint of train_classifier.py")
     try:
