@@ -1,27 +1,31 @@
 """
-FID and Inception Score with the InceptionV3 behind published ImageNet numbers.
+FID, sFID, Inception Score, Precision and Recall with the InceptionV3 behind published ImageNet numbers: the metric
+set of ADM's evaluator (https://github.com/openai/guided-diffusion/tree/main/evaluations), in PyTorch.
 
 The network is TensorFlow's 2015-12-05 Inception graph (used by ADM's evaluator and TTUR) rebuilt in PyTorch. It
 loads the ported weights of torch-fidelity / torchmetrics (weights-inception-2015-12-05-6726825d.pth) or of
-pytorch-fid (pt_inception-2015-12-05-6726825d.pth), and resizes uint8 images the way TensorFlow 1 did, so FIDs are
-comparable with those of ADM's evaluator (https://github.com/openai/guided-diffusion/tree/main/evaluations).
+pytorch-fid (pt_inception-2015-12-05-6726825d.pth), and resizes uint8 images the way TensorFlow 1 did, so the
+numbers are comparable with those of ADM's evaluator.
 
-FID-50K against ADM's ImageNet 256x256 reference batch, on one GPU or sharded over eight:
+All five against ADM's ImageNet 256x256 reference batch, on one GPU or sharded over eight (FID printed last):
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception weights-inception-2015-12-05-6726825d.pth
-    torchrun --nproc_per_node=8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception ... --is
+    torchrun --nproc_per_node=8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception ... --metrics fid
 Statistics of an image folder, saved once and then passed as REF (works on CPU, slowly):
     python fid.py /data/imagenet256_val --inception ... --save-stats imagenet256_val.npz --device cpu
 Throughput of this machine:  python fid.py --benchmark [--device cpu --batch-size 16]
 
 SAMPLES and REF are each an .npz of uint8 images `arr_0` (N, H, W, 3) as ADM writes them, an .npz of statistics
-(`mu`, `sigma`; preferred when a file has both), or a folder of .png/.jpg files. From Python (under DDP every rank
-calls extract_features with its own images; the statistics are summed over ranks):
+(`mu`, `sigma`, and `mu_s`, `sigma_s` for sFID; they win over images for FID and sFID, and Precision/Recall read the
+images), or a folder of .png/.jpg files. From Python (under DDP every rank calls extract_features with its own
+images; statistics are summed over ranks):
     model = load_inception("weights-inception-2015-12-05-6726825d.pth", "cuda")
-    stats, _ = extract_features(batches, model)  # batches: uint8 (B, 3, H, W) tensors
-    fid = frechet_distance(*stats.mean_cov(), *compute_stats("VIRTUAL_imagenet256_labeled.npz", model))
+    samples = summarize(*extract_features(batches, model, keep=("pool", "logits")))  # uint8 (B, 3, H, W) batches
+    ref = read_set(open_input("VIRTUAL_imagenet256_labeled.npz"), model, keep=("pool",))
+    print(evaluate(samples, ref, device="cuda"))  # {"sFID": ..., "IS": ..., "Precision": ..., "Recall": ..., ...}
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
 import struct
@@ -198,7 +202,7 @@ class InceptionE(nn.Module):
 
 class InceptionV3(nn.Module):
     """
-    The FID Inception: uint8 images of any size -> 2048 pool features (and 1008 logits for the Inception Score).
+    The FID Inception: uint8 images of any size -> pool features, spatial features and logits (see forward).
     Attribute names follow the standard FID weight files, so they load without renaming.
     """
     def __init__(self):
@@ -221,8 +225,11 @@ class InceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(2048, 1008)  # 1008 = ImageNet's 1000 classes + 8 unused outputs of the 2015 graph
 
-    def forward(self, images, return_logits=False):
-        """images: uint8 (N, 3, H, W) -> pool (N, 2048), or (pool, logits without the fc bias (N, 1008))."""
+    def forward(self, images):
+        """
+        uint8 images (N, 3, H, W) -> pool features (N, 2048) for FID and Precision/Recall, spatial features
+        (N, 2023) for sFID, and logits without the fc bias (N, 1008) for the Inception Score.
+        """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         x = resize_bilinear_tf1(images.float(), 299)       # (N, 3, 299, 299)
@@ -234,13 +241,17 @@ class InceptionV3(nn.Module):
             x = F.max_pool2d(x, 3, stride=2)                                   # (N, 192, 35, 35)
             x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                 # (N, 288, 35, 35)
             x = self.Mixed_6a(x)                                               # (N, 768, 17, 17)
-            x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (N, 768, 17, 17)
-            x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                 # (N, 2048, 8, 8)
+            x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))                 # (N, 768, 17, 17)
+            # sFID's features: ADM's 'mixed_6/conv:0'[..., :7], flattened in TensorFlow's NHWC order so that the
+            # statistics match ADM's mu_s, sigma_s. The 2015 graph names its blocks mixed, mixed_1, ..., mixed_10 in
+            # order, so mixed_6 is Mixed_6d (torch-fidelity's weight converter maps mixed_6/conv/* to its branch1x1),
+            # and its op 'mixed_6/conv' is the ReLU after mixed_6/conv/Conv2D and mixed_6/conv/batchnorm: the output
+            # of Mixed_6d.branch1x1, which is channels 0-191 of Mixed_6d's (concatenated in the graph's order).
+            spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)                  # (N, 17 * 17 * 7)
+            x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x))))  # (N, 2048, 8, 8)
             pool = x.mean(dim=(2, 3))                                          # (N, 2048)
-            if not return_logits:
-                return pool
             # The Inception Score of ADM and torch-fidelity uses logits without the bias.
-            return pool, pool @ self.fc.weight.T                               # (N, 1008)
+            return pool, spatial, pool @ self.fc.weight.T                      # (N, 1008)
 
 
 def load_inception(path, device="cpu"):
@@ -267,7 +278,7 @@ def load_inception(path, device="cpu"):
 
 
 #################################################################################
-#                       Statistics, FID and Inception Score                     #
+#                  FID, sFID, Inception Score, Precision, Recall                #
 #################################################################################
 
 class FeatureStats:
@@ -316,19 +327,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("the statistics are not finite (NaN or inf)")
+
+    def nonzero(w):
+        # Eigenvalues below rounding of the largest (numpy.linalg.matrix_rank's tolerance) are zero. Fewer images
+        # than dimensions leave hundreds of them at about 1e-13 of the largest, and their square roots (3e-7 of
+        # its root each) would add up to a visible bias: 64 images gave FID -0.0001 against themselves.
+        return np.where(w > len(w) * np.finfo(np.float64).eps * w.max(), w, 0)
+
     w, v = np.linalg.eigh(sigma1)
-    sqrt_sigma1 = (v * np.sqrt(w.clip(min=0))) @ v.T
-    eigvals = np.linalg.eigvalsh(sqrt_sigma1 @ sigma2 @ sqrt_sigma1)
-    tr_covmean = np.sqrt(eigvals.clip(min=0)).sum()  # rounding leaves tiny negative eigenvalues
+    sqrt_sigma1 = (v * np.sqrt(nonzero(w))) @ v.T
+    tr_covmean = np.sqrt(nonzero(np.linalg.eigvalsh(sqrt_sigma1 @ sigma2 @ sqrt_sigma1))).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # A squared distance: what rounding leaves below 0 (about 1e-13 for a set against itself) is 0.
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
 
 
 def inception_score(logits, split_size=5000):
     """
     Inception Score (Salimans et al. 2016, https://arxiv.org/abs/1606.03498): exp E_x KL(p(y|x) || p(y)), with p(y)
     the marginal within consecutive parts of `split_size` images, averaged over parts. ADM's evaluator splits this
-    way; for 50k images it is the usual 10 splits. logits: (N, 1008) from InceptionV3(return_logits=True).
+    way; for 50k images it is the usual 10 splits. logits: (N, 1008) from InceptionV3.
     """
     logits = torch.as_tensor(logits, dtype=torch.float64)
     if len(logits) == 0:
@@ -339,6 +359,82 @@ def inception_score(logits, split_size=5000):
         log_py = torch.logsumexp(log_p, dim=0) - math.log(len(part))  # log p(y), (1008,)
         scores.append((log_p.exp() * (log_p - log_py)).sum(1).mean().exp().item())
     return float(np.mean(scores))
+
+
+def squared_distances(u, v, u_norms, v_norms):
+    """
+    |u_i - v_j|^2 of float64 rows u (Nu, D) and v (Nv, D) with squared norms u_norms, v_norms, as |u|^2 + |v|^2 -
+    2 u.v: one matmul, like ADM's evaluator (which runs it in float16). Its rounding error is below
+    D eps (|u|^2 + |v|^2) (Higham 2002, Accuracy and Stability of Numerical Algorithms, sec. 3.1), so values under
+    that are 0: none is negative, and duplicates are exactly 0 apart, as a point and a radius of 0 need for a tie.
+    """
+    scale = u_norms[:, None] + v_norms                                      # (Nu, Nv)
+    d = torch.addmm(scale, u, v.T, alpha=-2)
+    return d.masked_fill_(d <= scale.mul_(u.shape[1] * torch.finfo(d.dtype).eps), 0)
+
+
+def precision_recall(ref, samples, k=3, batch_size=10000, device="cpu"):
+    """
+    Improved Precision and Recall (Kynkäänniemi et al. 2019, https://arxiv.org/abs/1904.06991) as ADM's evaluator
+    computes them from pool features ref (Nr, D) and samples (Ns, D). Each point of a set gets a ball whose squared
+    radius is its squared distance to its k-th nearest neighbour in the set (the (k+1)-th smallest distance of its
+    row, the first being its own 0). Precision: the fraction of samples inside some reference ball (boundary
+    included); Recall: the fraction of references inside some sample ball. Distances are computed in float64, in
+    blocks of batch_size x batch_size as ADM's (one takes ~2 GB at 10,000), so the result is the same on any device
+    and for any block size; ADM's float16 distances (rounded to ~1e-3) can move points next to a boundary.
+    """
+    ref, samples = (torch.as_tensor(x).to(device, torch.float64) for x in (ref, samples))
+    if min(len(ref), len(samples)) <= k:
+        raise ValueError(f"Precision and Recall need more than k={k} images in each set, got {len(ref)} and "
+                         f"{len(samples)}")
+    if not (ref.isfinite().all() and samples.isfinite().all()):
+        raise ValueError("the features for Precision and Recall are not finite (NaN or inf)")
+    blocks = lambda x: [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
+
+    def radii(x, norms):  # each row's (k+1)-th smallest distance, from the k+1 smallest of each column block
+        out = []
+        for rows in blocks(x):
+            nearest = []
+            for cols in blocks(x):
+                d = squared_distances(x[rows], x[cols], norms[rows], norms[cols])  # (Br, Bc)
+                nearest.append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
+            out.append(torch.cat(nearest, 1).kthvalue(k + 1, dim=1).values)
+        return torch.cat(out)
+
+    ref_norms, sample_norms = ref.square().sum(1), samples.square().sum(1)
+    ref_radii, sample_radii = radii(ref, ref_norms), radii(samples, sample_norms)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    samples_in = torch.zeros(len(samples), dtype=torch.bool, device=device)
+    for r in blocks(ref):
+        for s in blocks(samples):
+            d = squared_distances(ref[r], samples[s], ref_norms[r], sample_norms[s])  # (Br, Bs)
+            samples_in[s] |= (d <= ref_radii[r, None]).any(0)
+            ref_in[r] |= (d <= sample_radii[None, s]).any(1)
+    return samples_in.double().mean().item(), ref_in.double().mean().item()
+
+
+METRICS = {"sfid": "sFID", "is": "IS", "pr": "Precision/Recall", "fid": "FID"}  # names for --metrics
+
+
+def evaluate(samples, ref, metrics=tuple(METRICS), device="cpu"):
+    """
+    {"sFID", "IS", "Precision", "Recall", "FID": value} for the chosen metrics, in that order. samples, ref: dicts
+    (see summarize) of mu, sigma (FID), mu_s, sigma_s (sFID), pool features (N, 2048) (Precision and Recall) and,
+    for samples, logits (N, 1008) (IS). Raises ValueError rather than returning a value that is not finite.
+    """
+    values = {}
+    if "sfid" in metrics:
+        values["sFID"] = frechet_distance(samples["mu_s"], samples["sigma_s"], ref["mu_s"], ref["sigma_s"])
+    if "is" in metrics:
+        values["IS"] = inception_score(samples["logits"])
+    if "pr" in metrics:
+        values["Precision"], values["Recall"] = precision_recall(ref["pool"], samples["pool"], device=device)
+    if "fid" in metrics:
+        values["FID"] = frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"])
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} not finite: the features or statistics hold NaN or inf")
+    return values
 
 
 #################################################################################
@@ -367,29 +463,35 @@ def _npz_array(path, name):
 
 def open_input(path):
     """
-    (mu, sigma) of a statistics .npz (preferred when it also holds images, like ADM's reference batches), else the
-    images: uint8 (N, H, W, 3) `arr_0` of an .npz (memory-mapped), or the sorted image files under a folder.
+    (statistics, images) of SAMPLES or REF, either None where absent. Statistics: a dict of float64 mu, sigma and,
+    in files written since fid.py computes sFID, mu_s, sigma_s. Images: uint8 (N, H, W, 3) `arr_0` of an .npz
+    (memory-mapped), or the sorted image files under a folder. ADM's reference batches hold both.
     """
     if os.path.isdir(path):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
                        if name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
         if not files:
             raise ValueError(f"no .png/.jpg images in folder {path}")
-        return files
+        return None, files
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         if not zipfile.is_zipfile(path):
             raise ValueError("not an .npz file")
         with np.load(path) as data:
-            if "mu" in data.files and "sigma" in data.files:
-                return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        images = _npz_array(path, "arr_0")
+            pairs = [pair for pair in (("mu", "sigma"), ("mu_s", "sigma_s")) if set(pair) <= set(data.files)]
+            stats = {name: data[name].astype(np.float64) for pair in pairs for name in pair}
+            images = _npz_array(path, "arr_0") if "arr_0" in data.files else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is neither an image folder nor an .npz with arr_0 or mu/sigma ({e})") from e
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+    if "mu" not in stats and images is None:
+        raise ValueError(f"{path} is neither an image folder nor an .npz with arr_0 or mu/sigma")
+    for name, value in stats.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{path}: {name} is not finite (NaN or inf)")
+    if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3):
         raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    return images
+    return (stats if "mu" in stats else None), images
 
 
 def iterate_images(images, batch_size, start=0, stop=None):
@@ -422,47 +524,77 @@ def shard(n):
 
 
 @torch.no_grad()
-def extract_features(batches, model, with_logits=False):
+def extract_features(batches, model, keep=()):
     """
-    (FeatureStats, logits) of uint8 (B, 3, H, W) image batches. With torch.distributed initialised every rank must
-    call it: statistics are summed over ranks, and logits (N, 1008), if asked for, gathered in rank order.
+    Features of uint8 (B, 3, H, W) image batches: (FeatureStats of the pool features, dict of the rest). The dict
+    holds the FeatureStats of the spatial features ("spatial") and, for each name in keep ("pool" for Precision and
+    Recall, "logits" for IS), those features of every image, float32 on the CPU. With torch.distributed initialised
+    every rank must call it: statistics are summed over ranks, and the kept features gathered in rank order.
     """
     device = next(model.parameters()).device
-    stats, logits = FeatureStats(device=device), []
+    stats, spatial, kept = FeatureStats(2048, device), FeatureStats(2023, device), {name: [] for name in keep}
     for images in batches:
-        out = model(torch.as_tensor(images).to(device, non_blocking=True), return_logits=with_logits)
-        stats.update(out[0] if with_logits else out)
-        if with_logits:
-            logits.append(out[1].cpu())
-    stats.all_reduce()
-    if not with_logits:
-        return stats, None
-    logits = torch.cat(logits) if logits else torch.zeros(0, 1008)
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, logits)
-        logits = torch.cat(gathered)
-    return stats, logits
+        pool, features, logits = model(torch.as_tensor(images).to(device, non_blocking=True))
+        stats.update(pool)
+        spatial.update(features)
+        for name, rows in (("pool", pool), ("logits", logits)):
+            if name in kept:
+                kept[name].append(rows.cpu())
+    extra = dict(spatial=spatial.all_reduce())
+    for name, rows in kept.items():
+        rows = torch.cat(rows) if rows else torch.zeros(0, 2048 if name == "pool" else 1008)
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rows)
+            rows = torch.cat(gathered)
+        extra[name] = rows
+    return stats.all_reduce(), extra
+
+
+def summarize(stats, extra):
+    """What evaluate() reads of a set, from extract_features: mu, sigma, mu_s, sigma_s and the kept features."""
+    (mu, sigma), (mu_s, sigma_s) = stats.mean_cov(), extra["spatial"].mean_cov()
+    return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, **{k: v for k, v in extra.items() if k != "spatial"})
+
+
+def needs_images(source, keep=(), spatial=True):
+    """Whether read_set() must run the network over the images of an open_input() source."""
+    stats, images = source
+    return images is not None and (bool(keep) or stats is None or (spatial and "mu_s" not in stats))
+
+
+def read_set(source, model, keep=(), spatial=True, batch_size=200, progress=None):
+    """
+    What evaluate() reads of one open_input() source: a statistics file's values (they win, as in ADM's evaluator),
+    the rest from its images, each rank extracting its slice: the features named in keep, and the statistics if
+    the file has none (or, with `spatial`, none for sFID). progress(batches, total=n) may wrap them in a bar.
+    """
+    if not needs_images(source, keep, spatial):
+        return source[0]
+    stats, images = source
+    start, stop = shard(len(images))
+    batches = iterate_images(images, batch_size, start, stop)
+    if progress is not None:
+        batches = progress(batches, total=math.ceil((stop - start) / batch_size))
+    return {**summarize(*extract_features(batches, model, keep)), **(stats or {})}
 
 
 def compute_stats(path, model, batch_size=200, device=None):
     """
-    (mu, sigma) of a statistics .npz, an image .npz or an image folder. The model runs where it is, or on `device`;
-    under DDP every rank must call it, and each extracts a slice of the images.
+    FID's (mu, sigma) of a statistics .npz, an image .npz or an image folder. The model runs where it is, or on
+    `device`; under DDP every rank must call it, and each extracts a slice of the images.
     """
-    source = open_input(path)
-    if isinstance(source, tuple):
-        return source
     if device is not None:
         model.to(device)
-    return extract_features(iterate_images(source, batch_size, *shard(len(source))), model)[0].mean_cov()
+    result = read_set(open_input(path), model, spatial=False, batch_size=batch_size)
+    return result["mu"], result["sigma"]
 
 
-def save_stats(path, mu, sigma):
-    """Write an .npz of `mu` and `sigma` atomically: a crash never leaves a truncated file under the final name."""
+def save_stats(path, stats):
+    """Write an .npz of mu, sigma, mu_s, sigma_s atomically: a crash never leaves a truncated file under the name."""
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, **{name: stats[name] for name in ("mu", "sigma", "mu_s", "sigma_s") if name in stats})
     os.replace(tmp, path)
 
 
@@ -471,17 +603,26 @@ def save_stats(path, mu, sigma):
 #################################################################################
 
 def benchmark(model, device, batch_size):
-    images = torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        model(images)  # warm-up: cuDNN autotuning, allocator
+
+    def seconds(fn, at_least):  # per call, after a warm-up call (cuDNN autotuning, allocator)
+        fn()
         sync()
         start, n = time.perf_counter(), 0
-        while n == 0 or time.perf_counter() - start < 10:
-            model(images)
+        while n == 0 or time.perf_counter() - start < at_least:
+            fn()
             sync()
-            n += batch_size
-    print(f"Inception: {n / (time.perf_counter() - start):.1f} images/s ({device}, batch {batch_size}, 256px)")
+            n += 1
+        return (time.perf_counter() - start) / n
+
+    images = torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
+    with torch.no_grad():
+        t = seconds(lambda: model(images), 10)
+        spatial = model(images)[1]
+        t_spatial = seconds(lambda: FeatureStats(2023, device).update(spatial), 1)
+    print(f"Inception: {batch_size / t:.1f} images/s ({device}, batch {batch_size}, 256px); "
+          f"sFID's running statistics add {t_spatial / t:.1%}")
+
     a, b = np.random.default_rng(0).standard_normal((2, 2048, 4096)) / 64
     mu1, mu2, sigma1, sigma2 = a[:, 0], b[:, 0], a @ a.T, b @ b.T  # full-rank, FID-sized
     start = time.perf_counter()
@@ -491,8 +632,30 @@ def benchmark(model, device, batch_size):
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real  # the route of TTUR, ADM's evaluator and pytorch-fid
     ref = (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
     t_ref = time.perf_counter() - start
-    print(f"Frechet distance at 2048 dims: eigh {t_ours:.2f} s, scipy sqrtm {t_ref:.2f} s ({t_ref / t_ours:.1f}x), "
-          f"relative difference {abs(ours - ref) / abs(ref):.1e}")
+    print(f"Frechet distance at 2048 dims (FID; sFID's 2023 the same): eigh {t_ours:.2f} s, scipy sqrtm {t_ref:.2f} s "
+          f"({t_ref / t_ours:.1f}x), relative difference {abs(ours - ref) / abs(ref):.1e}")
+
+    n = 10000 if device.type == "cuda" else 3000
+    ref_features, sample_features = torch.rand(2, n, 2048, generator=torch.Generator().manual_seed(0))
+    t = seconds(lambda: precision_recall(ref_features, sample_features, device=device), 0)
+    adm = (50000 ** 2 + 10000 ** 2 + 50000 * 10000) / (3 * n ** 2)  # distances of 50k samples and 10k references
+    print(f"Precision/Recall: {t:.2f} s for {n:,} references and {n:,} samples, so about {t * adm:.0f} s for "
+          f"50,000 samples against 10,000 references ({device}, float64)")
+
+
+def unavailable(metric, inputs, network):
+    """Why `metric` cannot come from inputs [(path, open_input(path)) of SAMPLES and, if given, REF], or None."""
+    if len(inputs) == 1 and metric != "is":
+        return "it needs REF"
+    for path, (stats, images) in inputs[:1] if metric == "is" else inputs:
+        readable = images is not None and network
+        if metric == "fid" or readable or (metric == "sfid" and stats is not None and "mu_s" in stats):
+            continue
+        if images is not None:
+            return f"reading the images of {path} needs --inception"
+        return f"{path} holds statistics " + ("without mu_s/sigma_s (written before sFID)" if metric == "sfid" else
+                                              "only, no images")
+    return None
 
 
 def main(args):
@@ -515,48 +678,57 @@ def main(args):
                  InceptionV3().to(device, memory_format=torch.channels_last).eval())
         return benchmark(model, device, args.batch_size) if rank == 0 else None
     if args.samples is None or (args.ref is None and args.save_stats is None):
-        raise ValueError("give SAMPLES and REF to compute FID, or SAMPLES and --save-stats OUT.npz (see --help)")
+        raise ValueError("give SAMPLES and REF to compute metrics, or SAMPLES and --save-stats OUT.npz (see --help)")
     if args.save_stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
         raise FileNotFoundError(f"the folder of --save-stats {args.save_stats} does not exist")
-    paths = [p for p in (args.samples, args.ref) if p is not None]
-    sources = [open_input(p) for p in paths]  # a bad REF fails now, not after extracting SAMPLES
-    if args.inception_score and isinstance(sources[0], tuple):
-        raise ValueError(f"--is needs images, but {args.samples} holds statistics")
-    model = None
-    if not all(isinstance(source, tuple) for source in sources):  # two statistics files need no network
-        if args.inception is None:
-            raise ValueError("reading images needs --inception weights-inception-2015-12-05-6726825d.pth")
-        model = load_inception(args.inception, device)
+    metrics = list(METRICS) if args.metrics is None else args.metrics.split(",")
+    if not set(metrics) <= set(METRICS):
+        raise ValueError(f"--metrics takes names from {','.join(METRICS)}, got {args.metrics}")
+    inputs = [(path, open_input(path)) for path in (args.samples, args.ref) if path]  # a bad REF fails now
+    if args.inception is None and any(stats is None for _, (stats, _) in inputs):
+        raise ValueError("reading images needs --inception weights-inception-2015-12-05-6726825d.pth")
+    for metric in [m for m in METRICS if m in metrics]:
+        reason = unavailable(metric, inputs, network=args.inception is not None)
+        if reason and args.metrics is not None:  # asked for by name: an error; by default: a note
+            raise ValueError(f"cannot compute {METRICS[metric]}: {reason}")
+        if reason:
+            metrics.remove(metric)
+            if len(inputs) == 2 and rank == 0:  # without REF only IS applies; the others go unmentioned
+                print(f"no {METRICS[metric]}: {reason}")
 
+    keep = ["pool"] if "pr" in metrics else []
+    jobs = [(path, source, keep + (["logits"] if "is" in metrics and i == 0 else []))
+            for i, (path, source) in enumerate(inputs)]
+    model = None  # two statistics files need no network
+    if any(needs_images(source, keep, "sfid" in metrics) for _, source, keep in jobs):
+        model = load_inception(args.inception, device)
     results = []
-    for i, (path, source) in enumerate(zip(paths, sources)):
-        if isinstance(source, tuple):
-            results.append(source)
-            continue
-        start, stop = shard(len(source))
-        batches = tqdm(iterate_images(source, args.batch_size, start, stop), desc=os.path.basename(path.rstrip("/")),
-                       total=math.ceil((stop - start) / args.batch_size), unit="batch", disable=rank != 0)
-        stats, logits = extract_features(batches, model, with_logits=args.inception_score and i == 0)
-        results.append(stats.mean_cov())
-        if logits is not None and rank == 0:
-            print(f"IS: {inception_score(logits):.4f}")
-    if rank == 0 and args.save_stats:
-        save_stats(args.save_stats, *results[0])
+    for path, source, keep in jobs:
+        progress = functools.partial(tqdm, desc=os.path.basename(path.rstrip("/")), unit="batch", disable=rank != 0)
+        results.append(read_set(source, model, keep, "sfid" in metrics, args.batch_size, progress))
+    if rank != 0:
+        return
+    if args.save_stats:
+        save_stats(args.save_stats, results[0])
         print(f"saved statistics of {args.samples} to {args.save_stats}")
-    if rank == 0 and len(results) == 2:
-        print(f"FID: {frechet_distance(*results[0], *results[1]):.4f}")
+    for name, value in evaluate(results[0], results[-1], metrics, device).items():  # no REF: IS alone
+        print(f"{name}: {value:.4f}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="FID (and IS) with the TensorFlow FID Inception, in PyTorch.")
+    parser = argparse.ArgumentParser(description="FID, sFID, IS, Precision and Recall with the TensorFlow FID "
+                                                 "Inception, in PyTorch, as ADM's evaluator computes them.")
     parser.add_argument("samples", nargs="?", help="npz of uint8 images (arr_0, NHWC), image folder, or stats npz")
     parser.add_argument("ref", nargs="?", help="the same kinds; e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
     parser.add_argument("--inception", help="weights-inception-2015-12-05-6726825d.pth (or pytorch-fid's pt_ file)")
+    parser.add_argument("--metrics", help="comma-separated subset of sfid,is,pr,fid (default: all that the inputs "
+                                          "allow; named ones must be computable), e.g. --metrics fid")
     parser.add_argument("--batch-size", type=int, default=200, help="images per forward pass, per rank")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
-    parser.add_argument("--is", dest="inception_score", action="store_true", help="also print SAMPLES' IS")
-    parser.add_argument("--save-stats", metavar="OUT.npz", help="save SAMPLES' mu and sigma (then REF is optional)")
-    parser.add_argument("--benchmark", action="store_true", help="time Inception and the Frechet distance")
+    parser.add_argument("--save-stats", metavar="OUT.npz", help="save SAMPLES' mu, sigma, mu_s, sigma_s (then REF "
+                                                                "is optional)")
+    parser.add_argument("--benchmark", action="store_true", help="time Inception, the Frechet distance and "
+                                                                 "Precision/Recall")
     args = parser.parse_args()
     try:
         main(args)

@@ -1189,6 +1189,18 @@ def _fid_cli(*args, torchrun=False):
                           capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def _fid_in_process(capsys, *args):
+    """fid.py's command line in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        run_script("fid.py", *args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def _fid_value(stdout, name):
     lines = stdout.strip().splitlines()
     return float([line for line in lines if line.startswith(name + ":")][-1].split()[1])
@@ -1206,10 +1218,10 @@ def test_fid_inception_reference_vectors(tmp_path):
     assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == \
         [(k, list(s)) for k, s in fx["keys"]]  # the standard FID weight layout, key for key
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    pool, logits = model(fx["imgs256"], return_logits=True)
+    pool, _, logits = model(fx["imgs256"])
     torch.testing.assert_close(pool, fx["pool256"], rtol=1e-4, atol=1e-4 * fx["pool256"].abs().max().item())
     torch.testing.assert_close(logits, fx["logits256"], rtol=1e-4, atol=1e-4 * fx["logits256"].abs().max().item())
-    torch.testing.assert_close(model(fx["imgs256"][1:]), pool[1:], rtol=1e-5, atol=1e-5)  # pool alone, one image
+    torch.testing.assert_close(model(fx["imgs256"][1:])[0], pool[1:], rtol=1e-5, atol=1e-5)  # one image alone
 
     # pytorch-fid's and torch-fidelity's files share these key names, but a file converted straight from TensorFlow
     # has no BatchNorm num_batches_tracked. A versioned state_dict (with _metadata) gets no help from torch's
@@ -1221,6 +1233,33 @@ def test_fid_inception_reference_vectors(tmp_path):
     other = fid.load_inception(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
     for (key, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_fid_spatial_features_are_adm_mixed_6_conv():
+    """
+    sFID's features are ADM's 'mixed_6/conv:0'[..., :7] of the 2015 graph: the graph numbers its blocks mixed,
+    mixed_1, ..., mixed_10 in order, so mixed_6 is the seventh Mixed_* block, Mixed_6d; its op 'mixed_6/conv' is the
+    ReLU after mixed_6/conv/Conv2D and mixed_6/conv/batchnorm, i.e. the output of Mixed_6d.branch1x1; ADM flattens
+    the first 7 channels of the (N, 17, 17, 192) NHWC tensor. No reference values exist for it, so the layer is pinned
+    by hooks: every other candidate gives different numbers with these weights.
+    """
+    model = fid.InceptionV3().eval()
+    model.load_state_dict(_fid_state_dict())
+    blocks = [name for name, _ in model.named_children() if name.startswith("Mixed_")]
+    assert len(blocks) == 11 and blocks[6] == "Mixed_6d"  # mixed, mixed_1, ..., mixed_6 is the seventh
+    outputs = {}
+    for name in ("Mixed_6c.branch1x1", "Mixed_6d.branch1x1", "Mixed_6d.branch1x1.bn", "Mixed_6e.branch1x1"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, out, name=name: outputs.update({name: out}))
+    with torch.no_grad():
+        pool, spatial, _ = model(torch.from_numpy(_fid_images(2, seed=6)).permute(0, 3, 1, 2))
+    nhwc = lambda x: x[:, :7].permute(0, 2, 3, 1).reshape(len(x), -1)  # ADM: spatial[..., :7], then reshape
+    assert spatial.shape == (2, 7 * 17 * 17) == (2, 2023) and spatial.dtype == torch.float32
+    assert torch.equal(spatial, nhwc(outputs["Mixed_6d.branch1x1"]))
+    assert (spatial >= 0).all() and (outputs["Mixed_6d.branch1x1.bn"][:, :7] < 0).any()  # after the ReLU
+    wrong = dict(before_relu=nhwc(outputs["Mixed_6d.branch1x1.bn"]), Mixed_6c=nhwc(outputs["Mixed_6c.branch1x1"]),
+                 Mixed_6e=nhwc(outputs["Mixed_6e.branch1x1"]), nchw=outputs["Mixed_6d.branch1x1"][:, :7].flatten(1))
+    for name, other in wrong.items():
+        assert (other - spatial).abs().max() > 1e-3 * spatial.abs().max(), name
 
 
 def test_fid_resize_is_tensorflow1_bilinear():
@@ -1251,11 +1290,20 @@ def test_fid_frechet_distance():
     assert np.linalg.matrix_rank(singular) < d
     assert math.isclose(fid.frechet_distance(mu1, singular, mu2, singular), dmu, rel_tol=1e-6)
     assert np.isfinite(fid.frechet_distance(mu1, singular, mu2, np.cov(feats[:, ::-1], rowvar=False)))
-    try:
+    with pytest.raises(ValueError, match="do not match"):
         fid.frechet_distance(mu1, sigma1, mu2[:-1], sigma2[:-1, :-1])
-        raise AssertionError("mismatched statistics were accepted")
-    except ValueError:
-        pass
+    with pytest.raises(ValueError, match="not finite"):
+        fid.frechet_distance(mu1, np.where(np.eye(d) > 0, np.nan, sigma1), mu2, sigma2)
+
+    # A small set against itself is 0 to the printed precision. 8 nonnegative 512-dim features (pool-like) leave 505
+    # rounding-level eigenvalues; summing their square roots, as before the cutoff, printed -0.0001.
+    feats = np.abs(rng.standard_normal((8, 512))) * rng.uniform(0.2, 2, 512)
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    assert f"{fid.frechet_distance(mu, sigma, mu, sigma):.4f}" == "0.0000"
+    w, v = np.linalg.eigh(sigma)
+    root = (v * np.sqrt(w.clip(min=0))) @ v.T
+    every_root = 2 * np.trace(sigma) - 2 * np.sqrt(np.linalg.eigvalsh(root @ sigma @ root).clip(min=0)).sum()
+    assert f"{every_root:.4f}" == "-0.0001"  # the test tells the two apart
 
 
 def test_fid_feature_stats_match_numpy():
@@ -1283,94 +1331,172 @@ def test_fid_inception_score():
     assert math.isclose(fid.inception_score(torch.from_numpy(logits), split_size=10), np.mean(scores), rel_tol=1e-9)
 
 
+def _fid_brute_force_precision_recall(ref, samples, k=3, inside=np.less_equal):
+    """The definition directly: exact float64 differences; a ball reaches a point's k-th nearest other point."""
+    ref, samples = np.asarray(ref, np.float64), np.asarray(samples, np.float64)
+    dist = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)
+    radius = lambda x: np.array([np.sort(np.delete(row, i))[k - 1] for i, row in enumerate(dist(x, x))])
+    d = dist(ref, samples)  # (Nr, Ns)
+    return inside(d, radius(ref)[:, None]).any(0).mean(), inside(d, radius(samples)[None, :]).any(1).mean()
+
+
+def test_fid_precision_recall_match_the_definition():
+    rng = np.random.default_rng(7)
+    # Continuous features of two overlapping clouds: values strictly between 0 and 1, whatever the block size.
+    ref, samples = rng.standard_normal((40, 16)), 0.7 * rng.standard_normal((57, 16)) + 0.6
+    expected = _fid_brute_force_precision_recall(ref, samples)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    for batch_size in (10000, 7, 1):
+        assert fid.precision_recall(ref, samples, batch_size=batch_size) == expected
+    assert fid.precision_recall(torch.from_numpy(ref).float(), torch.from_numpy(samples).float()) == \
+        _fid_brute_force_precision_recall(ref.astype(np.float32), samples.astype(np.float32))
+
+    # Ties: small integer features put many points exactly on a ball's boundary (inside, as in ADM: <=), and four
+    # copies of one point give it a radius of 0 that only an exact copy reaches.
+    grid = np.random.default_rng(1)
+    ref, samples = grid.integers(0, 4, (30, 3)).astype(np.float64), grid.integers(1, 5, (25, 3)).astype(np.float64)
+    expected = _fid_brute_force_precision_recall(ref, samples)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    assert _fid_brute_force_precision_recall(ref, samples, inside=np.less) != expected  # the ties count
+    assert fid.precision_recall(ref, samples, batch_size=4) == expected
+    far = np.full((4, 3), 9.0)
+    ref, samples = np.concatenate([ref, far]), np.concatenate([samples, far[:1], far[:1] + 0.1])
+    expected = _fid_brute_force_precision_recall(ref, samples)
+    assert fid.precision_recall(ref, samples, batch_size=4) == expected
+    assert fid.precision_recall(ref, samples[:-1]) == _fid_brute_force_precision_recall(ref, samples[:-1])
+
+    # Copies at 2048 dims with large norms, where the distance expansion cancels to rounding, which must read as 0:
+    # four copies of a far point give it a radius of 0, and the sample that copies it is inside that ball alone.
+    pool = (rng.uniform(0, 3, (20, 2048)) + 50).astype(np.float32)
+    pool[0] += 20
+    ref, samples = np.concatenate([pool, pool[:1].repeat(3, 0)]), np.concatenate([pool[:1], pool[5:] + 1])
+    expected = _fid_brute_force_precision_recall(ref, samples)
+    assert expected[0] == 1 > _fid_brute_force_precision_recall(ref, samples, inside=np.less)[0]
+    assert fid.precision_recall(ref, samples) == fid.precision_recall(ref, samples, batch_size=3) == expected
+    assert fid.precision_recall(pool, pool) == (1.0, 1.0)  # a sample set equal to the reference
+
+    for k in (1, 5):
+        assert fid.precision_recall(ref, samples, k=k) == _fid_brute_force_precision_recall(ref, samples, k=k)
+    with pytest.raises(ValueError, match="more than k=3"):
+        fid.precision_recall(ref, samples[:3])
+    with pytest.raises(ValueError, match="not finite"):
+        fid.precision_recall(ref, np.where(samples == samples[0, 0], np.nan, samples))
+
+
 def test_fid_inputs(tmp_path):
     a = _fid_images(5, seed=4, size=8)
     np.savez(tmp_path / "plain.npz", arr_0=a)
     np.savez_compressed(tmp_path / "compressed.npz", arr_0=a)
-    plain, compressed = fid.open_input(str(tmp_path / "plain.npz")), fid.open_input(str(tmp_path / "compressed.npz"))
+    (_, plain), (_, compressed) = (fid.open_input(str(tmp_path / name)) for name in ("plain.npz", "compressed.npz"))
     assert isinstance(plain, np.memmap) and np.array_equal(plain, a) and np.array_equal(compressed, a)
     batches = list(fid.iterate_images(plain, 3, start=1, stop=5))
     assert [tuple(x.shape) for x in batches] == [(3, 3, 8, 8), (1, 3, 8, 8)] and batches[0].dtype == torch.uint8
     assert np.array_equal(torch.cat(batches).permute(0, 2, 3, 1).numpy(), a[1:5])
-    np.savez(tmp_path / "both.npz", arr_0=a, mu=np.zeros(3), sigma=np.eye(3))
-    assert isinstance(fid.open_input(str(tmp_path / "both.npz")), tuple)  # statistics win, as in ADM's evaluator
+    # ADM's reference batches hold images and statistics: FID and sFID read the statistics, Precision/Recall the images.
+    np.savez(tmp_path / "both.npz", arr_0=a, mu=np.zeros(3), sigma=np.eye(3), mu_s=np.ones(2), sigma_s=np.eye(2))
+    stats, images = fid.open_input(str(tmp_path / "both.npz"))
+    assert sorted(stats) == ["mu", "mu_s", "sigma", "sigma_s"] and np.array_equal(images, a)
+    assert not fid.needs_images((stats, images)) and fid.needs_images((stats, images), keep=["pool"])
     mu, sigma = fid.compute_stats(str(tmp_path / "both.npz"), model=None)  # no network needed for statistics
     assert np.array_equal(mu, np.zeros(3)) and np.array_equal(sigma, np.eye(3))
+    # Statistics written before sFID: FID still reads them (no mu_s: sFID needs the images or a newer file).
+    np.savez(tmp_path / "old.npz", mu=np.zeros(3), sigma=np.eye(3))
+    stats, images = fid.open_input(str(tmp_path / "old.npz"))
+    assert sorted(stats) == ["mu", "sigma"] and images is None
+    assert fid.compute_stats(str(tmp_path / "old.npz"), model=None)[1].shape == (3, 3)
 
     # A folder (searched recursively, sorted) may mix sizes and modes: batches split where the size changes.
     os.makedirs(tmp_path / "f" / "sub")
     Image.fromarray(a[0]).save(tmp_path / "f" / "0.png")
     Image.fromarray(a[1]).save(tmp_path / "f" / "1.png")
     Image.fromarray(a[2, :6, :4, 0]).save(tmp_path / "f" / "sub" / "2.png")  # grayscale 6x4
-    files = fid.open_input(str(tmp_path / "f"))
+    stats, files = fid.open_input(str(tmp_path / "f"))
     batches = list(fid.iterate_images(files, 4))
-    assert [tuple(x.shape) for x in batches] == [(2, 3, 8, 8), (1, 3, 6, 4)]
+    assert stats is None and [tuple(x.shape) for x in batches] == [(2, 3, 8, 8), (1, 3, 6, 4)]
     assert np.array_equal(batches[0].permute(0, 2, 3, 1).numpy(), a[:2])
     assert all(np.array_equal(batches[1][0, c].numpy(), a[2, :6, :4, 0]) for c in range(3))
 
 
-def test_fid_cli(tmp_path):
+def test_fid_cli(tmp_path, capsys):
     weights, a = _fid_weights_file(), _fid_images(4, seed=0)
+    b = np.clip(_fid_images(4, seed=1).astype(int) + 60, 0, 255).astype(np.uint8)  # other images, brighter
     np.savez(tmp_path / "a.npz", arr_0=a)
+    np.savez(tmp_path / "b.npz", arr_0=b)
     os.makedirs(tmp_path / "a")
     for i, image in enumerate(a):
         Image.fromarray(image).save(tmp_path / "a" / f"{i:03d}.png")
-
-    # Statistics only (no REF): IS and the saved mu / sigma, which are np.mean / np.cov of the model's features.
-    run = _fid_cli(tmp_path / "a.npz", "--inception", weights, "--batch-size", 3, "--is",
-                   "--save-stats", tmp_path / "a_stats.npz")
-    assert run.returncode == 0, run.stderr
-    is_a = _fid_value(run.stdout, "IS")
     model = fid.InceptionV3().eval()
     model.load_state_dict(_fid_state_dict())
     with torch.no_grad():
-        pool, logits = model(torch.from_numpy(a).permute(0, 3, 1, 2), return_logits=True)
-    assert math.isclose(is_a, fid.inception_score(logits), rel_tol=1e-4)
-    feats = pool.double().numpy()
-    sigma = np.cov(feats, rowvar=False)  # float32 features differ ~1e-6 across thread and batch counts
-    with np.load(tmp_path / "a_stats.npz") as saved:
-        np.testing.assert_allclose(saved["mu"], feats.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(saved["sigma"], sigma, rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
+        pool, spatial, logits = model(torch.from_numpy(a).permute(0, 3, 1, 2))
+        pool_b = model(torch.from_numpy(b).permute(0, 3, 1, 2))[0]
 
-    # torchrun shards a folder of the same images across two ranks (gloo); the summed statistics and gathered
-    # logits match one process only if the folder gives the same pixels and every image counts exactly once.
-    run = _fid_cli(tmp_path / "a", "--inception", weights, "--is", "--device", "cpu",
-                   "--save-stats", tmp_path / "a_folder_stats.npz", torchrun=True)
+    def assert_saved_stats(path):  # np.mean / np.cov of the features (which differ ~1e-6 across batch sizes)
+        with np.load(path) as saved:
+            assert sorted(saved.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+            for (mu, sigma), features in (("mu", "sigma"), pool), (("mu_s", "sigma_s"), spatial):
+                sigma_ = np.cov(features.double().numpy(), rowvar=False)
+                np.testing.assert_allclose(saved[mu], features.double().mean(0), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(saved[sigma], sigma_, rtol=1e-4, atol=1e-4 * np.abs(sigma_).max())
+
+    # SAMPLES alone: IS (printed by default) and the saved statistics, FID's and sFID's.
+    run = _fid_cli(tmp_path / "a.npz", "--inception", weights, "--batch-size", 3, "--save-stats", tmp_path / "a_s.npz")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("IS:") == 1 and math.isclose(_fid_value(run.stdout, "IS"), is_a, rel_tol=1e-4)
-    with np.load(tmp_path / "a_folder_stats.npz") as saved:
-        np.testing.assert_allclose(saved["mu"], feats.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(saved["sigma"], sigma, rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
+    assert [line.split(" ")[0] for line in run.stdout.splitlines()] == ["saved", "IS:"]
+    assert math.isclose(_fid_value(run.stdout, "IS"), fid.inception_score(logits), rel_tol=1e-4)
+    assert_saved_stats(tmp_path / "a_s.npz")
 
-    # Two statistics files need no weights (small ones here: the 2048-dim eigensolves are slow on 2 cores).
+    # torchrun shards a folder of the same images across two ranks (gloo): the summed statistics, the IS of the
+    # gathered logits and the Precision/Recall of the gathered pool features against REF's are those of one process
+    # only if every image counts exactly once. The whole row, FID last; the brighter images are far (sFID, FID > 1).
+    run = _fid_cli(tmp_path / "a", tmp_path / "b.npz", "--inception", weights, "--device", "cpu",
+                   "--save-stats", tmp_path / "a_folder_s.npz", torchrun=True)
+    assert run.returncode == 0, run.stderr
+    assert [line.split(":")[0] for line in run.stdout.splitlines()[1:]] == ["sFID", "IS", "Precision", "Recall", "FID"]
+    assert_saved_stats(tmp_path / "a_folder_s.npz")
+    assert math.isclose(_fid_value(run.stdout, "IS"), fid.inception_score(logits), rel_tol=1e-4)
+    assert _fid_value(run.stdout, "sFID") > 1 and _fid_value(run.stdout, "FID") > 1
+    precision, recall = _fid_brute_force_precision_recall(pool_b, pool)
+    assert (_fid_value(run.stdout, "Precision"), _fid_value(run.stdout, "Recall")) == (precision, recall)
+
+    # Statistics files written before sFID (no mu_s/sigma_s) need no weights and still give FID; each metric that
+    # needs more says why in one line (small statistics: 2048-dim eigensolves are slow on 2 cores).
     rng = np.random.default_rng(3)
-    for name in ("s1.npz", "s2.npz"):
+    for name, extra in (("s1.npz", {}), ("s2.npz", dict(arr_0=a))):  # s2's mu/sigma win over its arr_0
         x = rng.standard_normal((40, 16))
-        np.savez(tmp_path / name, mu=x.mean(0), sigma=np.cov(x, rowvar=False), arr_0=a)  # mu/sigma win over arr_0
-    run = _fid_cli(tmp_path / "s1.npz", tmp_path / "s2.npz")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip().splitlines()[-1].startswith("FID: ")
-    s1, s2 = (fid.open_input(str(tmp_path / name)) for name in ("s1.npz", "s2.npz"))
-    expected = fid.frechet_distance(*s1, *s2)
-    assert abs(_fid_value(run.stdout, "FID") - expected) < 1e-4
+        np.savez(tmp_path / name, mu=x.mean(0), sigma=np.cov(x, rowvar=False), **extra)
+    s1, s2 = (fid.open_input(str(tmp_path / name))[0] for name in ("s1.npz", "s2.npz"))
+    fid_line = f"FID: {fid.frechet_distance(s1['mu'], s1['sigma'], s2['mu'], s2['sigma']):.4f}"
+    assert _fid_in_process(capsys, tmp_path / "s1.npz", tmp_path / "s2.npz") == (0, "\n".join([
+        f"no sFID: {tmp_path / 's1.npz'} holds statistics without mu_s/sigma_s (written before sFID)",
+        f"no IS: {tmp_path / 's1.npz'} holds statistics only, no images",
+        f"no Precision/Recall: {tmp_path / 's1.npz'} holds statistics only, no images", fid_line, ""]), "")
+    assert _fid_in_process(capsys, tmp_path / "s2.npz", tmp_path / "s2.npz", "--metrics", "fid") == \
+        (0, "FID: 0.0000\n", "")
 
 
-def test_fid_cli_user_errors(tmp_path):
+def test_fid_cli_user_errors(tmp_path, capsys):
     np.savez(tmp_path / "a.npz", arr_0=_fid_images(2, seed=0))
     run = _fid_cli(tmp_path / "a.npz", tmp_path / "a.npz", "--inception", tmp_path / "missing.pth")
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith("error:")
     assert "missing.pth" in run.stderr and "weights-inception-2015-12-05-6726825d.pth" in run.stderr  # where to get it
+    # A metric asked for by name that the inputs cannot give, an unknown one, and statistics that are not finite.
+    np.savez(tmp_path / "old.npz", mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(tmp_path / "nan.npz", mu=np.zeros(3), sigma=np.where(np.eye(3) > 0, np.nan, 0))
+    old, nan, images, missing = (tmp_path / name for name in ("old.npz", "nan.npz", "a.npz", "missing.pth"))
+    for args, words in (((old, old, "--metrics", "fid,sfid"), "without mu_s"),
+                        ((old, images, "--metrics", "pr", "--inception", missing), "old.npz holds statistics only"),
+                        ((old, old, "--metrics", "fid,kid"), "sfid,is,pr,fid"),
+                        ((old, nan), "nan.npz: sigma is not finite")):
+        code, out, err = _fid_in_process(capsys, *args)
+        assert code == 1 and out == "" and err.startswith("error:") and err.count("\n") == 1 and words in err, err
     # Inputs the CLI turns into one "error: ..." line the same way.
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     (tmp_path / "text.npz").write_text("not a zip")
     for path, words in (("float.npz", "uint8"), ("text.npz", "text.npz"), ("nowhere.npz", "not found")):
-        try:
+        with pytest.raises((ValueError, FileNotFoundError), match=words):
             fid.open_input(str(tmp_path / path))
-            raise AssertionError(f"{path} was accepted")
-        except (ValueError, FileNotFoundError) as e:
-            assert words in str(e)
-
 
 
 def test_fid_during_training_matches_the_offline_pipeline(data, tmp_path, capsys):
@@ -1384,7 +1510,7 @@ def test_fid_during_training_matches_the_offline_pipeline(data, tmp_path, capsys
     run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "0000002.pt", "--npz", tmp_path / "s.npz",
                "--num-samples", 5)
     capsys.readouterr()
-    run_script("fid.py", tmp_path / "s.npz", ref, "--inception", weights)
+    run_script("fid.py", tmp_path / "s.npz", ref, "--inception", weights, "--metrics", "fid")
     offline = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
     assert float(logged[0].split("FID-5")[1].split()[0]) == pytest.approx(offline, rel=1e-3)
     expect_error("train.py", "--data-path", data, *TRAIN, "--fid-every", 2, match="needs --fid-ref")
