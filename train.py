@@ -41,6 +41,11 @@ from vae import load_vae
 # Modes: "1" one step, "2"/"4"/"any" few or any steps, "multi" any of those, "R2"/"R4" depth repetition, "*" all.
 DEFAULTS = [
     # flag          size    mode    value   source
+    ("global_batch_size", "*", "*",  256,   "Table 10"),
+    ("max_steps",    "*",   "*",     500_000, "the length of the lambda_ot decay; later stages continue (Table 11)"),
+    ("lr",           "*",   "*",     1e-4,  "Table 11, stage 1 (D's lr; G's is lr x g_lr_ratio)"),
+    ("ema_decay",    "*",   "*",     0.9999, "Table 10"),
+    ("ot_decay_steps", "*", "*",     500_000, "official decay_steps 1M counts D and G steps: 500K G steps, ~100 epochs"),
     ("ot_scale",     "*",   "multi", 0.25,  "official configs/train/afm/train_afm_multi_nfe.yaml, train_afm_any_nfe.yaml"),
     ("ot_scale",     "*",   "*",     0.2,   "Table 11, stage 1; official train_afm_1nfe.yaml"),
     ("ot_scale_end", "B/2", "*",     0.01,  "Table 11, B/2 stage 1 (0.2 -> 0.01)"),
@@ -772,13 +777,14 @@ def check_setup(args, device, world):
 def fill_defaults(args):
     """The paper's value (DEFAULTS) for every such flag left unset; a constant schedule holds --ot-scale."""
     pick = lambda flag: paper_default(flag, args.model, args.nfe, args.repeat)
+    for flag in ("global_batch_size", "max_steps", "lr", "ema_decay", "ot_decay_steps", "grad_clip", "cg_scale"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, pick(flag))
     if args.ot_schedule == "constant":
         args.ot_scale = args.ot_scale_end = args.ot_scale if args.ot_scale is not None else pick("ot_constant")
     args.ot_scale = args.ot_scale if args.ot_scale is not None else pick("ot_scale")
     args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else pick("ot_scale_end")
-    args.grad_clip = args.grad_clip if args.grad_clip is not None else pick("grad_clip")
     args.lr_g = args.lr_g if args.lr_g is not None else args.lr * pick("g_lr_ratio")
-    args.cg_scale = args.cg_scale if args.cg_scale is not None else pick("cg_scale")
     args.cg_time = tuple(args.cg_time) if args.cg_time is not None else pick("cg_time")
 
 
@@ -826,8 +832,8 @@ def number(lo=0.0, hi=math.inf, lo_open=False, hi_open=False):
 def main(args):
     # Setup: processes and devices; flags left unset take the paper's values.
     device, rank, world = setup_distributed(args.device)
-    batch_size = check_setup(args, device, world)
     fill_defaults(args)
+    batch_size = check_setup(args, device, world)
     stop = StopOnSignal()
     torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official code
     torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -914,20 +920,25 @@ if __name__ == "__main__":
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
     parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), 2 or 4 (few steps), or any")
     parser.add_argument("--repeat", type=positive_int, default=1, help="depth repetition R of a one-step generator (2, 4)")
-    parser.add_argument("--global-batch-size", type=positive_int, default=256)            # Table 10
+    parser.add_argument("--global-batch-size", type=positive_int, default=None,
+                        help=f"split over the ranks ({defaults_help('global_batch_size')})")
     parser.add_argument("--global-seed", type=count, default=0)
-    parser.add_argument("--max-steps", type=positive_int, default=500_000, help="iterations of one D step and one G step")
-    parser.add_argument("--lr", type=number(lo_open=True), default=1e-4, help="D's lr, and G's unless --lr-g")  # Table 11
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help=f"iterations of one D step and one G step ({defaults_help('max_steps')})")
+    parser.add_argument("--lr", type=number(lo_open=True), default=None,
+                        help=f"D's lr, and G's unless --lr-g ({defaults_help('lr')})")
     parser.add_argument("--lr-g", type=number(lo_open=True), default=None,
                         help=f"G's lr (default: --lr x {defaults_help('g_lr_ratio')})")
-    parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=0.9999)  # Table 10
+    parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=None,
+                        help=f"EMA of G after every G step ({defaults_help('ema_decay')})")
     parser.add_argument("--ot-scale", type=number(), default=None, help=f"lambda_ot at the start (default: "
                         f"{defaults_help('ot_scale')}; constant: {defaults_help('ot_constant')})")
     parser.add_argument("--ot-scale-end", type=number(), default=None,
                         help=f"lambda_ot at the end ({defaults_help('ot_scale_end')})")
     parser.add_argument("--ot-schedule", choices=["cosine", "constant"], default="cosine",
                         help="cosine decay (stage 1) or constant (later stages, Table 11)")
-    parser.add_argument("--ot-decay-steps", type=positive_int, default=500_000, help="cosine length in G steps (~100 epochs)")
+    parser.add_argument("--ot-decay-steps", type=positive_int, default=None,
+                        help=f"cosine length in G steps ({defaults_help('ot_decay_steps')})")
     parser.add_argument("--gp-scale", type=number(), default=0.25)              # lambda_gp for R1 and R2 (Table 10)
     parser.add_argument("--gp-eps", type=number(lo_open=True), default=0.01)    # finite-difference step (Table 10)
     parser.add_argument("--gp-ratio", type=number(0, 1, lo_open=True), default=0.25)  # share of the batch (Table 10)
