@@ -261,8 +261,9 @@ def load_inception(path, device="cpu"):
                                 f"(or pytorch-fid's {WEIGHTS_URLS[1]})")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read Inception weights {path}: {e}") from e
+    except Exception as e:  # random bytes, a truncated file, a pickle carrying code: one line, not torch's advice
+        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}); download "
+                         f"{WEIGHTS_URLS[0]}") from e
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict of Inception weights")
     model = InceptionV3()
@@ -591,11 +592,21 @@ def compute_stats(path, model, batch_size=200, device=None):
 
 
 def save_stats(path, stats):
-    """Write an .npz of mu, sigma, mu_s, sigma_s atomically: a crash never leaves a truncated file under the name."""
+    """Write an .npz of mu, sigma, mu_s, sigma_s atomically: a crash never leaves a truncated file under the name, and
+    a failed write (a full disk) leaves no temporary file."""
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **{name: stats[name] for name in ("mu", "sigma", "mu_s", "sigma_s") if name in stats})
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{name: stats[name] for name in ("mu", "sigma", "mu_s", "sigma_s") if name in stats})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                          # mkstemp's 0600 is not what a user expects
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.remove(tmp)
+        if isinstance(e, OSError):
+            raise ValueError(f"cannot write {path}: {e.strerror}") from e
+        raise
 
 
 #################################################################################
@@ -681,6 +692,8 @@ def main(args):
         raise ValueError("give SAMPLES and REF to compute metrics, or SAMPLES and --save-stats OUT.npz (see --help)")
     if args.save_stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
         raise FileNotFoundError(f"the folder of --save-stats {args.save_stats} does not exist")
+    if args.save_stats and os.path.isdir(args.save_stats):
+        raise ValueError(f"--save-stats {args.save_stats} is a folder; give a file name")
     metrics = list(METRICS) if args.metrics is None else args.metrics.split(",")
     if not set(metrics) <= set(METRICS):
         raise ValueError(f"--metrics takes names from {','.join(METRICS)}, got {args.metrics}")
@@ -736,6 +749,9 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

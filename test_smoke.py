@@ -1499,6 +1499,29 @@ def test_fid_cli_user_errors(tmp_path, capsys):
             fid.open_input(str(tmp_path / path))
 
 
+def test_fid_cli_checks_outputs_and_weights_files(tmp_path, monkeypatch):
+    np.savez(tmp_path / "a.npz", arr_0=_fid_images(2, seed=0, size=8))
+    os.makedirs(tmp_path / "stats.npz")
+    run = _fid_cli(tmp_path / "a.npz", "--inception", tmp_path / "missing.pth", "--save-stats", tmp_path / "stats.npz")
+    assert run.returncode == 1 and run.stderr.strip() == f"error: --save-stats {tmp_path / 'stats.npz'} is a folder; " \
+        "give a file name"                                     # before any work, so before the missing weights
+    (tmp_path / "random.pth").write_bytes(os.urandom(1000))
+    torch.save({"x": Exploit(str(tmp_path / "ran"))}, tmp_path / "pickle.pth")
+    for name in ("random.pth", "pickle.pth"):
+        run = _fid_cli(tmp_path / "a.npz", tmp_path / "a.npz", "--inception", tmp_path / name)
+        assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert f"{name} is not a readable weights file" in run.stderr and "torch-fidelity" in run.stderr
+    assert not (tmp_path / "ran").exists()
+    fid.save_stats(str(tmp_path / "s.npz"), dict(mu=np.zeros(2), sigma=np.eye(2)))
+    assert os.stat(tmp_path / "s.npz").st_mode & 0o044                    # readable by others, as umask allows
+    def full_disk(f, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(ValueError, match="cannot write .*t.npz: No space left on device"):
+        fid.save_stats(str(tmp_path / "t.npz"), dict(mu=np.zeros(2), sigma=np.eye(2)))
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "pickle.pth", "random.pth", "s.npz", "stats.npz"]
+
+
 def test_fid_during_training_matches_the_offline_pipeline(data, tmp_path, capsys):
     """train.py --fid-every scores the EMA exactly as sample.py --npz followed by fid.py would."""
     weights, ref = _fid_weights_file(), tmp_path / "ref.npz"
