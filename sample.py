@@ -23,8 +23,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model import SIZES, class_balanced_labels, default_steps, generate
-from train import (allocate_npy, check_output, count, fail, image_format, load_generator, make_decoder, parse_nfe,
-                   positive_int, run_interruptible, save_atomic, save_grid, setup_distributed)
+from train import (allocate_npy, check_output, count, fail, image_format, load_checkpoint, load_generator,
+                   make_decoder, parse_nfe, positive_int, run_interruptible, save_atomic, save_grid, setup_distributed)
 
 
 def main(args):
@@ -32,12 +32,15 @@ def main(args):
     device, rank, world = setup_distributed(args.device)
     torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official sampler
     torch.backends.cudnn.conv.fp32_precision = "tf32"
-    check_output(args.npz or args.out, "--npz" if args.npz else "--out")
+    check_output(args.save_generator or args.npz or args.out,
+                 "--save-generator" if args.save_generator else "--npz" if args.npz else "--out")
     if args.npz is not None and not args.npz.endswith(".npz"):
         fail(f"--npz {args.npz}: the evaluation file must end in .npz")
-    if args.npz is None:
+    if args.npz is None and args.save_generator is None:
         image_format(args.out)
     G, nfe, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
+    if args.save_generator:
+        return save_generator(args.ckpt, args.weights, args.save_generator) if rank == 0 else None
     G = G.to(device)
     steps = args.steps or default_steps(nfe)
     if steps > 1 and not G.use_t_src:
@@ -78,6 +81,17 @@ def main(args):
         for suffix in (".staging.npy", ".staging-done.npy", ".staging.json"):
             os.remove(args.npz + suffix)
         print(f"saved {args.num_samples} samples ({steps} steps, {num_classes} classes) to {args.npz}")
+
+
+def save_generator(path, weights, out):
+    """A checkpoint of one generator (the EMA's weights by default), its network and its data's info: what sample.py
+    needs, a sixth of a training checkpoint."""
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt:
+        fail(f"{path} is not a training checkpoint: it is already a generator's weights")
+    slim = {key: ckpt[key] for key in ("config", "args", "data_info", "step")}
+    save_atomic(dict(slim, EMA=ckpt[weights]), out)
+    print(f"saved the {weights} generator of {path} to {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB)")
 
 
 def savez(arrays, path):
@@ -124,6 +138,8 @@ if __name__ == "__main__":
     parser.add_argument("--nrow", type=positive_int, default=None)
     parser.add_argument("--out", type=str, default="samples.png")
     parser.add_argument("--npz", type=str, default=None, help="write an evaluation npz instead of a grid")
+    parser.add_argument("--save-generator", type=str, default=None, help="write a checkpoint of the --weights "
+                        "generator alone (a sixth of a training checkpoint) instead of sampling")
     parser.add_argument("--num-samples", type=positive_int, default=50_000)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--device", type=str, default=None)

@@ -442,6 +442,11 @@ def test_train_checkpoint_sample_end_to_end(data, tmp_path):
         first = int(np.where(np.random.RandomState(42).permutation(20) == 4)[0][0])
         assert np.abs(f["arr_0"][first].astype(int) - expect.astype(int)).max() <= 1
     assert not os.path.exists(tmp_path / "s.npz.staging.npy")
+    # A generator alone samples the same grid.
+    run_script("sample.py", "--ckpt", ckpt, "--save-generator", tmp_path / "G.pt")
+    assert set(torch.load(tmp_path / "G.pt", weights_only=True)) == {"EMA", "config", "args", "data_info", "step"}
+    run_script("sample.py", "--ckpt", tmp_path / "G.pt", "--out", tmp_path / "grid2.png", "--num-images", 6, "--nrow", 3)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid2.png")), grid)
 
 
 def test_two_processes_under_torchrun(data, tmp_path):
