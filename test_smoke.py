@@ -1862,12 +1862,13 @@ def test_classifier_bad_inputs(data, tmp_path):
     expect_error("train_classifier.py", "--data-path", odd, *run, match="inputs of size 7 do not split into patches")
     run_script("train_classifier.py", "--data-path", data, *run, "--max-steps", 1)
     c_path = tmp_path / "cls" / "checkpoints" / "0000001.pt"
+    expect_error("train_classifier.py", "--data-path", data, *run, "--max-steps", 2, match="already holds a run")
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 1)
     g_path = tmp_path / "afm" / "checkpoints" / "0000001.pt"
     expect_error("train_classifier.py", "--data-path", data, *run[:2], "--model", "S/2", *run[4:], "--resume", c_path,
-                 match="holds another classifier (--model T/2")
+                 match="holds another network than this run asks for: C.depth 2 (asked: 12)")
     expect_error("train_classifier.py", "--data-path", data, *run, "--resume", g_path,
-                 match="is not a classifier checkpoint")
+                 match="holds a generator and a discriminator, and this run trains a classifier")
     evaluate = ["--evaluate", g_path, "--classifier", c_path, "--device", "cpu"]
     expect_error("train_classifier.py", *evaluate[:2], "--classifier", g_path, "--data-path", data,
                  match="is not a classifier checkpoint")

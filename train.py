@@ -425,6 +425,9 @@ def load_resume(path, config):
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "step" not in ckpt:
         fail(f"{path} is not a training checkpoint of this project")
+    if set(ckpt["config"]) != set(config):
+        kind = lambda c: "a classifier" if "C" in c else "a generator and a discriminator"
+        fail(f"{path} holds {kind(ckpt['config'])}, and this run trains {kind(config)}")
     if ckpt["config"] != config:
         flat = lambda c: {f"{k}.{j}" if isinstance(v, dict) else k: w
                           for k, v in c.items() for j, w in (v.items() if isinstance(v, dict) else [(k, v)])}
@@ -584,7 +587,8 @@ def begin(state, starts, args, logger):
     --init starts a stage as the paper does (Table 11): G from the previous stage's EMA, and the EMA, D, both
     optimizers and the gradient normalisation carried over (its running scale too: restarted from zero it would make
     the first G steps ~3x too large). --init-d then takes D and its optimizer from an earlier checkpoint (App. C)."""
-    hyper = {key: {k: v for k, v in state[key].param_groups[0].items() if k != "params"} for key in ("opt_G", "opt_D")}
+    hyper = {key: {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+             for key, opt in state.items() if isinstance(opt, torch.optim.Optimizer)}
     if "resume" in starts:
         for key, module in state.items():
             module.load_state_dict(starts["resume"][key])

@@ -17,6 +17,7 @@ features to those of the held-out images, an FID in the classifier's feature spa
 import argparse
 import math
 import os
+import signal
 import time
 from copy import deepcopy
 
@@ -29,9 +30,9 @@ from tqdm import tqdm
 
 import fid
 from model import SIZES, Classifier, class_balanced_labels, default_steps, noise, sample
-from train import (LatentData, check_in_sync, create_logger, fail, interpolate, load_checkpoint, load_classifier,
-                   load_generator, positive_int, reduce_means, restore_rng, save_checkpoint, setup_distributed,
-                   update_ema)
+from train import (LatentData, StopOnSignal, begin, check_in_sync, check_results_dir, create_logger, fail, interpolate,
+                   load_classifier, load_generator, load_resume, positive_int, reduce_means, restore_rng,
+                   save_checkpoint, setup_distributed, update_ema)
 
 EPOCHS = 30              # the paper, §4.1: "trained from scratch ... using the cross-entropy objective for 30 epochs"
 GRAD_CLIP = 50.0         # official train_adversarial_flow_classifier.py: clip_grad_norm_(..., 50.0) every step
@@ -168,24 +169,11 @@ def main_evaluate(args):
                      f"class accuracy {out['held_out_accuracy']:.4f}  (the classifier's own test accuracy)"))
         for name, what, numbers in rows:
             print(f"{name:<9} {what:<{max(len(r[1]) for r in rows)}}  {numbers}")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 #################################################################################
 #                                    Training                                   #
 #################################################################################
-
-def load_resume(path, config):
-    """A classifier checkpoint of this very configuration, or one clear line."""
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "C" not in ckpt["config"]:
-        fail(f"{path} is not a classifier checkpoint of train_classifier.py")
-    if ckpt["config"] != config:
-        a = ckpt["args"]
-        fail(f"{path} holds another classifier (--model {a['model']}, data {a['data_path']}) than this run asks for")
-    return ckpt
-
 
 def main(args):
     # Setup: processes and devices, the data, the network config, the checkpoint to resume, before anything is written.
@@ -201,7 +189,11 @@ def main(args):
     config = dict(C=dict(SIZES[args.model], input_size=data.size, in_channels=data.channels,
                          num_classes=data.num_classes))
     max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
-    ckpt = load_resume(args.resume, config) if args.resume else None
+    starts = {"resume": load_resume(args.resume, config)} if args.resume else {}  # the same network, or one line
+    if starts and starts["resume"]["step"] >= max_steps:
+        fail(f"the checkpoint is at step {starts['resume']['step']}, already at {max_steps} steps: ask for more")
+    check_results_dir(args.results_dir, args.resume)
+    stop = StopOnSignal()
 
     # Model, EMA and AdamW, the same initial weights on every rank.
     if rank == 0:
@@ -216,13 +208,8 @@ def main(args):
     logger.info(f"classifier {sum(p.numel() for p in C.parameters()):,} parameters")
 
     # Resume: weights, optimizer moments, this command's lr, every rank's RNG.
-    start = 0 if ckpt is None else ckpt["step"]
-    if ckpt is not None:
-        for key, module in state.items():
-            module.load_state_dict(ckpt[key])
-        opt.param_groups[0].update(adamw, lr=args.lr)
-        logger.info(f"resumed from {args.resume} at step {start}")
-    restore_rng(ckpt, args.global_seed, rank, world, start, device)
+    start = begin(state, starts, args, logger)
+    restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     C_train = DDP(C, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else C
 
     # The loop: cross-entropy of C(x_t, t) against the label, the EMA; logs and checkpoints every so many steps.
@@ -245,13 +232,16 @@ def main(args):
             logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" lr {args.lr:.3g}"
                         f" img/s {args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
-        if done % args.ckpt_every == 0 or done == max_steps:
-            save_checkpoint(state, done, args, config, data.info, device, logger)
+        signum = stop.requested()
+        if done % args.ckpt_every == 0 or done == max_steps or signum:
+            path = save_checkpoint(state, done, args, config, data.info, device, logger)
+        if signum:
+            logger.info(f"stopped by {signal.Signals(signum).name} after step {done}: resume with --resume {path}")
+            raise SystemExit(128 + signum)
 
     if world > 1:
         check_in_sync([C], device, world)
         logger.info(f"weights identical on all {world} ranks")
-        dist.destroy_process_group()
     logger.info("done")
 
 
@@ -281,4 +271,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.evaluate and not args.classifier:
         parser.error("--evaluate needs --classifier")
-    main_evaluate(args) if args.evaluate else main(args)
+    try:
+        main_evaluate(args) if args.evaluate else main(args)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # what StopOnSignal took, for callers in-process
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if dist.is_initialized():
+            dist.destroy_process_group()
