@@ -18,9 +18,12 @@ stored twice, as is (view 0) and mirrored (view 1):
     labels.npy   int64 (N,)                   index into info.json's `classes` (sorted folder names, or 0..K-1)
     info.json    num_classes, image_size, scale, vae, classes, num_images, ...
     skipped.txt  images that could not be decoded, with the reason (they are left out of the arrays)
-Interrupted? Run the same command again: finished chunks are kept and the result is byte-identical.
+Interrupted (Ctrl-C, SIGTERM, a crash)? Run the same command again: finished chunks are kept and the result is
+byte-identical. Directory links in class folders are followed, each real directory once.
 """
 import argparse
+import contextlib
+import errno
 import gzip
 import hashlib
 import json
@@ -29,6 +32,8 @@ import os
 import struct
 import sys
 import time
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -37,7 +42,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from train import fail, setup_distributed
+from train import check_output, fail, positive_int, run_interruptible, setup_distributed
 from vae import SCALE, AutoencoderKL, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -47,13 +52,30 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", "
 #                                     Images                                    #
 #################################################################################
 
+def walk_once(top):
+    """os.walk(top) following directory links, but into each real directory once and never back into top or a folder
+    above it, so that a link loop neither repeats images nor leaves top's tree. Sub-folders in sorted order."""
+    identity = lambda path: (os.stat(path).st_dev, os.stat(path).st_ino)
+    seen, up = set(), top
+    while identity(up) not in seen:  # top and every folder above it, up to /
+        seen.add(identity(up))
+        up = os.path.join(up, "..")
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(subfolders):
+            if identity(os.path.join(folder, d)) not in seen:
+                seen.add(identity(os.path.join(folder, d)))
+                keep.append(d)
+        subfolders[:] = keep
+        yield folder, names
+
+
 def list_images(root):
     """Labels = sorted class-folder names; files in sorted order (sub-folders included), paths relative to root."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     files, labels = [], []
     for label, name in enumerate(classes):
-        for folder, subfolders, names in os.walk(os.path.join(root, name), followlinks=True):
-            subfolders.sort()
+        for folder, names in walk_once(os.path.join(root, name)):
             files += [os.path.relpath(os.path.join(folder, n), root) for n in sorted(names)
                       if n.lower().endswith(IMAGE_EXTENSIONS)]
         labels += [label] * (len(files) - len(labels))
@@ -106,7 +128,7 @@ def read_idx(path):
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # (a damaged .gz)
         fail(f"cannot read {path}: {e}")
     ndim = raw[3] if len(raw) > 3 else 0
     if raw[:3] != b"\0\0\x08" or ndim == 0 or len(raw) < 4 + 4 * ndim:
@@ -121,6 +143,8 @@ def read_arrays(path):
     """(uint8 images (N, H, W, C), int64 labels (N,)) of an IDX image file (the labels are the matching
     *-labels-idx1-ubyte file beside it) or of an npz holding `arr_0` and `labels` (or `arr_1`)."""
     if path.endswith(".npz"):
+        if not zipfile.is_zipfile(path):
+            fail(f"{path} is not an npz file")
         try:
             with np.load(path) as f:
                 label_key = next((k for k in ("labels", "arr_1") if k in f.files), None)
@@ -131,7 +155,7 @@ def read_arrays(path):
             fail(f"cannot read {path}: {e}")
     else:
         label_path = os.path.join(os.path.dirname(path), os.path.basename(path).replace("images-idx3", "labels-idx1"))
-        if label_path == path or not os.path.isfile(label_path):
+        if not os.path.isfile(label_path):
             fail(f"no labels for {path}: expected {label_path} (an MNIST-family *-images-idx3-ubyte file's labels)")
         images, labels = read_idx(path), read_idx(label_path)
     images = images[..., None] if images.ndim == 3 else images                # (N, H, W, C)
@@ -139,6 +163,8 @@ def read_arrays(path):
         fail(f"{path}: images must be uint8 (N, H, W) or (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
     if labels.shape != images.shape[:1] or labels.dtype.kind not in "iu" or labels.min() < 0:
         fail(f"{path}: labels must be {len(images)} non-negative integers, got {labels.dtype} {labels.shape}")
+    if labels.max() >= 10**6:  # class indices 0..K-1: a huge one is a damaged file, not a million classes
+        fail(f"{path}: labels must be class indices 0..K-1, got {labels.max()}")
     return images, labels.astype(np.int64)
 
 
@@ -166,7 +192,10 @@ def open_source(path, image_size):
     """-> (classes, names, labels, dataset, channels, image_size, sha1 of what was read) for a class folder, an IDX
     image file or an npz; sha1 identifies the input, so that a resumed run continues the same one."""
     if os.path.isdir(path):
-        classes, files, labels = list_images(path)
+        try:
+            classes, files, labels = list_images(path)
+        except OSError as e:
+            fail(f"cannot list the images in {path}: {e}")
         if not files:
             fail(f"no images in class sub-folders of {path} (expected one folder per class)")
         empty = sorted(set(classes) - {classes[label] for label in labels})
@@ -175,8 +204,10 @@ def open_source(path, image_size):
         image_size = image_size or 256
         sha1 = hashlib.sha1("\n".join(f"{l} {f}" for l, f in zip(labels, files)).encode()).hexdigest()
         return classes, files, labels, ImageFiles(path, files, image_size), 3, image_size, sha1
-    if not os.path.isfile(path):
-        fail(f"--data-path {path} is neither a folder, an IDX image file nor an npz")
+    if not os.path.exists(path):
+        fail(f"--data-path {path} does not exist")
+    if not os.path.isfile(path) or not (path.endswith(".npz") or "images-idx3" in os.path.basename(path)):
+        fail(f"--data-path {path} is neither a folder, an npz nor an MNIST-family *-images-idx3-ubyte[.gz] file")
     images, labels = read_arrays(path)
     image_size = image_size or max(images.shape[1:3])
     sha1 = hashlib.sha1(labels.tobytes() + images.tobytes()).hexdigest()
@@ -195,14 +226,63 @@ def open_source(path, image_size):
 # At the end the staging arrays are renamed if every image was good (no copy), else compacted to the good rows; only
 # the few bad images are decoded again, for skipped.txt's reasons. info.json, written last, marks the run finished.
 
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary name to write path through: renamed to path at the end of the block, removed if the block
+    fails, so that neither half a file nor a temporary one is left; a failed write (a full disk) ends in one line."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        fail(f"cannot write {path}: {e.strerror or e}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_atomic(path, data):
-    """bytes, or an array saved as .npy, through a temporary file: a crash never leaves half a file."""
-    with open(path + ".tmp", "wb") as f:
-        if isinstance(data, np.ndarray):
-            np.save(f, data)
-        else:
-            f.write(data)
-    os.replace(path + ".tmp", path)
+    """bytes, or an array saved as .npy."""
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, data) if isinstance(data, np.ndarray) else f.write(data)
+
+
+def allocate(path, dtype, shape):
+    """A new .npy memory map whose disk blocks are allocated now: a full disk is an error here, not a SIGBUS (which
+    kills the process without a word) when a page of the map is written later."""
+    array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # not on macOS or Windows
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:  # (a file system without it: as on macOS)
+                    raise
+    return array
+
+
+def start_run(out, arrays, run):
+    """The staging arrays [(name, dtype, shape)], then run.json, which marks them complete. A failure part-way removes
+    them: a full disk is not left fuller, and the next try does not need room for two copies."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --out {out}: {e.strerror or e}")
+    try:
+        for name, dtype, shape in arrays:
+            with atomic(f"{out}/{name}.partial.npy") as tmp:
+                allocate(tmp, dtype, shape)
+        write_atomic(f"{out}/run.json", json.dumps(run, indent=1).encode())
+    except BaseException:
+        discard_run(out)
+        raise
+
+
+def discard_run(out):
+    """Removes what an unfinished run keeps: its staging arrays and run.json."""
+    for name in ("latents.partial.npy", "std.partial.npy", "status.partial.npy", "run.json"):
+        if os.path.exists(f"{out}/{name}"):
+            os.remove(f"{out}/{name}")
 
 
 def finalize(out, spec, classes, files, labels):
@@ -211,6 +291,13 @@ def finalize(out, spec, classes, files, labels):
         fail(f"{int((status == 0).sum())} images were not written (did a process fail?); "
              "run the same command again to finish")
     good = status == 1
+    reason = lambda f: load_image(os.path.join(spec["data_path"], f), spec["image_size"])[1]
+    skipped = [(f, reason(f) or "unreadable in the worker") for f, ok in zip(files, good) if not ok]
+    write_atomic(f"{out}/skipped.txt", "".join(f"{f}\t{why}\n" for f, why in skipped).encode())
+    if not good.any():  # nothing to train on; once the images are fixed, the same command starts over
+        discard_run(out)
+        fail(f"none of the {len(files)} images could be decoded (the first, {': '.join(skipped[0])}; "
+             f"all reasons in {out}/skipped.txt)")
     for name in ("latents", "std"):
         part, final = f"{out}/{name}.partial.npy", f"{out}/{name}.npy"
         if not os.path.exists(part):  # no std with --vae none, or already moved by an interrupted finalize
@@ -219,25 +306,21 @@ def finalize(out, spec, classes, files, labels):
             os.replace(part, final)
         else:
             src, keep = np.load(part, mmap_mode="r"), np.flatnonzero(good)
-            dst = open_memmap(final + ".tmp", mode="w+", dtype=src.dtype, shape=(len(keep),) + src.shape[1:])
-            for j in range(0, len(keep), 1024):  # a block at a time: the arrays can be larger than memory
-                dst[j:j + 1024] = src[keep[j:j + 1024]]
-            dst.flush()
-            del dst
-            os.replace(final + ".tmp", final)
+            with atomic(final) as tmp:
+                dst = allocate(tmp, src.dtype, (len(keep),) + src.shape[1:])
+                for j in range(0, len(keep), 1024):  # a block at a time: the arrays can be larger than memory
+                    dst[j:j + 1024] = src[keep[j:j + 1024]]
+                dst.flush()
+                del dst
             os.remove(part)
     latents = np.load(f"{out}/latents.npy", mmap_mode="r")
     assert len(latents) == good.sum() and latents.shape[1] == 2, "latents.npy does not match the status record"
-    reason = lambda f: load_image(os.path.join(spec["data_path"], f), spec["image_size"])[1]
-    skipped = [f"{f}\t{reason(f) or 'unreadable in the worker'}\n" for f, ok in zip(files, good) if not ok]
     write_atomic(f"{out}/labels.npy", np.asarray(labels, dtype=np.int64)[good])
-    write_atomic(f"{out}/skipped.txt", "".join(skipped).encode())
     info = dict(num_classes=len(classes), image_size=spec["image_size"], scale=spec["scale"], vae=spec["vae"],
                 num_images=int(good.sum()), num_skipped=len(skipped), views=2, shape=list(latents.shape[1:]),
                 classes=classes, source=spec)
     write_atomic(f"{out}/info.json", json.dumps(info, indent=1).encode())
-    os.remove(f"{out}/status.partial.npy")
-    os.remove(f"{out}/run.json")
+    discard_run(out)
     return int(good.sum()), len(skipped)
 
 
@@ -283,14 +366,30 @@ def load_encoder(args, device):
     return vae.to(memory_format=torch.channels_last) if device.type == "cuda" else vae
 
 
+def read_record(path, valid):
+    """info.json or run.json as this script writes them; anything else (damaged, edited by hand, or run.json of an older
+    version that recorded --batch-size 0) ends in one line saying what to do."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror or e}")
+    except ValueError:  # not JSON, or not text
+        record = None
+    if not isinstance(record, dict) or not valid(record):
+        fail(f"{path} is damaged: delete it to start this run over, or use another --out")
+    return record
+
+
 def check_out(out, spec, batch_size, rank):
     """-> the chunk size, or None when --out already holds this finished run; a different run there -> error."""
-    for name, state in (("info.json", "finished"), ("run.json", "unfinished")):
+    finished = lambda r: isinstance(r.get("source"), dict) and "num_images" in r and "num_skipped" in r
+    unfinished = lambda r: isinstance(r.get("chunk_size"), int) and r["chunk_size"] > 0
+    for name, state, valid in (("info.json", "finished", finished), ("run.json", "unfinished", unfinished)):
         if not os.path.exists(f"{out}/{name}"):
             continue
-        with open(f"{out}/{name}") as f:
-            found = json.load(f)
-        previous = found.get("source", {}) if state == "finished" else found
+        found = read_record(f"{out}/{name}", valid)
+        previous = found["source"] if state == "finished" else found
         differs = [k for k in spec if previous.get(k) != spec[k]]
         if differs:
             fail(f"{out} holds a different {state} run (differs in {', '.join(differs)}); use another --out")
@@ -303,6 +402,8 @@ def check_out(out, spec, batch_size, rank):
 
 
 def main(args):
+    if not args.benchmark:
+        check_output(args.out, "--out", folder=True)
     device, rank, world = setup_distributed(args.device)
     ddp = dist.is_initialized()
     if device.type == "cpu":
@@ -317,9 +418,9 @@ def main(args):
     if vae is None:
         vae_name, scale, shape = "none", 1.0, (channels, image_size, image_size)
     else:
-        if image_size % 8:
-            fail(f"--image-size {image_size} is not a multiple of 8, which the VAE needs")
         factor, latent = 2 ** (len(vae.encoder.down_blocks) - 1), vae.post_quant_conv.out_channels
+        if image_size % factor:
+            fail(f"--image-size {image_size} is not a multiple of {factor}, which the VAE needs")
         widths = [block.resnets[0].conv1.out_channels for block in vae.encoder.down_blocks]
         vae_name = "sd-vae-ft-mse" if widths == [128, 256, 512, 512] and latent == 4 else f"kl-f{factor}-c{latent}"
         scale, shape = SCALE, (latent, image_size // factor, image_size // factor)
@@ -332,22 +433,22 @@ def main(args):
     if chunk is None:
         return
     if rank == 0 and not os.path.exists(f"{out}/run.json"):
-        os.makedirs(out, exist_ok=True)
-        for name in names:
-            open_memmap(f"{out}/{name}.partial.npy", mode="w+", dtype=np.float16, shape=(len(files), 2) + shape)
-        open_memmap(f"{out}/status.partial.npy", mode="w+", dtype=np.uint8, shape=(len(files),)).flush()
-        write_atomic(f"{out}/run.json", json.dumps(dict(spec, chunk_size=chunk), indent=1).encode())
+        arrays = [(name, np.float16, (len(files), 2) + shape) for name in names] + [("status", np.uint8, (len(files),))]
+        start_run(out, arrays, dict(spec, chunk_size=chunk))
     if ddp:
         dist.barrier()  # a new run's staging files exist before any rank opens them
 
     # Rank r owns a contiguous range of chunks and skips the ones a previous run finished.
-    status = np.load(f"{out}/status.partial.npy", mmap_mode="r+")
-    num_chunks = (len(files) + chunk - 1) // chunk
-    mine = range(rank * num_chunks // world, (rank + 1) * num_chunks // world)
-    batches = [list(range(c * chunk, min((c + 1) * chunk, len(files)))) for c in mine
-               if (status[c * chunk:(c + 1) * chunk] == 0).any()]
-    # With no batches left, an interrupted finalize may already have renamed the staging arrays.
-    staging = [np.load(f"{out}/{name}.partial.npy", mmap_mode="r+") for name in names] if batches else []
+    try:
+        status = np.load(f"{out}/status.partial.npy", mmap_mode="r+")
+        num_chunks = (len(files) + chunk - 1) // chunk
+        mine = range(rank * num_chunks // world, (rank + 1) * num_chunks // world)
+        batches = [list(range(c * chunk, min((c + 1) * chunk, len(files)))) for c in mine
+                   if (status[c * chunk:(c + 1) * chunk] == 0).any()]
+        # With no batches left, an interrupted finalize may already have renamed the staging arrays.
+        staging = [np.load(f"{out}/{name}.partial.npy", mmap_mode="r+") for name in names] if batches else []
+    except (OSError, ValueError) as e:  # staging files deleted or damaged by hand
+        fail(f"the unfinished run in {out} is damaged ({e}); delete {out}/run.json to start it over")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
     start = time.time()
@@ -370,8 +471,8 @@ def main(args):
         dist.barrier()
     if rank == 0:
         written, skipped = finalize(out, spec, classes, files, labels)
-        print(f"done: {written} images written to {out}, {skipped} skipped (see skipped.txt); this run read "
-              f"{total.item()} images, {total.item() / (time.time() - start):.1f} images/s")
+        print(f"done: {written} images written to {out}, {skipped} skipped (see skipped.txt), of {len(files)} listed; "
+              f"this run read {total.item()} images, {total.item() / (time.time() - start):.1f} images/s")
 
 
 def parse_args(argv=None):
@@ -381,22 +482,28 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=str, help="output folder (created; rerun the same command to resume)")
     parser.add_argument("--vae", type=str, choices=["sd-vae-ft-mse", "none"], default="sd-vae-ft-mse")
     parser.add_argument("--vae-weights", type=str, default=None, help=".safetensors, .bin or .pth of sd-vae-ft-mse")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="output size (default: 256 for folders, the images' own size for IDX and npz)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per chunk and per encoder call (x2 views)")
-    parser.add_argument("--num-workers", type=int, default=8, help="image-decoding DataLoader workers per process")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images per chunk and per encoder call (x2 views)")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image-decoding DataLoader workers per process (default: min(8, CPUs); 0: none)")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--benchmark", action="store_true", help="time the encoder on random inputs and exit")
     parser.add_argument("--stop-after-chunks", type=int, default=0, help=argparse.SUPPRESS)  # tests: a crash
     args = parser.parse_args(argv)
     if not args.benchmark and not (args.data_path and args.out):
         parser.error("--data-path and --out are required")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be 0 or more, not {args.num_workers}")
+    try:
+        device = torch.device(args.device or "cpu")
+    except RuntimeError:
+        parser.error(f"--device {args.device} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
     return args
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_interruptible(main, parse_args(), "run the same command again to resume")

@@ -18,6 +18,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -26,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -1146,6 +1148,197 @@ def test_prepare_latents_already_done_and_bad_inputs(tmp_path, capsys):
                             capture_output=True, text=True, cwd=HERE)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: VAE weights not found") and len(result.stderr.strip().splitlines()) == 1
+
+
+def out_files(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else None
+
+
+def test_prepare_latents_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "images")  # one broken image: the staging arrays are compacted at the end
+    argv = lambda out: ["--data-path", tmp_path / "images", "--out", tmp_path / out, "--vae", "none",
+                        "--image-size", 8, "--num-workers", 0]
+    run_prepare(*argv("clean"))
+    out, room = tmp_path / "full", [0]
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fallocate(fd, offset, length):  # finds room for room[0] more files
+        room[0] -= 1
+        if room[0] < 0:
+            no_space()
+
+    # Creating the staging arrays (latents, then status): nothing is left behind, not even run.json.
+    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    room[0] = 1
+    assert error_of(*argv("full")) == f"error: cannot write {out}/status.partial.npy: No space left on device"
+    assert out_files(out) == []
+    # Compacting the staging arrays to the good rows: no temporary file is left, the run stays resumable.
+    room[0] = 2
+    assert error_of(*argv("full")) == f"error: cannot write {out}/latents.npy: No space left on device"
+    assert out_files(out) == ["latents.partial.npy", "run.json", "skipped.txt", "status.partial.npy"]
+    # A plain write (labels.npy, through np.save).
+    monkeypatch.undo()
+    monkeypatch.setattr(np, "save", no_space)
+    assert error_of(*argv("full")) == f"error: cannot write {out}/labels.npy: No space left on device"
+    assert not any(name.endswith(".tmp") for name in os.listdir(out)) and not (out / "info.json").exists()
+    monkeypatch.undo()
+    run_prepare(*argv("full"))  # room again: the same command finishes the run, as if nothing had happened
+    names = ["latents.npy", "labels.npy", "info.json", "skipped.txt"]
+    assert out_files(out) == sorted(names)
+    assert all((out / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in names)
+
+
+def test_prepare_latents_bad_flags_create_nothing(tmp_path, capsys):
+    make_image_folder(tmp_path / "images")
+    base = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
+    bad = [("--batch-size", 0), ("--batch-size", -2), ("--image-size", 0), ("--image-size", -8),
+           ("--num-workers", -1), ("--device", "gpu")] + ([] if torch.cuda.is_available() else [("--device", "cuda")])
+    for flag, value in bad:
+        with pytest.raises(SystemExit) as e:
+            run_prepare(*base, flag, value)
+        assert e.value.code == 2 and not (tmp_path / "out").exists(), (flag, value)
+        err = capsys.readouterr().err
+        assert f"error: argument {flag}" in err or f"error: {flag}" in err, err
+    assert 1 <= prepare_latents.parse_args(["--benchmark"]).num_workers <= min(8, os.cpu_count())
+    (tmp_path / "file").write_text("")
+    assert error_of(*base[:2], "--out", tmp_path / "file", "--vae", "none") == \
+        f"error: --out {tmp_path / 'file'} is a file, not a folder"
+
+
+def test_prepare_latents_damaged_records_are_one_line(tmp_path):
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
+    argv = ["--data-path", tmp_path / "x.npz", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
+    run_prepare(*argv)
+    for text in ("{\"num_classes\": 4, ", "[1, 2]", "\xff\xfe"):
+        (tmp_path / "out" / "info.json").write_bytes(text.encode("latin-1"))
+        assert error_of(*argv) == f"error: {tmp_path}/out/info.json is damaged: delete it to start this run over, " \
+                                  "or use another --out"
+    os.remove(tmp_path / "out" / "info.json")
+    run_prepare(*argv)  # as the message says
+    # An unfinished run: run.json damaged, or written by a version that recorded --batch-size 0.
+    with pytest.raises(SystemExit, match="stopped after 1 chunks"):
+        run_prepare(*argv[:2], "--out", tmp_path / "part", *argv[4:], "--batch-size", 1, "--stop-after-chunks", 1)
+    run = json.loads((tmp_path / "part" / "run.json").read_text())
+    for text in ("not json", json.dumps(dict(run, chunk_size=0))):
+        (tmp_path / "part" / "run.json").write_text(text)
+        assert "part/run.json is damaged: delete it to start this run over" in \
+            error_of(*argv[:2], "--out", tmp_path / "part", *argv[4:])
+    (tmp_path / "part" / "run.json").write_text(json.dumps(run))
+    os.remove(tmp_path / "part" / "latents.partial.npy")  # a staging array deleted by hand
+    assert "delete" in error_of(*argv[:2], "--out", tmp_path / "part", *argv[4:])
+
+
+def test_prepare_latents_follows_each_directory_link_once(tmp_path, capsys):
+    """Links into the class folder itself, above it, and to a sibling folder: each real folder once, right labels."""
+    colours = iter(range(10, 250, 10))
+    image = lambda path: Image.new("RGB", (8, 8), (next(colours),) * 3).save(path)
+    for folder in ("ant/sub", "bee/more"):
+        os.makedirs(tmp_path / "images" / folder)
+    expected = ["ant/1.png", "ant/2.png", "ant/sub/3.png", "bee/4.png", "bee/again/5.png"]
+    for name in expected:
+        image(tmp_path / "images" / name.replace("again", "more"))
+    os.symlink(".", tmp_path / "images" / "ant" / "self")
+    os.symlink("..", tmp_path / "images" / "ant" / "sub" / "parent")
+    os.symlink("..", tmp_path / "images" / "ant" / "root")  # the data folder: the other classes' images
+    os.symlink("../../..", tmp_path / "images" / "bee" / "more" / "above")  # above the data folder
+    os.symlink("more", tmp_path / "images" / "bee" / "again")  # listed first, so its path is the one kept
+    classes, files, labels = prepare_latents.list_images(str(tmp_path / "images"))
+    assert (classes, files, labels) == (["ant", "bee"], expected, [0, 0, 0, 1, 1])
+    run_prepare("--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0,
+                "--image-size", 8)
+    summary = capsys.readouterr().out
+    assert "done: 5 images written" in summary and "of 5 listed" in summary
+    pixels = np.load(tmp_path / "out" / "latents.npy")[:, 0, 0, 0, 0]
+    assert np.round((pixels.astype(np.float32) + 1) * 127.5).tolist() == [10, 20, 30, 40, 50]
+    assert np.load(tmp_path / "out" / "labels.npy").tolist() == [0, 0, 0, 1, 1]
+
+
+def test_prepare_latents_nothing_decodable_is_an_error(tmp_path):
+    for name in ("a/x.png", "a/y.jpg", "b/z.png"):
+        os.makedirs(tmp_path / "images" / os.path.dirname(name), exist_ok=True)
+        (tmp_path / "images" / name).write_bytes(b"not an image")
+    argv = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0,
+            "--image-size", 8]
+    message = error_of(*argv)
+    assert message.startswith("error: none of the 3 images could be decoded (the first, a/x.png: ") and \
+        message.endswith(f"all reasons in {tmp_path}/out/skipped.txt)")
+    assert out_files(tmp_path / "out") == ["skipped.txt"]  # and the next run starts over
+    assert len((tmp_path / "out" / "skipped.txt").read_text().splitlines()) == 3
+    for name in ("a/x.png", "a/y.jpg", "b/z.png"):  # fixed: the same command starts over and decodes them
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    run_prepare(*argv)
+    assert np.load(tmp_path / "out" / "labels.npy").tolist() == [0, 0, 1]
+
+
+def test_prepare_latents_bad_small_image_files(tmp_path):
+    images, labels = np.zeros((3, 4, 4), np.uint8), np.arange(3)
+    cases = {"empty.npz": dict(arr_0=np.zeros((3, 0, 0), np.uint8), labels=labels),
+             "float.npz": dict(arr_0=images, labels=labels.astype(np.float32)),
+             "str.npz": dict(arr_0=images, labels=np.array(["a", "b", "c"])),
+             "huge.npz": dict(arr_0=images, labels=np.array([0, 1, 10 ** 6])),
+             "object.npz": dict(arr_0=images, labels=np.array([0, None, 2], dtype=object))}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    write_idx(tmp_path / "n-images-idx3-ubyte", images)
+    write_idx(tmp_path / "n-labels-idx1-ubyte", np.arange(2))  # one label short
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(64))
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(1).bytes(64))
+    raw = gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 3, 4, 4) + bytes(48))
+    (tmp_path / "g-images-idx3-ubyte.gz").write_bytes(raw[:12] + bytes(b ^ 0x5A for b in raw[12:]))
+    write_idx(tmp_path / "g-labels-idx1-ubyte.gz", labels)
+    for name, match in [("empty.npz", "images must be uint8"), ("float.npz", "non-negative integers, got float32"),
+                        ("str.npz", "non-negative integers, got <U1"), ("huge.npz", "class indices 0..K-1"),
+                        ("object.npz", "cannot read"), ("n-images-idx3-ubyte", "labels must be 3 non-negative"),
+                        ("random.npz", "is not an npz file"), ("random.bin", "is neither a folder, an npz nor"),
+                        ("g-images-idx3-ubyte.gz", "cannot read"), ("missing.npz", "does not exist")]:
+        assert match in error_of("--data-path", tmp_path / name, "--out", tmp_path / "out", "--vae", "none"), name
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_latents_interrupted_by_signals_then_resumed(tmp_path):
+    """SIGTERM (a preemption) and then Ctrl-C, each after the first chunk is on disk: exit 130, one line, no traceback;
+    the same command then finishes with the bytes of an uninterrupted run."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (200, 4, 4), dtype=np.uint8), rng.integers(0, 3, 200)
+    np.savez(tmp_path / "x.npz", arr_0=images, labels=labels)
+    argv = ["--data-path", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out"), "--vae", "none",
+            "--num-workers", "0", "--batch-size", "1"]
+    status = tmp_path / "out" / "status.partial.npy"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        done, deadline = np.count_nonzero(np.load(status)) if status.exists() else 0, time.time() + 60
+        proc = subprocess.Popen([sys.executable, "prepare_latents.py", *argv], cwd=HERE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        while proc.poll() is None and time.time() < deadline and not (
+                status.exists() and np.count_nonzero(np.load(status)) > done):
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and "|" not in line]  # not tqdm's bar
+        assert proc.returncode == 130 and lines == ["interrupted: run the same command again to resume"], err
+        assert 0 < np.count_nonzero(np.load(status)) < 200 and not (tmp_path / "out" / "info.json").exists()
+    run_prepare(*argv)
+    run_prepare(*argv[:2], "--out", tmp_path / "ref", *argv[4:-1], 200)
+    names = ["latents.npy", "labels.npy", "info.json", "skipped.txt"]
+    assert out_files(tmp_path / "out") == sorted(names)
+    assert all((tmp_path / "out" / n).read_bytes() == (tmp_path / "ref" / n).read_bytes() for n in names)
+
+
+def test_load_vae_rejects_random_bytes_and_pickles_in_one_line(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"encoder.conv_in.weight": Exploit(str(marker))}, tmp_path / "evil.pth")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(256))
+    (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(256))
+    for name in ("evil.pth", "random.pth", "random.safetensors"):
+        with pytest.raises(ValueError) as e:
+            vae.load_vae(str(tmp_path / name))
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"{tmp_path / name}: cannot read VAE weights") and \
+            "https://huggingface.co/stabilityai/sd-vae-ft-mse" in message, message
+    assert not marker.exists()
+    assert error_of("--benchmark", "--vae-weights", tmp_path / "evil.pth").startswith(
+        f"error: {tmp_path / 'evil.pth'}: cannot read VAE weights (corrupt, or a pickle that would run code); get ")
 
 
 #################################################################################

@@ -12,6 +12,7 @@ sd-vae-ft-mse.pth from https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Mo
 """
 import json
 import os
+import pickle
 import struct
 
 import torch
@@ -200,7 +201,7 @@ def load_safetensors(path):
     with open(path, "rb") as f:
         (header_size,) = struct.unpack("<Q", f.read(8))
         if header_size > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header size {header_size})")
+            raise ValueError(f"not a safetensors file (header size {header_size})")
         header = json.loads(f.read(header_size))
         data = memoryview(f.read())
     state_dict = {}
@@ -219,25 +220,29 @@ def _shorten(keys, n=6):
     return "[" + ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "") + "]"
 
 
+WEIGHTS = ("get diffusion_pytorch_model.safetensors from https://huggingface.co/stabilityai/sd-vae-ft-mse or "
+           "sd-vae-ft-mse.pth from https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models/tree/main/misc")
+
+
 def load_vae(path, device="cpu"):
     """Load a frozen AutoencoderKL from diffusers' .safetensors / .bin or a plain state dict (.pth, .pt).
-    Channel widths are read from the file, so other KL autoencoders of this family load too."""
+    Channel widths are read from the file, so other KL autoencoders of this family load too.
+    A file that is not such weights raises FileNotFoundError or ValueError with a one-line message."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"VAE weights not found: {path} (get diffusion_pytorch_model.safetensors from "
-            "https://huggingface.co/stabilityai/sd-vae-ft-mse or sd-vae-ft-mse.pth from "
-            "https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models/tree/main/misc)")
+        raise FileNotFoundError(f"VAE weights not found: {path} ({WEIGHTS})")
     try:
         if path.endswith(".safetensors"):
             state_dict = load_safetensors(path)
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated download or an unrelated file: report it as the user's problem
-        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    except Exception as e:  # a truncated download, an unrelated file, or a pickle that carries code (never run)
+        reason = ("corrupt, or a pickle that would run code" if isinstance(e, pickle.UnpicklingError)
+                  else f"{type(e).__name__}: {e}".splitlines()[0])  # torch's own messages run over many lines
+        raise ValueError(f"{path}: cannot read VAE weights ({reason}); {WEIGHTS}") from e
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise ValueError(f"{path}: not a state dict of tensors; {WEIGHTS}")
     for prefix in ("module.", "vae."):
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
