@@ -23,7 +23,6 @@ byte-identical. Directory links in class folders are followed, each real directo
 """
 import argparse
 import contextlib
-import errno
 import gzip
 import hashlib
 import json
@@ -38,11 +37,10 @@ import zlib
 import numpy as np
 import torch
 import torch.distributed as dist
-from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from train import check_output, fail, positive_int, run_interruptible, setup_distributed
+from train import allocate_npy, check_output, fail, positive_int, run_interruptible, setup_distributed
 from vae import SCALE, AutoencoderKL, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -247,20 +245,6 @@ def write_atomic(path, data):
         np.save(f, data) if isinstance(data, np.ndarray) else f.write(data)
 
 
-def allocate(path, dtype, shape):
-    """A new .npy memory map whose disk blocks are allocated now: a full disk is an error here, not a SIGBUS (which
-    kills the process without a word) when a page of the map is written later."""
-    array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    if hasattr(os, "posix_fallocate"):  # not on macOS or Windows
-        with open(path, "r+b") as f:
-            try:
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:  # (a file system without it: as on macOS)
-                    raise
-    return array
-
-
 def start_run(out, arrays, run):
     """The staging arrays [(name, dtype, shape)], then run.json, which marks them complete. A failure part-way removes
     them: a full disk is not left fuller, and the next try does not need room for two copies."""
@@ -271,7 +255,7 @@ def start_run(out, arrays, run):
     try:
         for name, dtype, shape in arrays:
             with atomic(f"{out}/{name}.partial.npy") as tmp:
-                allocate(tmp, dtype, shape)
+                allocate_npy(tmp, shape, dtype)
         write_atomic(f"{out}/run.json", json.dumps(run, indent=1).encode())
     except BaseException:
         discard_run(out)
@@ -307,7 +291,7 @@ def finalize(out, spec, classes, files, labels):
         else:
             src, keep = np.load(part, mmap_mode="r"), np.flatnonzero(good)
             with atomic(final) as tmp:
-                dst = allocate(tmp, src.dtype, (len(keep),) + src.shape[1:])
+                dst = allocate_npy(tmp, (len(keep),) + src.shape[1:], src.dtype)
                 for j in range(0, len(keep), 1024):  # a block at a time: the arrays can be larger than memory
                     dst[j:j + 1024] = src[keep[j:j + 1024]]
                 dst.flush()

@@ -115,8 +115,11 @@ def open_staging(args, steps, shape, rank):
         if same:
             print(f"resuming {args.npz}: {int(np.load(done).sum())} of {shape[0]} samples already drawn")
         else:
-            allocate_npy(rows, shape, np.uint8)
-            allocate_npy(done, shape[:1], np.uint8)
+            try:
+                allocate_npy(rows, shape, np.uint8)
+                allocate_npy(done, shape[:1], np.uint8)
+            except OSError as e:
+                fail(f"cannot write the staging files of {args.npz}: {e.strerror}")
             save_atomic(spec, record, save=lambda obj, tmp: pathlib.Path(tmp).write_text(json.dumps(obj)))
     if dist.is_initialized():
         dist.barrier()

@@ -11,6 +11,7 @@ a generator G and a discriminator D, one D step then one G step per iteration.
 Flags left unset take the paper's value for the chosen size and mode from DEFAULTS below (each row cites its source).
 """
 import argparse
+import errno
 import glob
 import json
 import logging
@@ -523,16 +524,17 @@ def image_format(path):
 
 
 def allocate_npy(path, shape, dtype):
-    """A new .npy of zeros, memory-mapped for writing, with its disk blocks reserved now: a full disk is reported
-    here in one line, not by a SIGBUS when a page of the mapping is written later."""
+    """A new .npy of zeros, memory-mapped for writing, with its disk blocks reserved now: a full disk raises OSError
+    here (and leaves no file), not a SIGBUS that kills the process when a page of the mapping is written later."""
     array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     try:
-        if hasattr(os, "posix_fallocate"):
+        if hasattr(os, "posix_fallocate"):                    # not on macOS or Windows
             with open(path, "r+b") as f:
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
     except OSError as e:
-        os.remove(path)
-        fail(f"cannot write {path}: {e.strerror}")
+        if e.errno != errno.EOPNOTSUPP:                       # a file system without it is left as it is
+            os.remove(path)
+            raise
     return array
 
 
