@@ -1765,6 +1765,14 @@ def test_toy_trains_and_writes_outputs(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["toy.npz", "toy.png"]   # no temp files left behind
 
 
+def test_toy_bad_flags(tmp_path):
+    (tmp_path / "file").write_text("")
+    expect_error("toy.py", "--out-dir", tmp_path / "file", match="is a file, not a folder")
+    with pytest.raises(SystemExit) as e:
+        run_script("toy.py", "--steps", "0")
+    assert e.value.code == 2
+
+
 def test_toy_training_is_deterministic():
     G1, s1 = toy.train_adversarial(nfe=1, steps=3, seed=5)
     G2, s2 = toy.train_adversarial(nfe=1, steps=3, seed=5)

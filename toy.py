@@ -32,7 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.special import erf, ndtr, ndtri
 
 from model import transport
-from train import GradNorm, d_step, g_step, interpolate, make_batch, ot_scale_at, update_ema
+from train import (GradNorm, check_output, count, d_step, g_step, interpolate, make_batch, ot_scale_at, positive_int,
+                   run_interruptible, update_ema)
 
 # Where the toy departs from train.py's image defaults, and why: a 40k-parameter MLP on 1-D data is not a DiT.
 # D's regularisers keep the image defaults (gp_scale 0.25, gp_eps 0.01, gp_ratio 0.25, cp_scale 0.01): 1-D needs them
@@ -346,15 +347,14 @@ def main(nfe=1, steps=1000, seed=0, out_dir="."):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="1-D toy: AFM vs GAN vs flow matching against the exact OT map.")
-    parser.add_argument("--nfe", type=int, default=1, help="sampling steps of every model: 1, 2, 4, ...")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per model and seed")
-    parser.add_argument("--seed", type=int, default=0, help="the second run uses seed + 1")
+    parser = argparse.ArgumentParser(description="1-D toy: AFM, TwinFlow, GAN and flow matching against the exact OT map.")
+    parser.add_argument("--nfe", type=positive_int, default=1, help="sampling steps of every model: 1, 2, 4, ...")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps per model and seed")
+    parser.add_argument("--seed", type=count, default=0, help="the second run uses seed + 1")
     parser.add_argument("--out-dir", type=str, default=".")
     args = parser.parse_args()
-    if args.nfe < 1 or args.steps < 1:
-        parser.error("--nfe and --steps must be positive")
+    check_output(args.out_dir, "--out-dir", folder=True)
     # The networks are tiny: one thread skips OpenMP synchronisation, which on a busy 2-core machine cost far more
     # than it saved (measured: about 20 ms per step with one thread, 150 ms with two).
     torch.set_num_threads(1)
-    main(args.nfe, args.steps, args.seed, args.out_dir)
+    run_interruptible(lambda a: main(a.nfe, a.steps, a.seed, a.out_dir), args, "nothing was written; run it again")
