@@ -46,6 +46,11 @@ WEIGHTS_URLS = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2
                 "pt_inception-2015-12-05-6726825d.pth")
 
 
+class UserError(ValueError):
+    """A problem with what fid.py was given (a file, a flag): the command line prints it in one line, without a
+    traceback; a ValueError from anywhere else is a bug and still raises."""
+
+
 #################################################################################
 #                     TensorFlow-Compatible Preprocessing                       #
 #################################################################################
@@ -231,7 +236,7 @@ class InceptionV3(nn.Module):
         (N, 2023) for sFID, and logits without the fc bias (N, 1008) for the Inception Score.
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise UserError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         x = resize_bilinear_tf1(images.float(), 299)       # (N, 3, 299, 299)
         x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
         with exact_fp32():
@@ -262,10 +267,10 @@ def load_inception(path, device="cpu"):
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # random bytes, a truncated file, a pickle carrying code: one line, not torch's advice
-        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}); download "
+        raise UserError(f"{path} is not a readable weights file ({type(e).__name__}); download "
                          f"{WEIGHTS_URLS[0]}") from e
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict of Inception weights")
+        raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state_dict of Inception weights")
     model = InceptionV3()
     # Files converted straight from the TensorFlow graph carry no BatchNorm step counters; eval mode never reads them.
     for key, value in model.state_dict().items():
@@ -274,7 +279,7 @@ def load_inception(path, device="cpu"):
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise ValueError(f"{path} is not an FID Inception weights file: {' '.join(str(e).split())[:300]}") from e
+        raise UserError(f"{path} is not an FID Inception weights file: {' '.join(str(e).split())[:300]}") from e
     return model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
@@ -308,7 +313,7 @@ class FeatureStats:
         """(mu, sigma) as numpy float64, sigma unbiased like np.cov(features, rowvar=False)."""
         n = self.n.item()
         if n < 2:
-            raise ValueError(f"need at least 2 images for a covariance, got {n:.0f}")
+            raise UserError(f"need at least 2 images for a covariance, got {n:.0f}")
         mu = self.sum / n
         sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -326,10 +331,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise ValueError("the statistics are not finite (NaN or inf)")
+        raise UserError("the statistics are not finite (NaN or inf)")
 
     def nonzero(w):
         # Eigenvalues below rounding of the largest (numpy.linalg.matrix_rank's tolerance) are zero. Fewer images
@@ -353,7 +358,7 @@ def inception_score(logits, split_size=5000):
     """
     logits = torch.as_tensor(logits, dtype=torch.float64)
     if len(logits) == 0:
-        raise ValueError("no logits for the Inception Score")
+        raise UserError("no logits for the Inception Score")
     scores = []
     for part in logits.split(split_size):
         log_p = F.log_softmax(part, dim=1)                           # log p(y|x), (n, 1008)
@@ -386,10 +391,10 @@ def precision_recall(ref, samples, k=3, batch_size=10000, device="cpu"):
     """
     ref, samples = (torch.as_tensor(x).to(device, torch.float64) for x in (ref, samples))
     if min(len(ref), len(samples)) <= k:
-        raise ValueError(f"Precision and Recall need more than k={k} images in each set, got {len(ref)} and "
+        raise UserError(f"Precision and Recall need more than k={k} images in each set, got {len(ref)} and "
                          f"{len(samples)}")
     if not (ref.isfinite().all() and samples.isfinite().all()):
-        raise ValueError("the features for Precision and Recall are not finite (NaN or inf)")
+        raise UserError("the features for Precision and Recall are not finite (NaN or inf)")
     blocks = lambda x: [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
 
     def radii(x, norms):  # each row's (k+1)-th smallest distance, from the k+1 smallest of each column block
@@ -434,7 +439,7 @@ def evaluate(samples, ref, metrics=tuple(METRICS), device="cpu"):
         values["FID"] = frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"])
     bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:
-        raise ValueError(f"{', '.join(bad)} not finite: the features or statistics hold NaN or inf")
+        raise UserError(f"{', '.join(bad)} not finite: the features or statistics hold NaN or inf")
     return values
 
 
@@ -472,26 +477,26 @@ def open_input(path):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
                        if name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
         if not files:
-            raise ValueError(f"no .png/.jpg images in folder {path}")
+            raise UserError(f"no .png/.jpg images in folder {path}")
         return None, files
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
     try:
         if not zipfile.is_zipfile(path):
-            raise ValueError("not an .npz file")
+            raise UserError("not an .npz file")
         with np.load(path) as data:
             pairs = [pair for pair in (("mu", "sigma"), ("mu_s", "sigma_s")) if set(pair) <= set(data.files)]
             stats = {name: data[name].astype(np.float64) for pair in pairs for name in pair}
             images = _npz_array(path, "arr_0") if "arr_0" in data.files else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is neither an image folder nor an .npz with arr_0 or mu/sigma ({e})") from e
+        raise UserError(f"{path} is neither an image folder nor an .npz with arr_0 or mu/sigma ({e})") from e
     if "mu" not in stats and images is None:
-        raise ValueError(f"{path} is neither an image folder nor an .npz with arr_0 or mu/sigma")
+        raise UserError(f"{path} is neither an image folder nor an .npz with arr_0 or mu/sigma")
     for name, value in stats.items():
         if not np.isfinite(value).all():
-            raise ValueError(f"{path}: {name} is not finite (NaN or inf)")
+            raise UserError(f"{path}: {name} is not finite (NaN or inf)")
     if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3):
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise UserError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     return (stats if "mu" in stats else None), images
 
 
@@ -509,7 +514,7 @@ def iterate_images(images, batch_size, start=0, stop=None):
             with Image.open(file) as im:
                 image = np.asarray(im.convert("RGB"))  # (H, W, 3)
         except OSError as e:
-            raise ValueError(f"cannot read image {file}: {e}") from e
+            raise UserError(f"cannot read image {file}: {e}") from e
         if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
             yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
             batch = []
@@ -605,7 +610,7 @@ def save_stats(path, stats):
     except BaseException as e:
         os.remove(tmp)
         if isinstance(e, OSError):
-            raise ValueError(f"cannot write {path}: {e.strerror}") from e
+            raise UserError(f"cannot write {path}: {e.strerror}") from e
         raise
 
 
@@ -672,9 +677,9 @@ def unavailable(metric, inputs, network):
 def main(args):
     from tqdm import tqdm
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no GPU is visible")
+        raise UserError("--device cuda, but no GPU is visible")
     if args.batch_size < 1:
-        raise ValueError("--batch-size must be positive")
+        raise UserError("--batch-size must be positive")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" in os.environ:  # launched by torchrun: each rank extracts a slice, rank 0 reports
         if device == "cuda":
@@ -689,21 +694,21 @@ def main(args):
                  InceptionV3().to(device, memory_format=torch.channels_last).eval())
         return benchmark(model, device, args.batch_size) if rank == 0 else None
     if args.samples is None or (args.ref is None and args.save_stats is None):
-        raise ValueError("give SAMPLES and REF to compute metrics, or SAMPLES and --save-stats OUT.npz (see --help)")
+        raise UserError("give SAMPLES and REF to compute metrics, or SAMPLES and --save-stats OUT.npz (see --help)")
     if args.save_stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
         raise FileNotFoundError(f"the folder of --save-stats {args.save_stats} does not exist")
     if args.save_stats and os.path.isdir(args.save_stats):
-        raise ValueError(f"--save-stats {args.save_stats} is a folder; give a file name")
+        raise UserError(f"--save-stats {args.save_stats} is a folder; give a file name")
     metrics = list(METRICS) if args.metrics is None else args.metrics.split(",")
     if not set(metrics) <= set(METRICS):
-        raise ValueError(f"--metrics takes names from {','.join(METRICS)}, got {args.metrics}")
+        raise UserError(f"--metrics takes names from {','.join(METRICS)}, got {args.metrics}")
     inputs = [(path, open_input(path)) for path in (args.samples, args.ref) if path]  # a bad REF fails now
     if args.inception is None and any(stats is None for _, (stats, _) in inputs):
-        raise ValueError("reading images needs --inception weights-inception-2015-12-05-6726825d.pth")
+        raise UserError("reading images needs --inception weights-inception-2015-12-05-6726825d.pth")
     for metric in [m for m in METRICS if m in metrics]:
         reason = unavailable(metric, inputs, network=args.inception is not None)
         if reason and args.metrics is not None:  # asked for by name: an error; by default: a note
-            raise ValueError(f"cannot compute {METRICS[metric]}: {reason}")
+            raise UserError(f"cannot compute {METRICS[metric]}: {reason}")
         if reason:
             metrics.remove(metric)
             if len(inputs) == 2 and rank == 0:  # without REF only IS applies; the others go unmentioned
@@ -745,7 +750,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         main(args)
-    except (FileNotFoundError, ValueError) as e:  # user errors: one line, no traceback
+    except (FileNotFoundError, UserError) as e:  # user errors: one line, no traceback
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from model import SIZES, class_balanced_labels, default_steps, generate
 from train import (allocate_npy, check_output, count, fail, image_format, load_checkpoint, load_generator,
-                   make_decoder, parse_nfe, positive_int, run_interruptible, save_atomic, save_grid, setup_distributed)
+                   make_decoder, parse_nfe, positive_int, run_interruptible, save_atomic, save_grid, savez,
+                   setup_distributed)
 
 
 def main(args):
@@ -36,6 +37,8 @@ def main(args):
                  "--save-generator" if args.save_generator else "--npz" if args.npz else "--out")
     if args.npz is not None and not args.npz.endswith(".npz"):
         fail(f"--npz {args.npz}: the evaluation file must end in .npz")
+    if args.npz is not None and os.path.exists(args.npz):
+        fail(f"--npz {args.npz} already exists: remove it, or name another file")
     if args.npz is None and args.save_generator is None:
         image_format(args.out)
     G, nfe, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
@@ -94,17 +97,13 @@ def save_generator(path, weights, out):
     print(f"saved the {weights} generator of {path} to {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB)")
 
 
-def savez(arrays, path):
-    with open(path, "wb") as f:                               # a file object: np.savez would append ".npz" to a name
-        np.savez(f, **arrays)
-
-
 def open_staging(args, steps, shape, rank):
     """(rows, done): the memory-mapped samples of --npz and a byte per sample written; what an interrupted run of the
     same command (checkpoint, weights, steps, seed, number) left is kept, anything else starts afresh."""
-    stat = os.stat(args.ckpt)
-    spec = dict(ckpt=os.path.abspath(args.ckpt), size=stat.st_size, mtime=stat.st_mtime, weights=args.weights,
-                steps=steps, seed=args.global_seed, shape=list(shape))
+    identity = lambda path: path and os.path.isfile(path) and [os.path.abspath(path), os.path.getsize(path),
+                                                             os.path.getmtime(path)]
+    spec = dict(ckpt=identity(args.ckpt), vae=identity(args.vae_weights), network=[args.model, args.nfe, args.repeat],
+                weights=args.weights, steps=steps, seed=args.global_seed, shape=list(shape))
     record, rows, done = (args.npz + suffix for suffix in (".staging.json", ".staging.npy", ".staging-done.npy"))
     if rank == 0:
         try:

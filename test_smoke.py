@@ -452,6 +452,10 @@ def test_train_checkpoint_sample_end_to_end(data, tmp_path):
     assert set(torch.load(tmp_path / "G.pt", weights_only=True)) == {"EMA", "config", "args", "data_info", "step"}
     run_script("sample.py", "--ckpt", tmp_path / "G.pt", "--out", tmp_path / "grid2.png", "--num-images", 6, "--nrow", 3)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "grid2.png")), grid)
+    expect_error("sample.py", "--ckpt", tmp_path / "G.pt", "--weights", "G", match="holds no G generator")
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--nfe", "2", "--resume",
+                 tmp_path / "G.pt", match="holds a generator alone")
+    expect_error("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", match="already exists")
 
 
 def test_two_processes_under_torchrun(data, tmp_path):
@@ -509,6 +513,14 @@ def test_augment_shares_parameters_and_moves_whole_pixels():
     assert len(shifts) > 3 and 0.2 < zeros < 0.9                                # shifts vary; boxes of 10-50 % area
     b.sum().backward()
     assert ((fake.grad == 1) | (fake.grad == 0)).all() and fake.grad.sum() > 0  # differentiable in the fake sample
+    # Kornia's erasing boxes: areas of 10-50 % (up to rounding), h/w below 1 half of the time, always inside.
+    torch.manual_seed(0)
+    y0, x0, h, w = train.erasing_boxes(20000, 32, 32, "cpu")
+    area = (h * w).float() / 32 ** 2
+    assert 0.1 - 0.04 < area.min() and area.max() < 0.5 + 0.04 and abs(area.mean() - 0.3) < 0.01
+    assert abs((h < w).float().mean() - 0.5) < 0.03 and (h.float() / w).max() < 3.3 * 1.2
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 32).all() and (x0 + w <= 32).all()
+    assert y0.float().std() > 3 and x0.float().std() > 3                       # placed anywhere it fits
     p_half = train.augment(torch.ones(4000, 1, 8, 8), torch.ones(4000, 1, 8, 8), 0.4)[0]
     assert 0.6 < (p_half == 1).all(-1).all(-1).float().mean().item() / 0.6 ** 4 < 1.4   # untouched ~ (1 - p)^4
 
@@ -568,6 +580,7 @@ def test_ema_reload_and_a_four_stage_chain(data, tmp_path):
                "--ot-schedule", "constant", "--ema-reload-every", 2)
     s3 = torch.load(tmp_path / "s3" / "checkpoints" / "0000005.pt", weights_only=True)
     assert not all(torch.equal(s3["G"][k], s3["EMA"][k]) for k in s3["G"])  # step 5: no reload
+    assert float(s3["opt_D"]["state"][1]["step"]) == 3                    # D's optimizer: s1's 2 steps + 1, not s2's 4
     classifier = model.Classifier(**dict(TINY, in_channels=3, num_classes=5))
     torch.save(dict(EMA=classifier.state_dict(), config=dict(C=dict(TINY, in_channels=3, num_classes=5))),
                tmp_path / "cls.pt")
@@ -596,17 +609,24 @@ def test_ema_reload_and_a_four_stage_chain(data, tmp_path):
 def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_path):
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2)
     ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
-    G, D = model.Generator(**ckpt["config"]["G"]), model.Discriminator(**ckpt["config"]["D"])
-    state = dict(G=G, D=D, EMA=model.Generator(**ckpt["config"]["G"]), grad_norm=train.GradNorm(),
-                 opt_G=torch.optim.AdamW(G.parameters(), lr=7e-5), opt_D=torch.optim.AdamW(D.parameters(), lr=6e-5))
-    args = type("Paths", (), dict(init="stage1.pt"))
-    logger = train.create_logger(None)
-    assert train.begin(state, {"init": ckpt}, args, logger) == 2
+
+    def fresh_state():
+        G, D = model.Generator(**ckpt["config"]["G"]), model.Discriminator(**ckpt["config"]["D"])
+        return dict(G=G, D=D, EMA=model.Generator(**ckpt["config"]["G"]), grad_norm=train.GradNorm(),
+                    opt_G=torch.optim.AdamW(G.parameters(), lr=7e-5), opt_D=torch.optim.AdamW(D.parameters(), lr=6e-5))
+    logger, state = train.create_logger(None), fresh_state()
+    assert train.begin(state, {"init": ckpt}, type("Paths", (), dict(init="s1.pt")), logger) == 2
     for key, source in (("G", "EMA"), ("EMA", "EMA"), ("D", "D")):
         assert all(torch.equal(v, ckpt[source][k]) for k, v in state[key].state_dict().items()), key
     assert state["grad_norm"].square_avg == ckpt["grad_norm"]["square_avg"] > 0
     assert torch.equal(state["opt_D"].state_dict()["state"][1]["exp_avg_sq"], ckpt["opt_D"]["state"][1]["exp_avg_sq"])
     assert [state[k].param_groups[0]["lr"] for k in ("opt_G", "opt_D")] == [7e-5, 6e-5]    # this command's lr
+    # --init-d then takes D and its optimizer from an earlier checkpoint, and leaves the rest as --init put it.
+    earlier = dict(ckpt, D={k: v + 1 for k, v in ckpt["D"].items()})
+    state = fresh_state()
+    train.begin(state, {"init": ckpt, "init_d": earlier}, type("Paths", (), dict(init="s1.pt", init_d="s0.pt")), logger)
+    assert all(torch.equal(v, earlier["D"][k]) for k, v in state["D"].state_dict().items())
+    assert all(torch.equal(v, ckpt["EMA"][k]) for k, v in state["G"].state_dict().items())
 
 
 #################################################################################
@@ -710,9 +730,10 @@ def test_sigterm_checkpoints_and_the_run_resumes_exactly(data, tmp_path):
                *map(str, TRAIN[:-2]), "--log-every", "1", "--max-steps", "100000"]
     proc = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    log = tmp_path / "a" / "log.txt"
+    log, deadline = tmp_path / "a" / "log.txt", time.time() + 300
     while not (log.exists() and "step 0000002" in log.read_text()):
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None and time.time() < deadline, proc.kill() or proc.communicate()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
@@ -830,6 +851,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000002.pt"]
     expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "fresh", *TRAIN, "--max-steps", 6,
                  "--lr", 1e30, match="no checkpoint was written before it")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "fresh", *TRAIN, "--max-steps", 2)
+    assert os.listdir(tmp_path / "fresh" / "checkpoints") == ["0000002.pt"]  # a run with no checkpoint may be redone
 
 
 #################################################################################

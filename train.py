@@ -69,7 +69,8 @@ DEFAULTS = [
     ("g_lr_ratio",   "*",   "*",     1.0,   "Table 11: one lr for both players"),
     ("cg_scale",     "*",   "multi", 0.02,  "Table 11, stage 4 of the 2- and 4-step models"),
     ("cg_scale",     "*",   "*",     0.003, "Table 11, stage 4 of the one-step models; Table 3"),
-    ("cg_time",      "*",   "multi", (0.0, 0.25), "Table 11: guided target times [0] (2 steps), [0, 0.25] (4 steps)"),
+    ("cg_time",      "*",   "multi", (0.0, 0.25), "Table 11: guided target times [0] (2 steps), [0, 0.25] (4 steps); "
+                                           "the paper guides no other few- or any-step model"),
     ("cg_time",      "*",   "*",     (0.0, 0.1), "Table 3's best range of t' (U(0, 0.1)); Table 11, stage 4"),
 ]
 
@@ -281,18 +282,23 @@ def augment(x_real, x_fake, p):
               src_x.clamp(min=0)[:, None, :]].permute(0, 3, 1, 2)                 # (N, 2C, H, W)
     x = torch.where(((src_y >= 0)[:, :, None] & (src_x >= 0)[:, None, :])[:, None], moved, torch.zeros_like(x))
     for _ in range(3):
-        # Kornia's erasing: area ~ U(0.1, 0.5) HW, aspect h/w from U(0.3, 1) or U(1, 3.3) on a coin flip, the box
-        # placed uniformly where it fits, filled with 0.
-        area, r = uniform(0.1, 0.5) * H * W, torch.where(torch.rand(N, device=x.device) < 0.5, uniform(0.3, 1),
-                                                         uniform(1, 3.3))
-        h = torch.round((area * r).sqrt()).clamp(1, H).long()
-        w = torch.round((area / r).sqrt()).clamp(1, W).long()
-        y0 = (torch.rand(N, device=x.device) * (H - h + 1)).floor().long()
-        x0 = (torch.rand(N, device=x.device) * (W - w + 1)).floor().long()
+        y0, x0, h, w = erasing_boxes(N, H, W, x.device)
         inside = ((rows >= y0[:, None]) & (rows < (y0 + h)[:, None]))[:, :, None] & \
                  ((cols >= x0[:, None]) & (cols < (x0 + w)[:, None]))[:, None, :]  # (N, H, W)
         x = torch.where((inside & on()[:, None, None])[:, None], torch.zeros_like(x), x)
     return x.chunk(2, dim=1)
+
+
+def erasing_boxes(n, H, W, device):
+    """Kornia's RandomErasing(scale=(0.1, 0.5)) boxes (top, left, height, width), each (n,): area ~ U(0.1, 0.5) HW,
+    aspect h/w from U(0.3, 1) or U(1, 3.3) on a coin flip, the box placed uniformly where it fits."""
+    uniform = lambda lo, hi: lo + (hi - lo) * torch.rand(n, device=device)
+    area, r = uniform(0.1, 0.5) * H * W, torch.where(torch.rand(n, device=device) < 0.5, uniform(0.3, 1), uniform(1, 3.3))
+    h = torch.round((area * r).sqrt()).clamp(1, H).long()
+    w = torch.round((area / r).sqrt()).clamp(1, W).long()
+    y0 = (torch.rand(n, device=device) * (H - h + 1)).floor().long()
+    x0 = (torch.rand(n, device=device) * (W - w + 1)).floor().long()
+    return y0, x0, h, w
 
 
 def discriminator_loss(D, x_real, x_fake, y, t, weighting, gp_scale, gp_eps, gp_ratio, cp_scale, aug_p=0.0):
@@ -430,10 +436,13 @@ def load_checkpoint(path):
 
 
 def load_resume(path, config):
-    """A checkpoint of this very network configuration (train.py's or train_classifier.py's), or one clear line."""
+    """A whole training checkpoint (train.py's or train_classifier.py's) of this very network configuration, or one
+    clear line."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "step" not in ckpt:
         fail(f"{path} is not a training checkpoint of this project")
+    if "rng" not in ckpt:
+        fail(f"{path} holds a generator alone (sample.py --save-generator); continuing needs a training checkpoint")
     if set(ckpt["config"]) != set(config):
         kind = lambda c: "a classifier" if "C" in c else "a generator and a discriminator"
         fail(f"{path} holds {kind(ckpt['config'])}, and this run trains {kind(config)}")
@@ -453,6 +462,9 @@ def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and "config" in ckpt:
         config, info = ckpt["config"], ckpt.get("data_info", {})
+        if "G" not in config or weights not in ckpt:
+            fail(f"{path} holds no {weights} generator (" + ("a classifier checkpoint" if "C" in config else
+                 "a generator alone, as sample.py --save-generator writes it: its EMA") + ")")
         trained = dict(model=ckpt["args"]["model"], nfe=ckpt["config"]["nfe"], repeat=config["G"]["repeat"])
         for key, value in dict(model=model, nfe=nfe, repeat=repeat).items():
             if value is not None and value != trained[key]:
@@ -492,6 +504,12 @@ def save_atomic(obj, path, save=torch.save):
         if isinstance(e, (OSError, RuntimeError)):       # torch.save reports a failed write as a RuntimeError
             fail(f"cannot write {path}: {getattr(e, 'strerror', None) or ' '.join(str(e).split())[:200]}")
         raise
+
+
+def savez(arrays, path):
+    """np.savez to exactly this path (given a name, np.savez would append ".npz" to a temporary one)."""
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_classifier(path, weights="EMA"):
@@ -585,7 +603,7 @@ def check_results_dir(results_dir, resume):
     """A run never overwrites another: a results directory that holds a run takes only a --resume of that run."""
     check_output(results_dir, "--results-dir", folder=True)
     ckpts = os.path.join(results_dir, "checkpoints")
-    holds_run = os.path.isfile(os.path.join(results_dir, "log.txt")) or (os.path.isdir(ckpts) and os.listdir(ckpts))
+    holds_run = bool(glob.glob(os.path.join(ckpts, "*.pt")))   # a run that never saved a checkpoint may be redone
     this_run = resume and os.path.isdir(ckpts) and os.path.samefile(os.path.dirname(os.path.abspath(resume)), ckpts)
     if holds_run and not this_run:
         fail(f"{results_dir} already holds a run: continue it with --resume {ckpts}/<last>.pt, or give a fresh "
@@ -597,7 +615,7 @@ def begin(state, starts, args, logger):
     --init starts a stage as the paper does (Table 11): G from the previous stage's EMA, and the EMA, D, both
     optimizers and the gradient normalisation carried over (its running scale too: restarted from zero it would make
     the first G steps ~3x too large). --init-d then takes D and its optimizer from an earlier checkpoint (App. C)."""
-    hyper = {key: {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    hyper = {key: {k: opt.param_groups[0][k] for k in ("lr", "betas", "eps", "weight_decay")}
              for key, opt in state.items() if isinstance(opt, torch.optim.Optimizer)}
     if "resume" in starts:
         for key, module in state.items():
@@ -634,7 +652,7 @@ def make_fid_evaluator(args, data, device):
     try:
         inception = fid.load_inception(args.inception, device)
         ref = fid.compute_stats(args.fid_ref, inception, batch_size=args.fid_batch_size)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, fid.UserError) as e:
         fail(str(e))
     decode = make_decoder(data.info, args.vae_weights, device)
 
@@ -856,6 +874,8 @@ def main(args):
     data = LatentData(args.data_path)
     config = network_config(args.model, args.nfe, args.repeat, data)
     starts = load_starts(args, config)
+    if dist.is_initialized():
+        dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     guidance = load_guidance(args, data, device) if args.classifier else {}
     evaluate_fid = make_fid_evaluator(args, data, device) if args.fid_every else None
     write_grids = make_grid_writer(args, data, device) if args.sample_every else None
@@ -900,14 +920,14 @@ def main(args):
             reload_ema(G, EMA)
         sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
         log_now, ckpt_now = done % args.log_every == 0 or done == args.max_steps, done % args.ckpt_every == 0
-        if log_now or ckpt_now:
+        signum = stop.requested()
+        if log_now or ckpt_now or signum:                      # no checkpoint of non-finite weights
             means = reduce_means(sums, count, done, args.results_dir)
         if log_now:
             logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
                         f" ot_scale {ot_scale:.4g} aug_p {args.aug_p:.3g} lr {opt_D.param_groups[0]['lr']:.3g}"
                         f" img/s {2 * args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
-        signum = stop.requested()
         if ckpt_now or done == args.max_steps or signum:
             path = save_checkpoint(state, done, args, config, data.info, device, logger)
         if signum:

@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 import fid
 from model import SIZES, Classifier, class_balanced_labels, default_steps, noise, sample
-from train import (LatentData, StopOnSignal, begin, check_in_sync, check_results_dir, create_logger, fail, interpolate,
-                   load_classifier, load_generator, load_resume, positive_int, reduce_means, restore_rng,
-                   save_checkpoint, setup_distributed, update_ema)
+from train import (LatentData, StopOnSignal, begin, check_in_sync, check_results_dir, count, create_logger, fail,
+                   interpolate, load_classifier, load_generator, load_resume, number, positive_int, reduce_means,
+                   restore_rng, save_checkpoint, setup_distributed, update_ema)
 
 EPOCHS = 30              # the paper, §4.1: "trained from scratch ... using the cross-entropy objective for 30 epochs"
 GRAD_CLIP = 50.0         # official train_adversarial_flow_classifier.py: clip_grad_norm_(..., 50.0) every step
@@ -155,10 +155,9 @@ def main_evaluate(args):
         if data is not None:
             check_fits(C, c_info, name, data.info, data.size, data.channels, data.num_classes)
     steps = default_steps(nfe)
-    try:
-        out = evaluate(G, steps, C, held_out, real, args.num_samples, args.global_seed, args.batch_size, device)
-    except ValueError as e:                                    # fewer than 2 images for a covariance
-        fail(str(e))
+    if min(args.num_samples, len(held_out.labels), len(real.labels) if real else 2) < 2:
+        fail("the Frechet distance needs at least 2 images in each set (--num-samples, --data-path, --real-data)")
+    out = evaluate(G, steps, C, held_out, real, args.num_samples, args.global_seed, args.batch_size, device)
     if rank == 0:                                              # Frechet distances to the held-out features
         score = lambda k: f"class accuracy {out[k + '_accuracy']:.4f}  Frechet distance {out[k + '_frechet']:.4f}"
         rows = [("samples", f"({args.weights}, {steps} step{'s' * (steps > 1)}, {args.num_samples})", score("samples"))]
@@ -193,6 +192,8 @@ def main(args):
     if starts and starts["resume"]["step"] >= max_steps:
         fail(f"the checkpoint is at step {starts['resume']['step']}, already at {max_steps} steps: ask for more")
     check_results_dir(args.results_dir, args.resume)
+    if dist.is_initialized():
+        dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     stop = StopOnSignal()
 
     # Model, EMA and AdamW, the same initial weights on every rank.
@@ -251,12 +252,12 @@ if __name__ == "__main__":
     parser.add_argument("--results-dir", type=str, default="results/classifier")
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")         # the paper, §4.1: B/2
     parser.add_argument("--global-batch-size", type=positive_int, default=256)            # official classifier yaml
-    parser.add_argument("--global-seed", type=int, default=0, help="also the noise seed of --evaluate's samples")
+    parser.add_argument("--global-seed", type=count, default=0, help="also the noise seed of --evaluate's samples")
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help=f"default: {EPOCHS} epochs of the data set at the global batch size (the paper, §4.1)")
-    parser.add_argument("--lr", type=float, default=1e-4)                       # official classifier yaml, constant
-    parser.add_argument("--ema-decay", type=float, default=0.9995)                        # official classifier yaml
-    parser.add_argument("--augment-p", type=float, default=0.8, help="probability of the random affine (official)")
+    parser.add_argument("--lr", type=number(lo_open=True), default=1e-4)     # official classifier yaml, constant
+    parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=0.9995)    # official classifier yaml
+    parser.add_argument("--augment-p", type=number(0, 1), default=0.8, help="probability of the random affine (official)")
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
     parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
