@@ -747,13 +747,16 @@ def save_checkpoint(state, step, args, config, data_info, device, logger):
     return path
 
 
-def check_in_sync(models, device, world):
+def check_in_sync(models, device, world, logger):
     """Every rank must end with the same weights: a cheap proof that DDP kept the players in step."""
+    if world == 1:
+        return
     check = torch.stack([sum(p.double().sum() for p in m.parameters()) for m in models]).to(device)
     gathered = [torch.zeros_like(check) for _ in range(world)]
     dist.all_gather(gathered, check)
     if not all(torch.equal(g, gathered[0]) for g in gathered):
         raise RuntimeError("ranks ended with different weights")
+    logger.info(f"weights identical on all {world} ranks")
 
 
 class StopOnSignal:
@@ -771,6 +774,12 @@ class StopOnSignal:
             print(f"{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
             raise SystemExit(128 + signum)
         self.signum = signum
+
+    @staticmethod
+    def exit(signum, step, path, logger):
+        """After the checkpoint: the line that says how to resume, and the exit status of the signal."""
+        logger.info(f"stopped by {signal.Signals(signum).name} after step {step}: resume with --resume {path}")
+        raise SystemExit(128 + signum)
 
     def requested(self):
         flag = torch.tensor([self.signum])
@@ -931,8 +940,7 @@ def main(args):
         if ckpt_now or done == args.max_steps or signum:
             path = save_checkpoint(state, done, args, config, data.info, device, logger)
         if signum:
-            logger.info(f"stopped by {signal.Signals(signum).name} after step {done}: resume with --resume {path}")
-            raise SystemExit(128 + signum)
+            stop.exit(signum, done, path, logger)
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
         if evaluate_fid is not None and done % args.fid_every == 0:
@@ -941,9 +949,7 @@ def main(args):
             tic += time.time() - t0                            # keep sampling time out of img/s
 
     # End: every rank must hold the same weights, a cheap proof that DDP kept the players in step.
-    if world > 1:
-        check_in_sync([G, D], device, world)
-        logger.info(f"weights identical on all {world} ranks")
+    check_in_sync([G, D], device, world, logger)
     logger.info("done")
 
 

@@ -237,12 +237,8 @@ def main(args):
         if done % args.ckpt_every == 0 or done == max_steps or signum:
             path = save_checkpoint(state, done, args, config, data.info, device, logger)
         if signum:
-            logger.info(f"stopped by {signal.Signals(signum).name} after step {done}: resume with --resume {path}")
-            raise SystemExit(128 + signum)
-
-    if world > 1:
-        check_in_sync([C], device, world)
-        logger.info(f"weights identical on all {world} ranks")
+            stop.exit(signum, done, path, logger)
+    check_in_sync([C], device, world, logger)
     logger.info("done")
 
 
