@@ -306,7 +306,7 @@ def test_defaults_table():
     assert [pick("grad_clip", "XL/2", n, r) for n, r in (("1", 1), ("2", 1), ("1", 2), ("1", 4))] == [50, 5, 5, 5]
     assert [pick("g_lr_ratio", "XL/2", "1", r) for r in (1, 2, 4)] == [1.0, 0.5, 0.25]
     assert pick("lr", "B/2", "1", 1) == 1e-4 and pick("lr", "XS/7", "1", 1) == 3e-4      # small images: their own row
-    assert [pick(f, "XS/7", "1", 1) for f in ("global_batch_size", "ema_decay", "g_lr_ratio")] == [64, 0.995, 3.0]
+    assert [pick(f, "XS/7", "1", 1) for f in ("global_batch_size", "ema_decay", "g_lr_ratio")] == [64, 0.995, 2.0]
     assert pick("global_batch_size", "XL/2", "1", 1) == 256 and pick("ema_decay", "XL/2", "1", 1) == 0.9999
     assert all(len(row) == 5 and row[4] for row in train.DEFAULTS)          # every row cites its source
 
