@@ -59,7 +59,7 @@ def main(args):
             images = torch.cat([x for _, x in generate(G, steps, decode, list(range(len(labels))), labels,
                                                        args.global_seed, args.batch_size, device)])
             save_grid(images, args.out, nrow=args.nrow or math.ceil(math.sqrt(len(images))))
-            print(f"saved {len(images)} samples ({steps} steps) to {args.out}")
+            print(f"saved {len(images)} samples ({steps} step{'s' * (steps > 1)}) to {args.out}")
         return
 
     # Evaluation set: class-balanced, sharded over ranks into a staging file that a rerun of the same command resumes,
@@ -83,7 +83,7 @@ def main(args):
         save_atomic(dict(arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm]), args.npz, save=savez)
         for suffix in (".staging.npy", ".staging-done.npy", ".staging.json"):
             os.remove(args.npz + suffix)
-        print(f"saved {args.num_samples} samples ({steps} steps, {num_classes} classes) to {args.npz}")
+        print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {num_classes} classes) to {args.npz}")
 
 
 def save_generator(path, weights, out):

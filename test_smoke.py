@@ -800,6 +800,18 @@ def test_bad_flags_devices_and_outputs_fail_before_any_work(data, tmp_path):
     assert Image.open(tmp_path / "s.jpg").format == "JPEG"
 
 
+def test_the_committed_fashion_mnist_generator_samples_alone(tmp_path):
+    """docs/fmnist_xs7.pt: a grid and an evaluation npz with no other file (pixel data: no VAE)."""
+    ckpt = os.path.join(HERE, "docs", "fmnist_xs7.pt")
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 10, "--nrow", 10)
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (2 + 30, 2 + 10 * 30, 3)
+    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 20)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (20, 28, 28, 3) and np.bincount(f["labels"]).tolist() == [2] * 10
+        assert f["arr_0"].std() > 20                                # images, not a constant
+    assert os.path.getsize(ckpt) < 10 * 2 ** 20
+
+
 def test_noise_seeds_are_unrelated_and_an_interrupted_npz_resumes(data, tmp_path, monkeypatch, capsys):
     a, b = model.noise(range(6), (3, 4, 4), 0), model.noise(range(6), (3, 4, 4), 1)
     assert torch.equal(a[2:4], model.noise([2, 3], (3, 4, 4), 0))              # sample i's noise is its own
