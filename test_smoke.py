@@ -1667,12 +1667,12 @@ def test_fid_cli(tmp_path, capsys):
         pool, spatial, logits = model(torch.from_numpy(a).permute(0, 3, 1, 2))
         pool_b = model(torch.from_numpy(b).permute(0, 3, 1, 2))[0]
 
-    def assert_saved_stats(path):  # np.mean / np.cov of the features (which differ ~1e-6 across batch sizes)
+    def assert_saved_stats(path):  # np.mean / np.cov of the features (which differ by a few 1e-6 across batch sizes and CPUs)
         with np.load(path) as saved:
             assert sorted(saved.files) == ["mu", "mu_s", "sigma", "sigma_s"]
             for (mu, sigma), features in (("mu", "sigma"), pool), (("mu_s", "sigma_s"), spatial):
                 sigma_ = np.cov(features.double().numpy(), rowvar=False)
-                np.testing.assert_allclose(saved[mu], features.double().mean(0), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(saved[mu], features.double().mean(0), rtol=1e-4, atol=2e-5)
                 np.testing.assert_allclose(saved[sigma], sigma_, rtol=1e-4, atol=1e-4 * np.abs(sigma_).max())
 
     # SAMPLES alone: IS (printed by default) and the saved statistics, FID's and sFID's.
