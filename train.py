@@ -877,8 +877,7 @@ def main(args):
     fill_defaults(args)
     batch_size = check_setup(args, device, world)
     stop = StopOnSignal()
-    torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official code
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"  # as the official code
 
     # Inputs: data, checkpoint and evaluation files are all checked before the run writes anything.
     data = LatentData(args.data_path)
