@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pathlib
+import time
 
 import numpy as np
 import torch
@@ -71,19 +72,23 @@ def main(args):
     size = G.input_size * (8 if info.get("vae", "none") != "none" else 1)  # the VAE upsamples 8x
     rows, done = open_staging(args, steps, (args.num_samples, size, size, 3), rank)
     indices = [i for i in range(rank, args.num_samples, world) if not done[i]]
+    tic = time.time()
     batches = generate(G, steps, decode, indices, labels, args.global_seed, args.batch_size, device)
     for chunk, images in tqdm(batches, total=math.ceil(len(indices) / args.batch_size), disable=rank != 0):
         rows[row_of[chunk]] = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, C), ADM's NHWC
         rows.flush()
         done[chunk] = 1                                        # only once the rows are on disk
         done.flush()
+    drawn = torch.tensor(len(indices), device=device)
     if world > 1:
-        dist.barrier()
+        dist.all_reduce(drawn)                                 # also waits for every rank
+    seconds = time.time() - tic
     if rank == 0:
         save_atomic(dict(arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm]), args.npz, save=savez)
         for suffix in (".staging.npy", ".staging-done.npy", ".staging.json"):
             os.remove(args.npz + suffix)
-        print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {num_classes} classes) to {args.npz}")
+        print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {num_classes} classes) to {args.npz}; "
+              f"drew {int(drawn)} in {seconds:.1f} s, {int(drawn) / seconds:.1f} images/s")
 
 
 def save_generator(path, weights, out):

@@ -473,6 +473,7 @@ def test_two_processes_under_torchrun(data, tmp_path):
                                      "--num-samples", "10", "--batch-size", "2"], cwd=HERE, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "drew 10 in" in out.stdout                          # both ranks' samples counted in the throughput
     run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "one.npz", "--num-samples", 10, "--batch-size", 4)
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
