@@ -4,7 +4,7 @@ a generator G and a discriminator D, one D step then one G step per iteration.
 
     python train.py --model B/2 --data-path data/imagenet256                          # one GPU
     torchrun --nproc_per_node=8 train.py --model B/2 --data-path data/imagenet256     # eight GPUs
-    python train.py --model T/2 --data-path data/fmnist --device cpu --global-batch-size 8 --max-steps 20
+    python train.py --model XS/7 --data-path data/fmnist --device cpu                 # Fashion-MNIST, 8 min on 2 cores
     python train.py --model XL/2 --nfe 2 ...       # few-step (velocity) model; --nfe any for any-step
     python train.py --model XL/2 --repeat 4 ...    # 112-layer one-step generator by depth repetition
 
