@@ -587,17 +587,22 @@ def restore_rng(ckpt, seed, rank, world, step, device):
         torch.manual_seed((seed * world + rank) * 1_000_003 + step)
 
 
-def load_starts(args, config):
+def load_starts(args, config, max_steps):
     """The checkpoints a run starts from, read before the run writes anything: --resume (the exact continuation of a
-    run), or --init (a new stage from a run's last checkpoint) and --init-d (D from an earlier one)."""
-    if args.resume and (args.init or args.init_d):
+    run), or --init (a new stage from a run's last checkpoint) and --init-d (D from an earlier one). The classifier
+    trainer has --resume alone."""
+    flags = {key: getattr(args, key, None) for key in ("resume", "init", "init_d")}
+    if flags["resume"] and (flags["init"] or flags["init_d"]):
         fail("--resume continues a run exactly; --init and --init-d start a new stage: give one or the other")
-    starts = {key: load_resume(getattr(args, key), config) for key in ("resume", "init", "init_d") if getattr(args, key)}
-    step = starts.get("resume", starts.get("init", {})).get("step", 0)
-    if step >= args.max_steps:
-        fail(f"the checkpoint is at step {step}, already at --max-steps {args.max_steps}: ask for more steps")
+    starts = {key: load_resume(path, config) for key, path in flags.items() if path}
+    if start_step(starts) >= max_steps:
+        fail(f"the checkpoint is at step {start_step(starts)}, already at --max-steps {max_steps}: ask for more steps")
     check_results_dir(args.results_dir, args.resume)
     return starts
+
+
+def start_step(starts):
+    return starts.get("resume", starts.get("init", {})).get("step", 0)
 
 
 def check_results_dir(results_dir, resume):
@@ -631,7 +636,7 @@ def begin(state, starts, args, logger):
         state[key].param_groups[0].update(values)
     for key, ckpt in starts.items():
         logger.info(f"--{key.replace('_', '-')} {getattr(args, key)} (step {ckpt['step']})")
-    return starts.get("resume", starts.get("init", {})).get("step", 0)
+    return start_step(starts)
 
 
 def load_guidance(args, data, device):
@@ -789,6 +794,18 @@ class StopOnSignal:
         return int(flag)
 
 
+def run_training(main, args):
+    """Runs a trainer's main, then gives back what it took: the signal handlers of StopOnSignal (for callers in the
+    same process) and the process group."""
+    try:
+        main(args)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def setup_distributed(device):
     """DDP as in DiT and nanoGPT: torchrun sets RANK/WORLD_SIZE, plain `python` runs one process. nccl on CUDA,
     gloo on CPU. Returns (device, rank, world size)."""
@@ -811,9 +828,13 @@ def check_setup(args, device, world):
     """-> the per-rank batch size, once the flags fit this device and world size."""
     if args.precision == "bf16" and device.type != "cuda":
         fail("--precision bf16 is for CUDA devices")
-    if args.global_batch_size % world:
-        fail(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world}")
-    return args.global_batch_size // world
+    return per_rank_batch(args.global_batch_size, world)
+
+
+def per_rank_batch(global_batch_size, world):
+    if global_batch_size % world:
+        fail(f"--global-batch-size {global_batch_size} must be divisible by the world size {world}")
+    return global_batch_size // world
 
 
 def fill_defaults(args):
@@ -832,11 +853,16 @@ def fill_defaults(args):
 
 def network_config(model, nfe, repeat, data):
     """Everything that decides the networks' shapes: what a checkpoint must match to be resumed."""
+    g_flags, d_flags = mode_flags(nfe, repeat)
+    common = network_shape(model, data)
+    return dict(G=dict(common, **g_flags), D=dict(common, **d_flags), nfe=nfe)
+
+
+def network_shape(model, data):
+    """The constructor arguments every network of `model` size shares on this data."""
     if data.size % SIZES[model]["patch_size"]:
         fail(f"inputs of size {data.size} do not split into patches of {SIZES[model]['patch_size']}")
-    g_flags, d_flags = mode_flags(nfe, repeat)
-    common = dict(SIZES[model], input_size=data.size, in_channels=data.channels, num_classes=data.num_classes)
-    return dict(G=dict(common, **g_flags), D=dict(common, **d_flags), nfe=nfe)
+    return dict(SIZES[model], input_size=data.size, in_channels=data.channels, num_classes=data.num_classes)
 
 
 def parse_nfe(value):
@@ -882,7 +908,7 @@ def main(args):
     # Inputs: data, checkpoint and evaluation files are all checked before the run writes anything.
     data = LatentData(args.data_path)
     config = network_config(args.model, args.nfe, args.repeat, data)
-    starts = load_starts(args, config)
+    starts = load_starts(args, config, args.max_steps)
     if dist.is_initialized():
         dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     guidance = load_guidance(args, data, device) if args.classifier else {}
@@ -1020,10 +1046,4 @@ if __name__ == "__main__":
         parser.error("--cg-time LO HI needs LO <= HI")
     if args.classifier is None and args.cg_scale is not None:
         parser.error("--cg-scale needs --classifier")
-    try:
-        main(args)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)   # what StopOnSignal took, for callers in-process
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_training(main, args)

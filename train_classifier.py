@@ -17,7 +17,6 @@ features to those of the held-out images, an FID in the classifier's feature spa
 import argparse
 import math
 import os
-import signal
 import time
 from copy import deepcopy
 
@@ -30,9 +29,9 @@ from tqdm import tqdm
 
 import fid
 from model import SIZES, Classifier, class_balanced_labels, default_steps, noise, sample
-from train import (LatentData, StopOnSignal, begin, check_in_sync, check_results_dir, count, create_logger, fail,
-                   interpolate, load_classifier, load_generator, load_resume, number, positive_int, reduce_means,
-                   restore_rng, save_checkpoint, setup_distributed, update_ema)
+from train import (LatentData, StopOnSignal, begin, check_in_sync, count, create_logger, fail, interpolate,
+                   load_classifier, load_generator, load_starts, network_shape, number, per_rank_batch, positive_int,
+                   reduce_means, restore_rng, run_training, save_checkpoint, setup_distributed, update_ema)
 
 EPOCHS = 30              # the paper, §4.1: "trained from scratch ... using the cross-entropy objective for 30 epochs"
 GRAD_CLIP = 50.0         # official train_adversarial_flow_classifier.py: clip_grad_norm_(..., 50.0) every step
@@ -177,21 +176,12 @@ def main_evaluate(args):
 def main(args):
     # Setup: processes and devices, the data, the network config, the checkpoint to resume, before anything is written.
     device, rank, world = setup_distributed(args.device)
-    if args.global_batch_size % world:
-        fail(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world}")
-    batch_size = args.global_batch_size // world
-    torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official code
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    batch_size = per_rank_batch(args.global_batch_size, world)
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"  # as the official code
     data = LatentData(args.data_path)
-    if data.size % SIZES[args.model]["patch_size"]:
-        fail(f"inputs of size {data.size} do not split into patches of {SIZES[args.model]['patch_size']}")
-    config = dict(C=dict(SIZES[args.model], input_size=data.size, in_channels=data.channels,
-                         num_classes=data.num_classes))
+    config = dict(C=network_shape(args.model, data))
     max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
-    starts = {"resume": load_resume(args.resume, config)} if args.resume else {}  # the same network, or one line
-    if starts and starts["resume"]["step"] >= max_steps:
-        fail(f"the checkpoint is at step {starts['resume']['step']}, already at {max_steps} steps: ask for more")
-    check_results_dir(args.results_dir, args.resume)
+    starts = load_starts(args, config, max_steps)              # the same network, or one line
     if dist.is_initialized():
         dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     stop = StopOnSignal()
@@ -268,10 +258,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.evaluate and not args.classifier:
         parser.error("--evaluate needs --classifier")
-    try:
-        main_evaluate(args) if args.evaluate else main(args)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)   # what StopOnSignal took, for callers in-process
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_training(main_evaluate if args.evaluate else main, args)
