@@ -33,7 +33,7 @@ from tqdm import tqdm
 import fid
 from model import (SIZES, Classifier, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags,
                    transport)
-from vae import load_vae
+from vae import SCALE, load_vae
 
 #################################################################################
 #                       The paper's values, per size and mode                   #
@@ -426,6 +426,15 @@ def ot_scale_at(step, start, end, decay_steps):
 #                            Checkpoints and evaluation                         #
 #################################################################################
 
+# The official release's .pth files are bare state dicts of networks on ImageNet 256 latents of the SD VAE.
+OFFICIAL_DATA = dict(vae="sd-vae-ft-mse", scale=SCALE, num_classes=1000)              # as info.json would say
+OFFICIAL_SHAPE = dict(input_size=32, in_channels=4, num_classes=1000)
+
+
+def is_state_dict(ckpt):
+    return isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+
+
 def load_checkpoint(path):
     """Loads an untrusted checkpoint file safely (tensors and primitives only), or ends with one clear line."""
     if not os.path.isfile(path):
@@ -471,12 +480,12 @@ def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
             if value is not None and value != trained[key]:
                 fail(f"{path} holds a --{key} {trained[key]} model, not --{key} {value}")
         kwargs, state, nfe = config["G"], ckpt[weights], config["nfe"]
-    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    elif is_state_dict(ckpt):
         if model is None:
             fail(f"{path} is a bare state dict: say which network it is with --model (and --nfe, --repeat)")
         nfe, repeat = nfe or "1", repeat or 1
-        kwargs = dict(SIZES[model], input_size=32, in_channels=4, num_classes=1000, **mode_flags(nfe, repeat)[0])
-        state, info = ckpt, dict(vae="sd-vae-ft-mse", scale=0.18215, num_classes=1000)
+        kwargs = dict(SIZES[model], **OFFICIAL_SHAPE, **mode_flags(nfe, repeat)[0])
+        state, info = ckpt, dict(OFFICIAL_DATA)
     else:
         fail(f"{path} is neither a training checkpoint nor a generator state dict")
     try:
@@ -518,9 +527,8 @@ def load_classifier(path, weights="EMA"):
     the official release's classifier.pth (a bare B/2 state dict for ImageNet-256 latents), and the info.json of the
     data it was trained on; one clear line when the file is neither."""
     ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        ckpt = dict(EMA=ckpt, config=dict(C=dict(SIZES["B/2"], input_size=32, in_channels=4, num_classes=1000)),
-                    data_info=dict(vae="sd-vae-ft-mse", scale=0.18215, num_classes=1000))
+    if is_state_dict(ckpt):
+        ckpt = dict(EMA=ckpt, config=dict(C=dict(SIZES["B/2"], **OFFICIAL_SHAPE)), data_info=dict(OFFICIAL_DATA))
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "C" not in ckpt["config"]:
         fail(f"{path} is not a classifier checkpoint of train_classifier.py")
     try:
