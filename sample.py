@@ -28,6 +28,8 @@ from train import (allocate_npy, check_output, count, fail, image_format, load_c
                    make_decoder, parse_nfe, positive_int, run_interruptible, save_atomic, save_grid, savez,
                    setup_distributed)
 
+STAGING = (".staging.json", ".staging.npy", ".staging-done.npy")  # what --npz keeps until done: the record, rows, mask
+
 
 def main(args):
     # Setup, and every output checked before any work.
@@ -85,7 +87,7 @@ def main(args):
     seconds = time.time() - tic
     if rank == 0:
         save_atomic(dict(arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm]), args.npz, save=savez)
-        for suffix in (".staging.npy", ".staging-done.npy", ".staging.json"):
+        for suffix in STAGING:
             os.remove(args.npz + suffix)
         print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {num_classes} classes) to {args.npz}; "
               f"drew {int(drawn)} in {seconds:.1f} s, {int(drawn) / seconds:.1f} images/s")
@@ -109,7 +111,7 @@ def open_staging(args, steps, shape, rank):
                                                              os.path.getmtime(path)]
     spec = dict(ckpt=identity(args.ckpt), vae=identity(args.vae_weights), network=[args.model, args.nfe, args.repeat],
                 weights=args.weights, steps=steps, seed=args.global_seed, shape=list(shape))
-    record, rows, done = (args.npz + suffix for suffix in (".staging.json", ".staging.npy", ".staging-done.npy"))
+    record, rows, done = (args.npz + suffix for suffix in STAGING)
     if rank == 0:
         try:
             with open(record) as f:
