@@ -22,7 +22,6 @@ Interrupted (Ctrl-C, SIGTERM, a crash)? Run the same command again: finished chu
 byte-identical. Directory links in class folders are followed, each real directory once.
 """
 import argparse
-import contextlib
 import gzip
 import hashlib
 import json
@@ -40,7 +39,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from train import allocate_npy, check_output, fail, positive_int, run_interruptible, setup_distributed
+from train import (allocate_npy, check_output, fail, positive_int, run_interruptible, save_atomic,
+                   setup_distributed)
 from vae import SCALE, AutoencoderKL, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -224,25 +224,19 @@ def open_source(path, image_size):
 # At the end the staging arrays are renamed if every image was good (no copy), else compacted to the good rows; only
 # the few bad images are decoded again, for skipped.txt's reasons. info.json, written last, marks the run finished.
 
-@contextlib.contextmanager
-def atomic(path):
-    """Yields a temporary name to write path through: renamed to path at the end of the block, removed if the block
-    fails, so that neither half a file nor a temporary one is left; a failed write (a full disk) ends in one line."""
-    tmp = path + ".tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        fail(f"cannot write {path}: {e.strerror or e}")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_atomic(path, data):
-    """bytes, or an array saved as .npy."""
-    with atomic(path) as tmp, open(tmp, "wb") as f:
+def write_file(data, path):
+    """bytes, or an array as .npy, to exactly this path (given a name, np.save would append ".npy" to save_atomic's
+    temporary one)."""
+    with open(path, "wb") as f:
         np.save(f, data) if isinstance(data, np.ndarray) else f.write(data)
+
+
+def copy_rows(src, rows, path):
+    """A new .npy at path holding src[rows], a block at a time: the arrays can be larger than memory."""
+    dst = allocate_npy(path, (len(rows),) + src.shape[1:], src.dtype)
+    for j in range(0, len(rows), 1024):
+        dst[j:j + 1024] = src[rows[j:j + 1024]]
+    dst.flush()
 
 
 def start_run(out, arrays, run):
@@ -254,9 +248,8 @@ def start_run(out, arrays, run):
         fail(f"cannot create --out {out}: {e.strerror or e}")
     try:
         for name, dtype, shape in arrays:
-            with atomic(f"{out}/{name}.partial.npy") as tmp:
-                allocate_npy(tmp, shape, dtype)
-        write_atomic(f"{out}/run.json", json.dumps(run, indent=1).encode())
+            save_atomic(shape, f"{out}/{name}.partial.npy", save=lambda shape, tmp: allocate_npy(tmp, shape, dtype))
+        save_atomic(json.dumps(run, indent=1).encode(), f"{out}/run.json", save=write_file)
     except BaseException:
         discard_run(out)
         raise
@@ -277,7 +270,7 @@ def finalize(out, spec, classes, files, labels):
     good = status == 1
     reason = lambda f: load_image(os.path.join(spec["data_path"], f), spec["image_size"])[1]
     skipped = [(f, reason(f) or "unreadable in the worker") for f, ok in zip(files, good) if not ok]
-    write_atomic(f"{out}/skipped.txt", "".join(f"{f}\t{why}\n" for f, why in skipped).encode())
+    save_atomic("".join(f"{f}\t{why}\n" for f, why in skipped).encode(), f"{out}/skipped.txt", save=write_file)
     if not good.any():  # nothing to train on; once the images are fixed, the same command starts over
         discard_run(out)
         fail(f"none of the {len(files)} images could be decoded (the first, {': '.join(skipped[0])}; "
@@ -289,21 +282,16 @@ def finalize(out, spec, classes, files, labels):
         if good.all():
             os.replace(part, final)
         else:
-            src, keep = np.load(part, mmap_mode="r"), np.flatnonzero(good)
-            with atomic(final) as tmp:
-                dst = allocate_npy(tmp, (len(keep),) + src.shape[1:], src.dtype)
-                for j in range(0, len(keep), 1024):  # a block at a time: the arrays can be larger than memory
-                    dst[j:j + 1024] = src[keep[j:j + 1024]]
-                dst.flush()
-                del dst
+            src = np.load(part, mmap_mode="r")
+            save_atomic(np.flatnonzero(good), final, save=lambda rows, tmp: copy_rows(src, rows, tmp))
             os.remove(part)
     latents = np.load(f"{out}/latents.npy", mmap_mode="r")
     assert len(latents) == good.sum() and latents.shape[1] == 2, "latents.npy does not match the status record"
-    write_atomic(f"{out}/labels.npy", np.asarray(labels, dtype=np.int64)[good])
+    save_atomic(np.asarray(labels, dtype=np.int64)[good], f"{out}/labels.npy", save=write_file)
     info = dict(num_classes=len(classes), image_size=spec["image_size"], scale=spec["scale"], vae=spec["vae"],
                 num_images=int(good.sum()), num_skipped=len(skipped), views=2, shape=list(latents.shape[1:]),
                 classes=classes, source=spec)
-    write_atomic(f"{out}/info.json", json.dumps(info, indent=1).encode())
+    save_atomic(json.dumps(info, indent=1).encode(), f"{out}/info.json", save=write_file)
     discard_run(out)
     return int(good.sum()), len(skipped)
 
