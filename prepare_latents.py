@@ -39,7 +39,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from train import (allocate_npy, check_output, fail, positive_int, run_interruptible, save_atomic,
+from train import (allocate_npy, check_output, count, fail, positive_int, run_interruptible, save_atomic,
                    setup_distributed)
 from vae import SCALE, AutoencoderKL, load_vae
 
@@ -458,7 +458,7 @@ def parse_args(argv=None):
                         help="output size (default: 256 for folders, the images' own size for IDX and npz)")
     parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="images per chunk and per encoder call (x2 views)")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--num-workers", type=count, default=min(8, os.cpu_count() or 1),
                         help="image-decoding DataLoader workers per process (default: min(8, CPUs); 0: none)")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--benchmark", action="store_true", help="time the encoder on random inputs and exit")
@@ -466,8 +466,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.benchmark and not (args.data_path and args.out):
         parser.error("--data-path and --out are required")
-    if args.num_workers < 0:
-        parser.error(f"--num-workers must be 0 or more, not {args.num_workers}")
     try:
         device = torch.device(args.device or "cpu")
     except RuntimeError:
