@@ -61,8 +61,9 @@ def walk_once(top):
     for folder, subfolders, names in os.walk(top, followlinks=True):
         keep = []
         for d in sorted(subfolders):
-            if identity(os.path.join(folder, d)) not in seen:
-                seen.add(identity(os.path.join(folder, d)))
+            real = identity(os.path.join(folder, d))
+            if real not in seen:
+                seen.add(real)
                 keep.append(d)
         subfolders[:] = keep
         yield folder, names
