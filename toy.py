@@ -119,11 +119,13 @@ class MLP(nn.Module):
 
 class ToyGenerator(MLP):
     """model.Generator's signature, y a dummy label. One step: G(z) is the sample. Few steps (use_t_src): the
-    velocity at (x_s, s), which model.transport turns into x_t = x_s - (s - t) v."""
+    velocity at (x_s, s), which model.transport turns into x_t = x_s - (s - t) v. TwinFlow (use_t=2): its F(x_t, t,
+    t_tgt), the velocity that carries x_t from time t to t_tgt, x_tgt = x_t - (t - t_tgt) F. Times t > 0 are the real
+    flow; t < 0 the flow of the model's own one-step samples."""
     use_t_src = property(lambda self: self.use_t)
 
     def forward(self, x, y, t_src=None, t_tgt=None):
-        return self.mlp(x, t_src)                                              # (N, 1), like x
+        return self.mlp(x, t_src, t_tgt)                                       # (N, 1), like x
 
 
 class ToyDiscriminator(MLP):
@@ -131,17 +133,6 @@ class ToyDiscriminator(MLP):
     def forward(self, x, y, t=None):
         return self.mlp(x, t).view(-1)                                         # (N,) logits
 
-
-class ToyTwinFlow(MLP):
-    """TwinFlow's F(x_t, t, t_tgt), in ToyGenerator's signature: the velocity that carries x_t from time t to t_tgt,
-    x_tgt = x_t - (t - t_tgt) F. Times t > 0 are the real flow; t < 0 the flow of the model's own one-step samples."""
-    use_t_src = True
-
-    def __init__(self):
-        super().__init__(use_t=2)
-
-    def forward(self, x, y, t_src, t_tgt):
-        return self.mlp(x, t_src, t_tgt)                                       # (N, 1), like x
 
 #################################################################################
 #                                   Training                                    #
@@ -244,7 +235,7 @@ def train_twinflow(nfe, steps, seed):
     nfe only matters when sampling: x_tgt = x - (t - t_tgt) F(x, t, t_tgt). The EMA is returned, as for the other
     rows; the tutorial samples its online network and keeps this EMA as the consistency target."""
     torch.manual_seed(seed)
-    G = ToyTwinFlow()
+    G = ToyGenerator(use_t=2)
     EMA, decay = deepcopy(G).requires_grad_(False), 0.0
     opt = torch.optim.Adam(G.parameters(), lr=LR)
     for _ in range(steps):
