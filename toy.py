@@ -292,9 +292,10 @@ def draw_panel(title, paths, z):
 #                                     Main                                      #
 #################################################################################
 
-NAMES = dict(afm="AFM", twinflow="TwinFlow", gan="GAN (no OT loss)", fm="flow matching")
-TRAIN = dict(afm=partial(train_adversarial, use_ot=True), twinflow=train_twinflow,
-             gan=partial(train_adversarial, use_ot=False), fm=train_flow_matching)
+MODELS = dict(afm=("AFM", partial(train_adversarial, use_ot=True)),
+              twinflow=("TwinFlow", train_twinflow),
+              gan=("GAN (no OT loss)", partial(train_adversarial, use_ot=False)),
+              fm=("flow matching", train_flow_matching))
 
 
 def main(nfe=1, steps=1000, seed=0, out_dir="."):
@@ -310,9 +311,8 @@ def main(nfe=1, steps=1000, seed=0, out_dir="."):
     z_lines = ndtri((np.arange(32) + 0.5) / 32)              # paths at prior quantiles: their density is the prior's
     print(f"{nfe}-step models, {steps} steps of batch {BATCH}, seeds {seed} and {seed + 1}")
     print(f"{'model':<18}{'W1 to data':>11}{'map error':>11}{'seed shift':>12}{'seconds':>9}")
-    for name, label in NAMES.items():
+    for name, (label, train) in MODELS.items():
         tic = time.time()
-        train = TRAIN[name]
         (G, stats), (G_other, _) = (train(nfe, steps, s) for s in (seed, seed + 1))
         maps[name] = trajectory(G, z_grid, nfe)[-1]
         r = results[name] = dict(w1=w1_to_data(trajectory(G, z_eval, nfe)[-1]),
