@@ -206,7 +206,8 @@ def rcgm_residual(EMA, F_th, x_t, v, t, t_tgt):
     should equal DELTA along the true v, then ORDER Euler steps of the EMA from t - DELTA to t_tgt; within DELTA of
     t_tgt the residual is flow matching's F_th - v."""
     t_mid = torch.maximum(t - DELTA, t_tgt)
-    x, jump, times = x_t - DELTA * v, 0, [t_mid * (1 - i / ORDER) + t_tgt * i / ORDER for i in range(ORDER + 1)]
+    times = [t_mid * (1 - i / ORDER) + t_tgt * i / ORDER for i in range(ORDER + 1)]
+    x, jump = x_t - DELTA * v, 0
     for t_c, t_n in zip(times, times[1:]):
         step = (t_c - t_n) * EMA(x, None, t_c, t_n)
         x, jump = x - step, jump + step
