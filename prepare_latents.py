@@ -39,8 +39,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from train import (allocate_npy, check_output, count, fail, positive_int, run_interruptible, save_atomic,
-                   setup_distributed)
+from common import allocate_npy, check_output, count, fail, positive_int, run, save_atomic, setup_distributed
 from vae import SCALE, AutoencoderKL, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -477,4 +476,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run_interruptible(main, parse_args(), "run the same command again to resume")
+    run(main, parse_args(), "run the same command again to resume")

@@ -23,10 +23,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from common import (allocate_npy, check_output, count, fail, image_format, load_checkpoint, load_generator,
+                    make_decoder, parse_nfe, positive_int, run, save_atomic, save_grid, savez, setup_distributed)
 from model import SIZES, class_balanced_labels, default_steps, generate
-from train import (allocate_npy, check_output, count, fail, image_format, load_checkpoint, load_generator,
-                   make_decoder, parse_nfe, positive_int, run_interruptible, save_atomic, save_grid, savez,
-                   setup_distributed)
 
 STAGING = (".staging.json", ".staging.npy", ".staging-done.npy")  # what --npz keeps until done: the record, rows, mask
 
@@ -152,4 +151,5 @@ if __name__ == "__main__":
     parser.add_argument("--num-samples", type=positive_int, default=50_000)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--device", type=str, default=None)
-    run_interruptible(main, parser.parse_args(), "--npz: run the same command again to resume")
+    args = parser.parse_args()
+    run(main, args, "run the same command again to resume" if args.npz else "nothing was written")

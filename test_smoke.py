@@ -40,6 +40,8 @@ from PIL import Image
 import fid
 import model
 import prepare_latents
+import common
+import loss
 import toy
 import train
 import train_classifier
@@ -135,17 +137,23 @@ def project_imports(name):
     return imported(ast.walk(tree)) - nested, nested
 
 
+LIBRARIES = {"model", "vae", "fid", "loss", "common"}          # imported by scripts; never import a script
+
+
 def test_imports_flow_one_way():
-    """model/vae/fid import nothing of the project; no cycle; no project import hidden in a function."""
+    """Library files import no script, and model/vae/fid nothing of the project, loss.py model.py alone (each can be
+    copied out with what it names); no script imports a script; no cycle; no project import hidden in a function."""
     graph = {}
     for name in SCRIPTS:
-        importlib.import_module(name)                          # every script imports without running
+        importlib.import_module(name)                          # every file imports without running
         graph[name], nested = project_imports(name)
         assert not nested, f"{name} imports {nested} inside a function"
-    assert {"model", "train", "sample", "fid", "vae", "prepare_latents", "toy"} <= set(graph)
+    assert LIBRARIES | {"train", "sample", "prepare_latents", "train_classifier", "toy"} <= set(graph)
     for copyable in ("model", "vae", "fid"):
         assert not graph[copyable], f"{copyable}.py imports {graph[copyable]}"
-    assert "sample" not in graph["train"] and "train" in graph["sample"]
+    assert graph["loss"] == {"model"}
+    for name, imported in graph.items():
+        assert imported <= LIBRARIES, f"{name} imports the script(s) {imported - LIBRARIES}"
     def reaches(a, b, seen=()):
         return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph[a])
     assert not [n for n in graph if reaches(n, n)], "import cycle"
@@ -237,7 +245,7 @@ def test_discriminator_loss_terms_by_hand():
     x_real, x_fake = torch.arange(16.).view(4, 4) / 10, -torch.arange(16.).view(4, 4) / 20
     y, t, w = torch.tensor([0, 1, 2, 0]), torch.tensor([0.5, 0.25, 0.0, 0.75]), torch.tensor([0.5, 0.5, 1.0, 0.25])
     torch.manual_seed(0)
-    loss, stats = train.discriminator_loss(D, x_real, x_fake, y, t, w, gp_scale=0.25, gp_eps=0.01, gp_ratio=0.5,
+    total, stats = loss.discriminator_loss(D, x_real, x_fake, y, t, w, gp_scale=0.25, gp_eps=0.01, gp_ratio=0.5,
                                            cp_scale=0.01)
     torch.manual_seed(0)                                       # the same noise the loss drew
     n1, n2 = torch.randn(2, 4), torch.randn(2, 4)
@@ -249,7 +257,7 @@ def test_discriminator_loss_terms_by_hand():
         cp = 0.01 * ((real + fake) ** 2).mean()
     for key, value in dict(loss_d=adv, r1=r1, r2=r2, cp=cp).items():
         torch.testing.assert_close(stats[key], value, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(loss, adv + r1 + r2 + cp, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(total, adv + r1 + r2 + cp, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stats["logits_real"], real.mean())
 
 
@@ -258,13 +266,13 @@ def test_generator_loss_terms_by_hand():
     x_fake = torch.tensor([[1., 0, 0, 0], [0, 2, 0, 0]], requires_grad=True)
     x_src, x_real = torch.zeros(2, 4), torch.ones(2, 4)
     y, w = torch.tensor([0, 1]), torch.tensor([1.0, 0.5])
-    loss, stats = train.generator_loss(D, x_fake, x_src, x_real, y, None, w, ot_scale=0.2,
-                                       grad_norm=torch.nn.Identity())
+    total, stats = loss.generator_loss(D, x_fake, x_src, x_real, y, None, w, ot_scale=0.2,
+                                        grad_norm=torch.nn.Identity())
     with torch.no_grad():
         real, fake = D(x_real, y), D(x_fake, y)
     torch.testing.assert_close(stats["loss_g"], torch.log1p(torch.exp(-(fake - real))).mean())
     torch.testing.assert_close(stats["ot"], torch.tensor((0.2 * 1 / 4 / 1.0 + 0.2 * 4 / 4 / 0.5) / 2))
-    loss.backward()
+    total.backward()
     assert D.w.grad is not None and x_fake.grad.abs().sum() > 0
 
 
@@ -274,14 +282,14 @@ def test_gradient_normalisation_makes_the_loss_scale_irrelevant():
     for scale in (1.0, 1000.0):
         torch.manual_seed(0)
         G = torch.nn.Linear(3, 4)
-        gn = train.GradNorm()
+        gn = loss.GradNorm()
         x = G(torch.randn(5, 3))
         (gn(x).tanh().sum() * scale).backward()
         grads.append(G.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
     # The running statistic: EMA_0.9 of |g|^2 numel, starting from 0.
     x = torch.randn(5, 4, requires_grad=True)
-    gn = train.GradNorm()
+    gn = loss.GradNorm()
     out = gn(x)
     out.backward(torch.full((5, 4), 2.0))
     square = 4.0 * 20 * 20
@@ -290,10 +298,10 @@ def test_gradient_normalisation_makes_the_loss_scale_irrelevant():
 
 
 def test_ot_scale_schedule():
-    assert train.ot_scale_at(0, 0.2, 0.005, 101) == pytest.approx(0.2)
-    assert train.ot_scale_at(50, 0.2, 0.005, 101) == pytest.approx(0.1025)
-    assert train.ot_scale_at(100, 0.2, 0.005, 101) == train.ot_scale_at(10**6, 0.2, 0.005, 101) == 0.005
-    assert {train.ot_scale_at(s, 0.001, 0.001, 101) for s in (0, 50, 10**6)} == {0.001}   # a constant stage
+    assert loss.ot_scale_at(0, 0.2, 0.005, 101) == pytest.approx(0.2)
+    assert loss.ot_scale_at(50, 0.2, 0.005, 101) == pytest.approx(0.1025)
+    assert loss.ot_scale_at(100, 0.2, 0.005, 101) == loss.ot_scale_at(10**6, 0.2, 0.005, 101) == 0.005
+    assert {loss.ot_scale_at(s, 0.001, 0.001, 101) for s in (0, 50, 10**6)} == {0.001}   # a constant stage
 
 
 def test_defaults_table():
@@ -313,13 +321,13 @@ def test_defaults_table():
 
 def test_batches_share_the_image_not_the_noise(data):
     torch.manual_seed(0)
-    d = train.LatentData(data)
+    d = common.LatentData(data)
     for nfe, expect in (("1", {(1.0, 0.0)}), ("4", {(1.0, .75), (.75, .5), (.5, .25), (.25, 0.0)})):
-        b = train.make_batch(d, 64, nfe, "cpu")
+        b = batch(d, 64, nfe)
         assert set(zip(b["t_src"].tolist(), b["t_tgt"].tolist())) == expect
-    b = train.make_batch(d, 64, "any", "cpu")
+    b = batch(d, 64, "any")
     assert ((b["t_tgt"] <= b["t_src"]) & (b["t_src"] <= 1)).all() and b["weighting"].min() >= 0.001
-    b = train.make_batch(d, 4, "1", "cpu")
+    b = batch(d, 4, "1")
     assert not torch.equal(b["x_src"], b["x_tgt"])             # one step: x_s is pure noise, x_t is the data
     rows = np.load(os.path.join(data, "latents.npy")).astype(np.float32)
     assert any(np.allclose(b["x_tgt"][0].numpy(), rows[i, v]) for i in range(len(rows)) for v in range(2))
@@ -328,6 +336,10 @@ def test_batches_share_the_image_not_the_noise(data):
 #################################################################################
 #                              Steps and the loop                               #
 #################################################################################
+
+def batch(data, n, nfe):
+    return loss.afm_batch(*data.sample(n), nfe)
+
 
 def players(nfe="1"):
     torch.manual_seed(0)
@@ -356,20 +368,21 @@ def test_d_step_changes_only_d_and_g_step_only_g(data):
     EMA = model.Generator(**dict(TINY, in_channels=3, num_classes=5), use_t_src=True)
     EMA.load_state_dict(G.state_dict())
     opt_G, opt_D = torch.optim.AdamW(G.parameters(), lr=1e-3), torch.optim.AdamW(D.parameters(), lr=1e-3)
-    d = train.LatentData(data)
+    d = common.LatentData(data)
     g0, d0, e0 = snapshot(G), snapshot(D), snapshot(EMA)
-    stats = train.d_step(G, D, opt_D, train.make_batch(d, 8, "2", "cpu"), gp_scale=0.25, gp_eps=0.01, gp_ratio=0.25,
-                         cp_scale=0.01, **players_kw)
+    stats = loss.DStep(G, D, opt_D, **players_kw)(batch(d, 8, "2"))
     assert not changed(G, g0) and changed(D, d0) == set(d0) - {"pos_embed"}
     assert all(torch.isfinite(v) for v in stats.values())
     d1, d_grads = snapshot(D), [None if p.grad is None else p.grad.clone() for p in D.parameters()]
-    stats = train.g_step(G, D, opt_G, train.GradNorm(), train.make_batch(d, 8, "2", "cpu"), ot_scale=0.25, **players_kw)
+    assert all(p.grad is None for p in D.parameters())      # D's gradients are freed right after its step
+    stats = loss.GStep(G, D, opt_G, loss.GradNorm(), **players_kw)(batch(d, 8, "2"), ot_scale=0.25)
+    assert all(p.grad is None for p in G.parameters())      # and G's after its own
     assert not changed(D, d1) and changed(G, g0) == set(g0) - {"pos_embed"}
     # D passed gradients to G without collecting any itself, and is trainable again (pos_embed stays frozen).
     assert all(a is None and p.grad is None or torch.equal(a, p.grad) for a, p in zip(d_grads, D.parameters()))
     assert [n for n, p in D.named_parameters() if not p.requires_grad] == ["pos_embed"]
     assert not changed(EMA, e0)
-    train.update_ema(EMA, G, 0.9)
+    loss.update_ema(EMA, G, 0.9)
     assert changed(EMA, e0) == set(e0) - {"pos_embed"}
     torch.testing.assert_close(EMA.x_embedder.proj.bias, 0.9 * e0["x_embedder.proj.bias"] + 0.1 * G.x_embedder.proj.bias)
 
@@ -490,15 +503,20 @@ def test_two_processes_under_torchrun(data, tmp_path):
 def test_augment_shares_parameters_and_moves_whole_pixels():
     torch.manual_seed(0)
     x = torch.randn(64, 2, 8, 8)
-    a, b = train.augment(x, x + 1, 0.0)
+    a, b = loss.augment(x, x + 1, 0.0)
     assert torch.equal(a, x) and torch.equal(b, x + 1)                          # p = 0: the identity
-    a, b = train.augment(x, x.clone(), 1.0)
+    a, b = loss.augment(x, x.clone(), 1.0)
     assert torch.equal(a, b)                                                    # one set of parameters per pair
     # Unique positive values: every output pixel is 0 (erased or vacated) or the input pixel at one whole-pixel shift
-    # (dx, dy) in [0, 0.3 * 8] per sample, right and down.
+    # (dx, dy) per sample, right and down: Kornia's round(u W / (W - 1)) for u ~ U(0, 0.3 W), as it shifts by pixel
+    # coordinates normalised by W - 1 (up to 3 pixels at W = 8, not round(u)'s 2).
     x = (torch.arange(64 * 2 * 8 * 8, dtype=torch.float32) + 1).view(64, 2, 8, 8)
     fake = x.clone().requires_grad_(True)
-    a, b = train.augment(x, fake, 1.0)
+    torch.manual_seed(1)
+    a, b = loss.augment(x, fake, 1.0)
+    torch.manual_seed(1)
+    torch.rand(64)                                                              # the draw of which pairs shift
+    expected = [tuple(v) for v in torch.round(torch.rand(2, 64) * 0.3 * 8 * 8 / 7).long().T.tolist()]  # (dx, dy)
     zeros, shifts = (a == 0).float().mean().item(), set()
     for n in range(64):
         kept = (a[n, 0] != 0).nonzero()
@@ -506,23 +524,23 @@ def test_augment_shares_parameters_and_moves_whole_pixels():
         i, j = kept[0].tolist()
         flat = int(a[n, 0, i, j].item()) - 1 - n * 128                          # where the value came from
         dy, dx = i - flat // 8, j - flat % 8
-        assert 0 <= dx <= 2 and 0 <= dy <= 2
+        assert (dx, dy) == expected[n] and 0 <= dx <= 3 and 0 <= dy <= 3
         shifts.add((dx, dy))
         moved = torch.zeros(2, 8, 8)
         moved[:, dy:, dx:] = x[n, :, :8 - dy, :8 - dx]
         assert torch.equal(torch.where(a[n] != 0, moved, a[n]), a[n]) and ((a[n] == 0) | (a[n] == moved)).all()
-    assert len(shifts) > 3 and 0.2 < zeros < 0.9                                # shifts vary; boxes of 10-50 % area
+    assert len(shifts) > 3 and any(3 in d for d in shifts) and 0.2 < zeros < 0.9  # 3 px: not round(u)'s
     b.sum().backward()
     assert ((fake.grad == 1) | (fake.grad == 0)).all() and fake.grad.sum() > 0  # differentiable in the fake sample
     # Kornia's erasing boxes: areas of 10-50 % (up to rounding), h/w below 1 half of the time, always inside.
     torch.manual_seed(0)
-    y0, x0, h, w = train.erasing_boxes(20000, 32, 32, "cpu")
+    y0, x0, h, w = loss.erasing_boxes(20000, 32, 32, "cpu")
     area = (h * w).float() / 32 ** 2
     assert 0.1 - 0.04 < area.min() and area.max() < 0.5 + 0.04 and abs(area.mean() - 0.3) < 0.01
     assert abs((h < w).float().mean() - 0.5) < 0.03 and (h.float() / w).max() < 3.3 * 1.2
     assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 32).all() and (x0 + w <= 32).all()
     assert y0.float().std() > 3 and x0.float().std() > 3                       # placed anywhere it fits
-    p_half = train.augment(torch.ones(4000, 1, 8, 8), torch.ones(4000, 1, 8, 8), 0.4)[0]
+    p_half = loss.augment(torch.ones(4000, 1, 8, 8), torch.ones(4000, 1, 8, 8), 0.4)[0]
     assert 0.6 < (p_half == 1).all(-1).all(-1).float().mean().item() / 0.6 ** 4 < 1.4   # untouched ~ (1 - p)^4
 
 
@@ -541,14 +559,14 @@ def test_classifier_guidance_by_hand():
     C, x = LinearC(4), torch.tensor([[1., 0, 0, 2], [0, 1, -1, 0], [2, 2, 0, 1]], requires_grad=True)
     y = torch.tensor([0, 2, 1])
     torch.manual_seed(0)
-    one_step = train.guidance_loss(C, x, y, None, 0.0, 0.1)                    # t' ~ U(0, 0.1), x' = (1-t')x + t'z'
+    one_step = loss.guidance_loss(C, x, y, None, 0.0, 0.1)                    # t' ~ U(0, 0.1), x' = (1-t')x + t'z'
     torch.manual_seed(0)
     t = 0.1 * torch.rand(3)
     x_cg = (1 - t[:, None]) * x + t[:, None] * torch.randn(3, 4)
     logp = torch.log_softmax(x_cg @ C.w + t[:, None] * C.b, 1)
     torch.testing.assert_close(one_step, -logp[torch.arange(3), y].mean())
     t = torch.tensor([0.0, 0.25, 0.5])                                          # few steps: t' = t, guided in [0, .25]
-    few = train.guidance_loss(C, x, y, t, 0.0, 0.25)
+    few = loss.guidance_loss(C, x, y, t, 0.0, 0.25)
     logp = torch.log_softmax(x @ C.w + t[:, None] * C.b, 1)
     torch.testing.assert_close(few, -(logp[0, 0] + logp[1, 2]) / 3)
     few.backward()
@@ -560,9 +578,9 @@ def test_guided_g_step_trains_g_only(data):
     C = model.Classifier(**dict(TINY, in_channels=3, num_classes=5)).requires_grad_(False)
     opt_G = torch.optim.AdamW(G.parameters(), lr=1e-3)
     g0, d0, c0 = snapshot(G), snapshot(D), snapshot(C)
-    stats = train.g_step(G, D, opt_G, train.GradNorm(), train.make_batch(train.LatentData(data), 8, "1", "cpu"),
-                         velocity=False, d_time=False, ot_scale=0.2, grad_clip=50.0, aug_p=0.4, classifier=C,
-                         cg_scale=0.003, cg_time=(0.0, 0.1))
+    g_step = loss.GStep(G, D, opt_G, loss.GradNorm(), velocity=False, d_time=False, grad_clip=50.0, aug_p=0.4,
+                        guidance=loss.Guidance(C, 0.003, (0.0, 0.1)))
+    stats = g_step(batch(common.LatentData(data), 8, "1"), ot_scale=0.2)
     assert stats["cg"] > 0 and changed(G, g0) and not changed(D, d0) and not changed(C, c0)
     assert all(p.grad is None for p in C.parameters())
 
@@ -613,10 +631,10 @@ def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_
 
     def fresh_state():
         G, D = model.Generator(**ckpt["config"]["G"]), model.Discriminator(**ckpt["config"]["D"])
-        return dict(G=G, D=D, EMA=model.Generator(**ckpt["config"]["G"]), grad_norm=train.GradNorm(),
+        return dict(G=G, D=D, EMA=model.Generator(**ckpt["config"]["G"]), grad_norm=loss.GradNorm(),
                     opt_G=torch.optim.AdamW(G.parameters(), lr=7e-5), opt_D=torch.optim.AdamW(D.parameters(), lr=6e-5))
-    logger, state = train.create_logger(None), fresh_state()
-    assert train.begin(state, {"init": ckpt}, type("Paths", (), dict(init="s1.pt")), logger) == 2
+    logger, state = common.create_logger(None), fresh_state()
+    assert common.restore_state(state, {"init": ckpt}, type("Paths", (), dict(init="s1.pt")), logger) == 2
     for key, source in (("G", "EMA"), ("EMA", "EMA"), ("D", "D")):
         assert all(torch.equal(v, ckpt[source][k]) for k, v in state[key].state_dict().items()), key
     assert state["grad_norm"].square_avg == ckpt["grad_norm"]["square_avg"] > 0
@@ -625,7 +643,7 @@ def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_
     # --init-d then takes D and its optimizer from an earlier checkpoint, and leaves the rest as --init put it.
     earlier = dict(ckpt, D={k: v + 1 for k, v in ckpt["D"].items()})
     state = fresh_state()
-    train.begin(state, {"init": ckpt, "init_d": earlier}, type("Paths", (), dict(init="s1.pt", init_d="s0.pt")), logger)
+    common.restore_state(state, {"init": ckpt, "init_d": earlier}, type("Paths", (), dict(init="s1.pt", init_d="s0.pt")), logger)
     assert all(torch.equal(v, earlier["D"][k]) for k, v in state["D"].state_dict().items())
     assert all(torch.equal(v, ckpt["EMA"][k]) for k, v in state["G"].state_dict().items())
 
@@ -701,7 +719,7 @@ def test_bad_flags_and_checkpoints(data, tmp_path):
     G = model.Generator(**dict(TINY, in_channels=4, num_classes=1000, input_size=32))
     torch.save(G.state_dict(), tmp_path / "bare.pth")
     expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", match="say which network it is with --model")
-    expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", match="does not fit this generator")
+    expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", match="does not load into this Generator")
     expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", "--nfe", "2", "--repeat", "2",
                  match="depth repetition is for one-step generators")
 
@@ -746,7 +764,7 @@ def test_sigterm_checkpoints_and_the_run_resumes_exactly(data, tmp_path):
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", step + 2)
     a, b = (torch.load(tmp_path / r / "checkpoints" / f"{step + 2:07d}.pt", weights_only=True) for r in "ab")
     assert all(torch.equal(a[k][n], b[k][n]) for k in ("G", "D", "EMA") for n in a[k])
-    stop = train.StopOnSignal()                                # a second signal does not wait for the step
+    stop = common.StopOnSignal()                                # a second signal does not wait for the step
     try:
         stop.handle(signal.SIGINT, None)
         assert stop.requested() == signal.SIGINT
@@ -763,12 +781,12 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         open(path, "wb").write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(SystemExit) as e:
-        train.save_atomic({"x": 1}, str(tmp_path / "ckpt.pt"), save=full_disk)
+        common.save_atomic({"x": 1}, str(tmp_path / "ckpt.pt"), save=full_disk)
     assert str(e.value.code) == f"error: cannot write {tmp_path / 'ckpt.pt'}: No space left on device"
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: full_disk(None, "/dev/null"))
     with pytest.raises(OSError, match="No space left"):
-        train.allocate_npy(str(tmp_path / "big.npy"), (10, 10), np.uint8)
+        common.allocate_npy(str(tmp_path / "big.npy"), (10, 10), np.uint8)
     assert os.listdir(tmp_path) == []
 
 
@@ -1887,7 +1905,7 @@ def test_toy_twinflow_loss_terms_by_hand():
     # A nearly constant field and an EMA close to it, so that the roll-out's residual falls inside the clip.
     G, EMA = _ToyVelocity(3e-3, -2e-3, 4e-3, 0.8, 2e-3, -3e-3), _ToyVelocity(4e-3, -1e-3, 3e-3, 0.802, 3e-3, -2e-3)
     EMA.requires_grad_(False)
-    losses = toy.twinflow_losses(G, EMA, x, z, t, t_tgt, z2, t2)
+    losses = loss.twinflow_losses(G, EMA, x, None, z, t.view(-1), t_tgt.view(-1), z2, t2.view(-1))
     assert list(losses) == ["base", "real", "fake", "rectify", "base_one_step"]
 
     # The tutorial's arithmetic (methodes.py), written out per sample in plain floats.
@@ -1928,10 +1946,10 @@ def test_toy_twinflow_loss_terms_by_hand():
         if i == 2:
             assert abs(rcgm(Fw(g, xti, ti, tti), xti, vi, ti, tti)) > 1
             assert abs(rcgm(Fw(g, zi, 1.0, 0.0), zi, vi, 1.0, 0.0)) > 1
-    for name, loss in losses.items():
+    for name, term in losses.items():
         G.zero_grad()
-        loss.backward(retain_graph=True)
-        assert loss.item() == pytest.approx(want[name][0], rel=1e-12), name
+        term.backward(retain_graph=True)
+        assert term.item() == pytest.approx(want[name][0], rel=1e-12), name
         np.testing.assert_allclose(G.w.grad.numpy(), want[name][1], rtol=1e-10, atol=1e-14, err_msg=name)
     assert EMA.w.grad is None
 
@@ -1974,7 +1992,7 @@ def test_classifier_trains_30_epochs_and_load_classifier_reads_it(data, tmp_path
                                                                 num_classes=5))
     assert ckpt["opt"]["param_groups"][0]["betas"] == (0.9, 0.95) and ckpt["opt"]["param_groups"][0]["lr"] == 1e-3
     assert ckpt["data_info"]["num_classes"] == 5 and len(ckpt["rng"]) == 1 and ckpt["args"]["ema_decay"] == 0.9995
-    C, info = train.load_classifier(path)
+    C, info = common.load_classifier(path)
     assert info == ckpt["data_info"]
     torch.manual_seed(0)
     init = model.Classifier(**ckpt["config"]["C"])                        # the run's initial weights (seed 0)
@@ -2042,9 +2060,9 @@ def test_classifier_evaluates_a_generator(data, tmp_path, capsys):
     run_script("train_classifier.py", "--evaluate", g_path, "--classifier", c_path, "--data-path", data,
                "--real-data", data, "--num-samples", 24, "--batch-size", 5, "--device", "cpu")
     printed = capsys.readouterr().out.splitlines()
-    G, _, _ = train.load_generator(g_path)
-    C, _ = train.load_classifier(c_path)
-    d = train.LatentData(data)
+    G, _, _ = common.load_generator(g_path)
+    C, _ = common.load_classifier(c_path)
+    d = common.LatentData(data)
     out = train_classifier.evaluate(G, 1, C, d, d, 24, 0, 7, torch.device("cpu"))
     assert printed[0].startswith("samples   (EMA, 1 step, 24)") and printed[1].startswith("real ")
     assert printed[2].startswith("held-out ") and f"class accuracy {out['held_out_accuracy']:.4f}" in printed[2]

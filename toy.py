@@ -3,7 +3,7 @@ The paper's 1-D toy (Figures 1 and 2): transport N(0, 1) to four Gaussian modes,
 an adversarial flow model (AFM), TwinFlow (the other one-step method without a teacher: no discriminator, one
 network that learns the real flow at t > 0 and its own samples' flow at t < 0), the AFM model without the
 optimal-transport loss (a plain GAN), and flow matching (FM) sampled with the same number of Euler steps. AFM and
-the GAN use train.py's losses, unchanged.
+the GAN use loss.py's losses and steps, as train.py does.
 
     python toy.py                 # one-step models, about a minute on 2 CPU cores
     python toy.py --nfe 2         # two-step velocity models (--nfe 4 too)
@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy.special import erf, ndtr, ndtri
 
+from common import check_output, count, fail, positive_int, run, save_atomic, savez
+from loss import (DStep, GStep, GradNorm, afm_batch, interpolate, ot_scale_at, rcgm_residual, twinflow_ema_decay,
+                  twinflow_losses, update_ema)
 from model import transport
-from train import (GradNorm, check_output, count, d_step, fail, g_step, interpolate, make_batch, ot_scale_at,
-                   positive_int, run_interruptible, save_atomic, savez, update_ema)
 
 # Where the toy departs from train.py's image defaults, and why: a 40k-parameter MLP on 1-D data is not a DiT.
 # D's regularisers keep the image defaults (gp_scale 0.25, gp_eps 0.01, gp_ratio 0.25, cp_scale 0.01): 1-D needs them
@@ -54,7 +55,7 @@ MODES, SIGMA = np.array([-1.5, -0.5, 0.5, 1.5]), 0.05
 
 
 def sample_data(n):
-    """(n, 1): one channel, so train.py's losses, written over (N, ...) tensors, apply as they are."""
+    """(n, 1): one channel, so loss.py's losses, written over (N, ...) tensors, apply as they are."""
     return (torch.from_numpy(MODES).float()[torch.randint(4, (n,))] + SIGMA * torch.randn(n)).view(n, 1)
 
 
@@ -138,27 +139,21 @@ class ToyDiscriminator(MLP):
 #                                   Training                                    #
 #################################################################################
 
-class Mixture:
-    """The data as train.make_batch draws it: x (N, 1), and a dummy label."""
-    def sample(self, n):
-        return sample_data(n), torch.zeros(n, dtype=torch.long)
-
-
 def train_adversarial(nfe, steps, seed, use_ot=True):
-    """AFM (use_ot) or the plain GAN (lambda_ot = 0, all else equal): train.py's batches, D step and G step."""
+    """AFM (use_ot) or the plain GAN (lambda_ot = 0, all else equal): the batches, D step and G step of train.py."""
     torch.manual_seed(seed)
     multi = nfe > 1                                  # velocity G and time-conditioned D, as train.py for nfe > 1
     G, D, grad_norm = ToyGenerator(multi), ToyDiscriminator(multi), GradNorm()
     EMA = deepcopy(G).requires_grad_(False)
     opt_G, opt_D = (torch.optim.AdamW(m.parameters(), lr=LR, betas=(0.0, 0.9), weight_decay=0.01) for m in (G, D))
     start, end = OT_SCALE["multi" if multi else 1]
-    # train.py's steps with the image defaults for D's regularisers (see above), but no gradient clipping.
-    players = dict(velocity=multi, d_time=multi, grad_clip=math.inf)
+    # The image defaults for D's regularisers (see above), but no gradient clipping.
+    d_step = DStep(G, D, opt_D, velocity=multi, d_time=multi)
+    g_step = GStep(G, D, opt_G, grad_norm, velocity=multi, d_time=multi)
+    y = torch.zeros(BATCH, dtype=torch.long)                 # a dummy label
     for step in range(steps):
-        stats = d_step(G, D, opt_D, make_batch(Mixture(), BATCH, str(nfe), "cpu"), gp_scale=0.25, gp_eps=0.01,
-                       gp_ratio=0.25, cp_scale=0.01, **players)
-        stats.update(g_step(G, D, opt_G, grad_norm, make_batch(Mixture(), BATCH, str(nfe), "cpu"),
-                            ot_scale=ot_scale_at(step, start, end, steps) if use_ot else 0.0, **players))
+        stats = d_step(afm_batch(sample_data(BATCH), y, str(nfe)))
+        stats |= g_step(afm_batch(sample_data(BATCH), y, str(nfe)), ot_scale_at(step, start, end, steps) if use_ot else 0.0)
         update_ema(EMA, G, EMA_DECAY)
     return EMA, {k: v.item() for k, v in stats.items()}
 
@@ -193,42 +188,10 @@ def trajectory(G, z, nfe):
 #                 TwinFlow: one network, the real and the fake flow             #
 #################################################################################
 # TwinFlow (Cheng et al., arXiv 2512.05150) as its from-scratch MNIST tutorial trains it, without teacher or
-# discriminator: https://github.com/inclusionAI/TwinFlow/blob/main/tutorials/mnist/methodes.py (line numbers below).
-# The toy has no classes, so the tutorial's CFG-enhanced target (enhanced_ratio) is the plain v = z - x.
+# discriminator: loss.twinflow_losses, the five terms of the tutorial's step, the same lines twinflow.py trains DiTs
+# with. The toy has no classes, so the tutorial's CFG-enhanced target (enhanced_ratio) is the plain v = z - x.
 
-DELTA, ORDER = 0.01, 2      # RCGM's first step and its estimate_order (methodes.py:189, main.py:27)
 TWIN_EMA = 0.99             # ema_decay_rate (main.py:28), reached through the tutorial's warm-up
-
-
-@torch.no_grad()
-def rcgm_residual(EMA, F_th, x_t, v, t, t_tgt):
-    """RCGM's any-step consistency residual (get_rcgm_target, :170), clipped to +-1. The jump (t - t_tgt) F_th from x_t
-    should equal DELTA along the true v, then ORDER Euler steps of the EMA from t - DELTA to t_tgt; within DELTA of
-    t_tgt the residual is flow matching's F_th - v."""
-    t_mid = torch.maximum(t - DELTA, t_tgt)
-    times = [t_mid * (1 - i / ORDER) + t_tgt * i / ORDER for i in range(ORDER + 1)]
-    x, jump = x_t - DELTA * v, 0
-    for t_c, t_n in zip(times, times[1:]):
-        step = (t_c - t_n) * EMA(x, None, t_c, t_n)
-        x, jump = x - step, jump + step
-    return torch.where(t < t_tgt + DELTA, F_th - v, ((t - t_tgt) * F_th - jump) / DELTA - v).clamp(-1, 1)
-
-
-def twinflow_losses(G, EMA, x, z, t, t_tgt, z2, t2):
-    """The five terms of TwinFlow.training_step (:448), each a mean square over the whole batch. All randomness is
-    given, as (N, 1): data x, noise z and z2, times t, t_tgt <= t and t2. The one-step sample is z - F(z, 1, 0)."""
-    ones, zeros, v, x_t = torch.ones_like(t), torch.zeros_like(t), z - x, interpolate(x, z, t)
-    F_th_t, F_fake = G(x_t, None, t, t_tgt), G(z, None, ones, zeros)
-    x_fake = (z - F_fake).detach()
-    with torch.no_grad():   # fake minus real velocity at x_fake noised afresh (dist_match, :423): the score difference
-        x_2 = interpolate(x_fake, z2, t2)
-        F_grad = G(x_2, None, -t2, -t2) - G(x_2, None, t2, t2)
-    return dict(
-        base=F.mse_loss(F_th_t, F_th_t.detach() - rcgm_residual(EMA, F_th_t, x_t, v, t, t_tgt)),  # L_base, :475
-        real=F.mse_loss(G(x_t, None, t, t), v),                                   # flow matching, t_tgt = t, :487
-        fake=F.mse_loss(G(interpolate(x_fake, z, t), None, -t, -t), z - x_fake),  # L_adv: the fake flow at -t, :498
-        rectify=F.mse_loss(F_fake, (F_fake - F_grad).detach()),                  # L_rectify: x_fake += F_grad, :506
-        base_one_step=F.mse_loss(F_fake, F_fake.detach() - rcgm_residual(EMA, F_fake, z, v, ones, zeros)))  # :509
 
 
 def train_twinflow(nfe, steps, seed):
@@ -241,12 +204,12 @@ def train_twinflow(nfe, steps, seed):
     opt = torch.optim.Adam(G.parameters(), lr=LR)
     for _ in range(steps):
         x, z, z2 = sample_data(BATCH), torch.randn(BATCH, 1), torch.randn(BATCH, 1)
-        t, u, t2 = torch.rand(3, BATCH, 1)
-        losses = twinflow_losses(G, EMA, x, z, t, t * (1 - u), z2, t2)
+        t, u, t2 = torch.rand(3, BATCH)
+        losses = twinflow_losses(G, EMA, x, None, z, t, t * (1 - u), z2, t2)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         opt.step()
-        decay += (1 - decay) * (TWIN_EMA - decay) / 2      # warm-up (:215): 0.495, 0.62, ..., 0.976 at step 100
+        decay = twinflow_ema_decay(decay, TWIN_EMA)         # warm-up (:215): 0.495, 0.62, ..., 0.976 at step 100
         update_ema(EMA, G, decay)
     return EMA, {k: v.item() for k, v in losses.items()}
 
@@ -346,4 +309,4 @@ if __name__ == "__main__":
     # The networks are tiny: one thread skips OpenMP synchronisation, which on a busy 2-core machine cost far more
     # than it saved (measured: about 20 ms per step with one thread, 150 ms with two).
     torch.set_num_threads(1)
-    run_interruptible(lambda a: main(a.nfe, a.steps, a.seed, a.out_dir), args, "run it again")
+    run(lambda a: main(a.nfe, a.steps, a.seed, a.out_dir), args, "run it again")

@@ -28,10 +28,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
+from common import (LatentData, StopOnSignal, check_in_sync, count, create_logger, fail, load_classifier,
+                    load_generator, load_starts, network_shape, number, per_rank_batch, positive_int, reduce_means,
+                    restore_rng, restore_state, run, save_checkpoint, setup_distributed)
+from loss import interpolate, update_ema
 from model import SIZES, Classifier, class_balanced_labels, default_steps, noise, sample
-from train import (LatentData, StopOnSignal, begin, check_in_sync, count, create_logger, fail, interpolate,
-                   load_classifier, load_generator, load_starts, network_shape, number, per_rank_batch, positive_int,
-                   reduce_means, restore_rng, run_training, save_checkpoint, setup_distributed, update_ema)
 
 EPOCHS = 30              # the paper, §4.1: "trained from scratch ... using the cross-entropy objective for 30 epochs"
 GRAD_CLIP = 50.0         # official train_adversarial_flow_classifier.py: clip_grad_norm_(..., 50.0) every step
@@ -66,9 +67,9 @@ def random_affine(x, p=0.8, degrees=10, translate=0.3, scale=(1.0, 1.3)):
     return torch.where(apply, affine(x, angle, shift, zoom), x)
 
 
-def make_batch(data, n, augment_p, device):
+def classifier_batch(data, n, augment_p, device):
     """(x_t, t, y): n augmented images noised to t ~ U(0, 1), made on the CPU from the global generator (which the
-    checkpoints keep) like train.make_batch, so a resumed run draws exactly what it would have drawn."""
+    checkpoints keep) like train.py's batches, so a resumed run draws exactly what it would have drawn."""
     x, y = data.sample(n)                                      # a random view is the official random flip
     x = random_affine(x, p=augment_p)     # the official code warps the image before the crop and VAE; this, the latent
     t = torch.rand(n)
@@ -199,7 +200,7 @@ def main(args):
     logger.info(f"classifier {sum(p.numel() for p in C.parameters()):,} parameters")
 
     # Resume: weights, optimizer moments, this command's lr, every rank's RNG.
-    start = begin(state, starts, args, logger)
+    start = restore_state(state, starts, args, logger)
     restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     C_train = DDP(C, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else C
 
@@ -208,7 +209,7 @@ def main(args):
                 f"{max_steps} steps ({max_steps * args.global_batch_size / len(data.labels):.1f} epochs), lr {args.lr}")
     sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
-        x_t, t, y = make_batch(data, batch_size, args.augment_p, device)
+        x_t, t, y = classifier_batch(data, batch_size, args.augment_p, device)
         logits = C_train(x_t, t).float()
         loss = F.cross_entropy(logits, y)                      # no label smoothing, no weighting over t (official)
         opt.zero_grad(set_to_none=True)
@@ -258,4 +259,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.evaluate and not args.classifier:
         parser.error("--evaluate needs --classifier")
-    run_training(main_evaluate if args.evaluate else main, args)
+    run(main_evaluate if args.evaluate else main, args)
