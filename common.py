@@ -21,7 +21,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from model import SIZES, Classifier, Generator, generate, mode_flags
+from model import SIZES, Classifier, Generator, default_steps, generate, mode_flags
 from vae import SCALE, load_vae
 
 #################################################################################
@@ -491,8 +491,8 @@ def is_state_dict(ckpt):
 
 
 def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
-    """(Generator, nfe, data info) from a training checkpoint (its config decides the network; a TwinFlow network is
-    an any-step generator) or from an official release .pth (a bare state dict for ImageNet-256 latents; --model,
+    """(Generator, its default number of sampling steps, data info) from a training checkpoint (its config decides the
+    network; TwinFlow's is an any-step generator that samples in one step by default) or from an official release .pth (a bare state dict for ImageNet-256 latents; --model,
     --nfe and --repeat say which network it is: the keys of few-step and repeated generators are the same, so only a
     wrong size can be caught there)."""
     ckpt = load_checkpoint(path)
@@ -506,12 +506,12 @@ def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
         for key, value in dict(model=model, nfe=nfe, repeat=repeat).items():
             if value is not None and value != trained[key]:
                 fail(f"{path} holds a --{key} {trained[key]} model, not --{key} {value}")
-        kwargs, state, nfe = config[net], ckpt[weights], config["nfe"]
+        kwargs, state, steps = config[net], ckpt[weights], 1 if net == "F" else default_steps(config["nfe"])
     elif is_state_dict(ckpt):
         if model is None:
             fail(f"{path} is a bare state dict: say which network it is with --model (and --nfe, --repeat)")
         nfe, repeat = nfe or "1", repeat or 1
-        kwargs = dict(SIZES[model], **OFFICIAL_SHAPE, **mode_flags(nfe, repeat)[0])
+        kwargs, steps = dict(SIZES[model], **OFFICIAL_SHAPE, **mode_flags(nfe, repeat)[0]), default_steps(nfe)
         state, info = ckpt, dict(OFFICIAL_DATA)
     else:
         fail(f"{path} is neither a training checkpoint nor a generator state dict")
@@ -520,7 +520,7 @@ def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
     except ValueError as e:                                    # e.g. --repeat with --nfe 2
         fail(str(e))
     load_weights(G, state, path, ": check --model, --nfe and --repeat")
-    return G.eval().requires_grad_(False), nfe, info
+    return G.eval().requires_grad_(False), steps, info
 
 
 def load_classifier(path, weights="EMA"):
@@ -540,9 +540,10 @@ def load_classifier(path, weights="EMA"):
     return C.eval().requires_grad_(False), ckpt.get("data_info", {})
 
 
-def make_grid_writer(args, data, device, steps):
+def make_grid_writer(args, data, device, steps, ema_decay=None):
     """Fixed noise and labels (8 samples of each of up to 10 classes, a row per class); returns a function that writes
-    a PNG grid of each generator it is given to RESULTS/samples/, sampled in `steps` steps, so a run can be watched."""
+    a PNG grid of each generator it is given to RESULTS/samples/, sampled in `steps` steps, so a run can be watched.
+    With ema_decay, the log says while the EMA is still mostly its initialisation."""
     decode = make_decoder(data.info, args.vae_weights, device)
     shown = min(data.num_classes, 10)
     labels = [k * data.num_classes // shown for k in range(shown) for _ in range(8)]
@@ -555,8 +556,8 @@ def make_grid_writer(args, data, device, steps):
                                                            args.global_seed, 64, device)])
                 save_grid(images, os.path.join(args.results_dir, "samples", f"{step:07d}_{name}.png"), nrow=8)
             # With decay d the EMA still holds d^step of its initialisation (a zero-output G: a grey grid).
-            share = args.ema_decay ** step
-            note = f"; the EMA is still {share:.0%} its initialisation (decay {args.ema_decay})" if share > 0.01 else ""
+            share = ema_decay ** step if ema_decay else 0
+            note = f"; the EMA is still {share:.0%} its initialisation (decay {ema_decay})" if share > 0.01 else ""
             logging.getLogger("afm").info(f"step {step:07d} sample grids in {args.results_dir}/samples{note}")
         if dist.is_initialized():
             dist.barrier()

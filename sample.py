@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common import (allocate_npy, check_output, count, fail, image_format, load_checkpoint, load_generator,
                     make_decoder, parse_nfe, positive_int, run, save_atomic, save_grid, savez, setup_distributed)
-from model import SIZES, class_balanced_labels, default_steps, generate
+from model import SIZES, class_balanced_labels, generate
 
 STAGING = (".staging.json", ".staging.npy", ".staging-done.npy")  # what --npz keeps until done: the record, rows, mask
 
@@ -43,11 +43,11 @@ def main(args):
         fail(f"--npz {args.npz} already exists: remove it, or name another file")
     if args.npz is None and args.save_generator is None:
         image_format(args.out)
-    G, nfe, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
+    G, steps, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
     if args.save_generator:
         return save_generator(args.ckpt, args.weights, args.save_generator) if rank == 0 else None
     G = G.to(device)
-    steps = args.steps or default_steps(nfe)
+    steps = args.steps or steps
     if steps > 1 and not G.use_t_src:
         fail(f"a one-step generator samples in one step, not --steps {steps}")
     decode = make_decoder(info, args.vae_weights, device)

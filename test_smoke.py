@@ -148,7 +148,7 @@ def test_imports_flow_one_way():
         importlib.import_module(name)                          # every file imports without running
         graph[name], nested = project_imports(name)
         assert not nested, f"{name} imports {nested} inside a function"
-    assert LIBRARIES | {"train", "sample", "prepare_latents", "train_classifier", "toy"} <= set(graph)
+    assert LIBRARIES | {"train", "twinflow", "sample", "prepare_latents", "train_classifier", "toy"} <= set(graph)
     for copyable in ("model", "vae", "fid"):
         assert not graph[copyable], f"{copyable}.py imports {graph[copyable]}"
     assert graph["loss"] == {"model"}
@@ -1882,75 +1882,96 @@ def test_toy_wasserstein1_and_prior_weighting():
 
 
 class _ToyVelocity(torch.nn.Module):
-    """F(x, t, t_tgt) = a x + b t + c t_tgt + d + e x t + f x t_tgt, in float64: smooth enough to work out by hand,
-    with x and both times interacting so that no input can be mixed up unnoticed."""
-    def __init__(self, a, b, c, d, e, f):
+    """F(x, y, t, t_tgt) = a x + b t + c t_tgt + d + e x t + f x t_tgt (+ g_y with labels), elementwise in float64:
+    smooth enough to work out by hand, with x, both times and the label interacting so that no input can be mixed up
+    unnoticed. x may be (N, 1) (the toy) or (N, C, H, W) (images); times are (N,)."""
+    def __init__(self, a, b, c, d, e, f, g=(0.0, 0.0, 0.0)):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor([a, b, c, d, e, f], dtype=torch.float64))
+        self.g = torch.nn.Parameter(torch.tensor(g, dtype=torch.float64))
 
     def forward(self, x, y, t_src, t_tgt):
-        return (self.w * self.features(x, t_src, t_tgt)).sum(-1, keepdim=True)
+        out = (self.w * self.features(x, t_src, t_tgt)).sum(-1)
+        return out if y is None else out + self.g[y].view(-1, *[1] * (x.dim() - 1))
 
     @staticmethod
-    def features(x, t, tt):                                   # dF/dw, (N, 6)
-        x, t, tt = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1) for v in (x, t, tt))
-        return torch.cat([x, t, tt, torch.ones_like(x), x * t, x * tt], 1)
+    def features(x, t, tt):                                   # dF/dw, (*x.shape, 6)
+        x = torch.as_tensor(x, dtype=torch.float64)
+        t, tt = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, *[1] * (x.dim() - 1)).expand_as(x) for v in (t, tt))
+        return torch.stack([x, t, tt, torch.ones_like(x), x * t, x * tt], -1)
 
 
-def test_toy_twinflow_loss_terms_by_hand():
-    # Three samples: an RCGM roll-out, a t_tgt within DELTA of t (flow matching) and one whose residual is clipped.
-    col = lambda *v: torch.tensor(v, dtype=torch.float64).view(-1, 1)
-    x, z, z2 = col(0.5, -1.0, 1.5), col(1.0, 0.3, -0.7), col(0.2, -0.4, 0.9)
-    t, t_tgt, t2 = col(0.8, 0.5, 0.3), col(0.2, 0.495, 0.0), col(0.6, 0.1, 0.9)
+@pytest.mark.parametrize("shape, cfg", [((1,), 0.0), ((1, 2, 2), 0.5)])
+def test_twinflow_loss_terms_by_hand(shape, cfg):
+    """loss.twinflow_losses, which toy.py (1-D, no labels) and twinflow.py (images, labels, the CFG-enhanced target)
+    both train with, against the tutorial's arithmetic written out per element in plain floats. Three samples: an RCGM
+    roll-out, a t_tgt within DELTA of t (flow matching) and one whose residual is clipped."""
+    P = math.prod(shape)
+    per_pixel = lambda *v: torch.tensor(v, dtype=torch.float64).view(-1, 1) + torch.linspace(0, 0.2, P, dtype=torch.float64)
+    x, z, z2 = per_pixel(0.5, -1.0, 1.5), per_pixel(1.0, 0.3, -0.7), per_pixel(0.2, -0.4, 0.9)   # (3, P)
+    t, t_tgt, t2 = torch.tensor([0.8, 0.5, 0.3]), torch.tensor([0.2, 0.495, 0.0]), torch.tensor([0.6, 0.1, 0.9])
+    t, t_tgt, t2 = (v.double() for v in (t, t_tgt, t2))
+    y, y_cfg = (torch.tensor([0, 2, 1]), torch.tensor([1, 2, 0])) if cfg else (None, None)
     # A nearly constant field and an EMA close to it, so that the roll-out's residual falls inside the clip.
-    G, EMA = _ToyVelocity(3e-3, -2e-3, 4e-3, 0.8, 2e-3, -3e-3), _ToyVelocity(4e-3, -1e-3, 3e-3, 0.802, 3e-3, -2e-3)
-    EMA.requires_grad_(False)
-    losses = loss.twinflow_losses(G, EMA, x, None, z, t.view(-1), t_tgt.view(-1), z2, t2.view(-1))
+    G = _ToyVelocity(3e-3, -2e-3, 4e-3, 0.8, 2e-3, -3e-3, g=(1e-3, -2e-3, 3e-3))
+    EMA = _ToyVelocity(4e-3, -1e-3, 3e-3, 0.802, 3e-3, -2e-3, g=(5e-3, 1e-3, -4e-3)).requires_grad_(False)
+    image = lambda v: v.view(3, *shape)
+    losses = loss.twinflow_losses(G, EMA, image(x), y, image(z), t, t_tgt, image(z2), t2, y_cfg=y_cfg, cfg_ratio=cfg)
     assert list(losses) == ["base", "real", "fake", "rectify", "base_one_step"]
 
-    # The tutorial's arithmetic (methodes.py), written out per sample in plain floats.
-    Fw = lambda w, x, t, tt: sum(wi * fi for wi, fi in zip(w, _ToyVelocity.features(x, t, tt)[0].tolist()))
+    # The tutorial's arithmetic (methodes.py), written out per element in plain floats.
     g, ema = G.w.tolist(), EMA.w.tolist()
+    Fw = lambda w, b, x, t, tt: sum(wi * fi for wi, fi in zip(w, _ToyVelocity.features([x], [t], [tt]).view(-1).tolist())) + b
 
-    def rcgm(F_th, xt, v, t, tt):                             # get_rcgm_target's residual before the clip
+    def rcgm(F_th, xt, v, t, tt, b_ema):                      # get_rcgm_target's residual before the clip
         if t < tt + 0.01:                                     # cof_l = 1; the roll-out from tt to tt adds nothing
             return F_th - v
         ts = [(t - 0.01) * (1 - i / 2) + tt * i / 2 for i in range(3)]
         xs, pred = xt - 0.01 * v, 0.0
         for tc, tn in zip(ts, ts[1:]):
-            step = Fw(ema, xs, tc, tn) * (tc - tn)
+            step = Fw(ema, b_ema, xs, tc, tn) * (tc - tn)
             xs, pred = xs - step, pred + step
         return 100 * (t - tt) * F_th - 100 * pred - v         # cof_l = 100 (t - tt), cof_r = 100
 
     clip = lambda r: min(max(r, -1.0), 1.0)
-    want = {k: [0.0, np.zeros(6)] for k in losses}          # value and gradient with respect to G.w
+    want = {k: [0.0, np.zeros(6), np.zeros(3)] for k in losses}  # value, gradients with respect to G.w and G.g
+    M = 3 * P
 
-    def add(name, residual, feats):                           # mean of residual^2; gradient 2 residual dF/dw
-        want[name][0] += residual ** 2 / 3
-        want[name][1] += 2 * residual * np.array(feats) / 3
+    def add(name, residual, feats, label):                    # mean of residual^2; gradient 2 residual dF/dw
+        want[name][0] += residual ** 2 / M
+        want[name][1] += 2 * residual * np.array(feats) / M
+        if label is not None:
+            want[name][2][label] += 2 * residual / M
     for i in range(3):
-        xi, zi, ti, tti, z2i, t2i = (float(v[i]) for v in (x, z, t, t_tgt, z2, t2))
-        feats = lambda a, b, c: _ToyVelocity.features(a, b, c)[0].numpy()
-        vi, xti = zi - xi, ti * zi + (1 - ti) * xi
-        r = clip(rcgm(Fw(g, xti, ti, tti), xti, vi, ti, tti))
-        add("base", r, feats(xti, ti, tti))
-        add("real", Fw(g, xti, ti, ti) - vi, feats(xti, ti, ti))
-        x_fake = zi - Fw(g, zi, 1.0, 0.0)
-        xf = ti * zi + (1 - ti) * x_fake
-        add("fake", Fw(g, xf, -ti, -ti) - (zi - x_fake), feats(xf, -ti, -ti))
-        x2 = t2i * z2i + (1 - t2i) * x_fake
-        add("rectify", Fw(g, x2, -t2i, -t2i) - Fw(g, x2, t2i, t2i), feats(zi, 1.0, 0.0))
-        add("base_one_step", clip(rcgm(Fw(g, zi, 1.0, 0.0), zi, zi - xi, 1.0, 0.0)), feats(zi, 1.0, 0.0))
-        if i == 0:                                            # the roll-out, in range; the third sample clipped
-            assert 0.05 < abs(rcgm(Fw(g, xti, ti, tti), xti, vi, ti, tti)) < 1
-        if i == 2:
-            assert abs(rcgm(Fw(g, xti, ti, tti), xti, vi, ti, tti)) > 1
-            assert abs(rcgm(Fw(g, zi, 1.0, 0.0), zi, vi, 1.0, 0.0)) > 1
+        ti, tti, t2i = float(t[i]), float(t_tgt[i]), float(t2[i])
+        yi = None if y is None else int(y[i])
+        b, b_ema = (0.0, 0.0) if y is None else (G.g[yi].item(), EMA.g[yi].item())
+        guide = 0.0 if y is None else cfg * (EMA.g[yi].item() - EMA.g[int(y_cfg[i])].item())  # the CFG-enhanced v
+        feats = lambda a, c, d: _ToyVelocity.features([a], [c], [d]).view(-1).numpy()
+        for j in range(P):
+            xi, zi, z2i = float(x[i, j]), float(z[i, j]), float(z2[i, j])
+            vi, xti = zi - xi + guide, ti * zi + (1 - ti) * xi
+            r = rcgm(Fw(g, b, xti, ti, tti), xti, vi, ti, tti, b_ema)
+            add("base", clip(r), feats(xti, ti, tti), yi)
+            add("real", Fw(g, b, xti, ti, ti) - vi, feats(xti, ti, ti), yi)
+            x_fake = zi - Fw(g, b, zi, 1.0, 0.0)
+            xf = ti * zi + (1 - ti) * x_fake
+            add("fake", Fw(g, b, xf, -ti, -ti) - (zi - x_fake), feats(xf, -ti, -ti), yi)
+            x2 = t2i * z2i + (1 - t2i) * x_fake
+            add("rectify", Fw(g, b, x2, -t2i, -t2i) - Fw(g, b, x2, t2i, t2i), feats(zi, 1.0, 0.0), yi)
+            r1 = rcgm(Fw(g, b, zi, 1.0, 0.0), zi, vi, 1.0, 0.0, b_ema)
+            add("base_one_step", clip(r1), feats(zi, 1.0, 0.0), yi)
+            if i == 0:                                        # the roll-out, in range; the third sample clipped
+                assert 0.05 < abs(r) < 1
+            if i == 2:
+                assert abs(r) > 1 and abs(r1) > 1
     for name, term in losses.items():
         G.zero_grad()
         term.backward(retain_graph=True)
         assert term.item() == pytest.approx(want[name][0], rel=1e-12), name
         np.testing.assert_allclose(G.w.grad.numpy(), want[name][1], rtol=1e-10, atol=1e-14, err_msg=name)
+        g_grad = np.zeros(3) if G.g.grad is None else G.g.grad.numpy()   # without labels, no gradient reaches g
+        np.testing.assert_allclose(g_grad, want[name][2], rtol=1e-10, atol=1e-14, err_msg=name)
     assert EMA.w.grad is None
 
 
@@ -1966,6 +1987,60 @@ def test_toy_twinflow_trains_and_samples_any_step():
     for s, s_next in ((1.0, 0.5), (0.5, 0.0)):
         x = x - (s - s_next) * G1(x, None, t(s), t(s_next))
     np.testing.assert_allclose(toy.trajectory(G1, z.view(-1).numpy(), 2)[-1], x.view(-1).detach().numpy(), atol=1e-6)
+
+
+TWIN = ["--model", "T/2", "--device", "cpu", "--global-batch-size", 8, "--log-every", 2, "--lr", 0.02]  # F moves
+
+
+def test_twinflow_trains_resumes_exactly_and_samples_in_1_and_2_steps(data, tmp_path):
+    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "a", *TWIN, "--max-steps", 4,
+               "--sample-every", 4)
+    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "b", *TWIN, "--max-steps", 2)
+    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "b", *TWIN, "--max-steps", 4,
+               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
+    assert set(a) >= {"G", "EMA", "opt", "config", "rng"} and a["config"]["F"]["use_t_tgt"]
+    for key in ("G", "EMA"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key        # the EMA's warm-up included
+    assert not all(torch.equal(a["G"][k], a["EMA"][k]) for k in a["G"])
+    log = open(tmp_path / "a" / "log.txt").read()
+    assert all(f" {term} " in log for term in ("base", "real", "fake", "rectify", "base_one_step"))
+    assert os.path.exists(tmp_path / "a" / "samples" / "0000004_ema.png")
+    # Sampling: x <- x - (t - t') F(x, y, t, t') from the EMA, one step by default, 1, 2 or 4 on request.
+    ckpt = tmp_path / "a" / "checkpoints" / "0000004.pt"
+    G = model.Generator(**a["config"]["F"])
+    G.load_state_dict(a["EMA"])
+    z = torch.from_numpy(np.random.default_rng([0, 1]).standard_normal((1, 3, 8, 8), dtype=np.float32))
+    y = torch.tensor([1])
+    with torch.no_grad():
+        one = z - G(z, y, torch.ones(1), torch.zeros(1))
+        half = z - 0.5 * G(z, y, torch.ones(1), torch.full((1,), 0.5))
+        two = half - 0.5 * G(half, y, torch.full((1,), 0.5), torch.zeros(1))
+    for steps, x in ((None, one), (2, two)):
+        out = tmp_path / f"grid{steps}.png"
+        run_script("sample.py", "--ckpt", ckpt, "--out", out, "--num-images", 2, "--nrow", 2,
+                   *(["--steps", steps] if steps else []))
+        expect = model.to_uint8(x)[0].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(np.asarray(Image.open(out))[2:10, 12:20].astype(int) - expect).max() <= 1, steps
+    assert not np.array_equal(model.to_uint8(one), model.to_uint8(two))
+    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 10, "--steps", 2)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (10, 8, 8, 3) and np.bincount(f["labels"]).tolist() == [2] * 5
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "c", *TRAIN, "--resume", ckpt,
+                 match="holds a TwinFlow network")
+    expect_error("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "a", *TWIN, "--max-steps", 6,
+                 match="already holds a run")
+
+
+def test_twinflow_under_torchrun(data, tmp_path):
+    """Two ranks split the batch and end with the same weights: the five terms are one DDP forward."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "twinflow.py", "--data-path", data, "--results-dir", tmp_path, *map(str, TWIN),
+                          "--max-steps", "2"], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
 
 
 #################################################################################

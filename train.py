@@ -170,7 +170,8 @@ def main(args):
         dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     guidance = load_guidance(args, data, device) if args.classifier else None
     evaluate_fid = make_fid_evaluator(args, data, device) if args.fid_every else None
-    write_grids = make_grid_writer(args, data, device, default_steps(args.nfe)) if args.sample_every else None
+    write_grids = (make_grid_writer(args, data, device, default_steps(args.nfe), args.ema_decay) if args.sample_every
+                   else None)
 
     # Models: G, D and the EMA of G (the same initial weights on every rank), the gradient normalisation, AdamW.
     if rank == 0:

@@ -32,7 +32,7 @@ from common import (LatentData, StopOnSignal, check_in_sync, count, create_logge
                     load_generator, load_starts, network_shape, number, per_rank_batch, positive_int, reduce_means,
                     restore_rng, restore_state, run, save_checkpoint, setup_distributed)
 from loss import interpolate, update_ema
-from model import SIZES, Classifier, class_balanced_labels, default_steps, noise, sample
+from model import SIZES, Classifier, class_balanced_labels, noise, sample
 
 EPOCHS = 30              # the paper, §4.1: "trained from scratch ... using the cross-entropy objective for 30 epochs"
 GRAD_CLIP = 50.0         # official train_adversarial_flow_classifier.py: clip_grad_norm_(..., 50.0) every step
@@ -145,7 +145,7 @@ def check_fits(C, c_info, name, info, size, channels, num_classes):
 def main_evaluate(args):
     device, rank, world = setup_distributed(args.device)
     torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as training
-    G, nfe, g_info = load_generator(args.evaluate, weights=args.weights)
+    G, steps, g_info = load_generator(args.evaluate, weights=args.weights)
     C, c_info = load_classifier(args.classifier)
     G, C = G.to(device), C.to(device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
@@ -154,7 +154,6 @@ def main_evaluate(args):
     for name, data in ((args.data_path, held_out), (args.real_data, real)):
         if data is not None:
             check_fits(C, c_info, name, data.info, data.size, data.channels, data.num_classes)
-    steps = default_steps(nfe)
     if min(args.num_samples, len(held_out.labels), len(real.labels) if real else 2) < 2:
         fail("the Frechet distance needs at least 2 images in each set (--num-samples, --data-path, --real-data)")
     out = evaluate(G, steps, C, held_out, real, args.num_samples, args.global_seed, args.batch_size, device)

@@ -1,0 +1,162 @@
+"""
+Trains TwinFlow (Cheng et al., https://arxiv.org/abs/2512.05150), the other one-step method of this project's
+sources, on a data directory made by prepare_latents.py: one network and no discriminator or teacher. The network
+F(x_t, y, t, t_tgt) is model.py's DiT generator with both times as inputs (negative times allowed). The loss terms
+are loss.twinflow_losses, the ones toy.py trains its MLP with.
+
+    python twinflow.py --model B/2 --data-path data/imagenet256                          # one GPU
+    torchrun --nproc_per_node=8 twinflow.py --model B/2 --data-path data/imagenet256     # eight GPUs
+    python twinflow.py --model XS/7 --data-path data/fmnist --device cpu                 # Fashion-MNIST on 2 CPU cores
+    python sample.py --ckpt results/twinflow/checkpoints/0009380.pt --steps 2            # 1, 2, 4 ... steps
+
+The recipe is the official from-scratch MNIST tutorial's (https://github.com/inclusionAI/TwinFlow/tree/main/
+tutorials/mnist: main.py and methodes.py), with the values below. Where this differs, and why:
+- The network is a DiT (the tutorial's is a small UNet), and it outputs the velocity F itself; the tutorial's UNet
+  outputs x_t - F. A DiT's zero-initialised output layer then starts at F = 0, the identity map.
+- The global batch is split over the ranks, and training is counted in steps (default: the tutorial's 20 epochs).
+- The tutorial zeroes NaN gradients (nan_to_num): its RCGM divides by t - t_tgt, which can be 0. loss.rcgm_residual
+  writes that branch without the division, so no NaN arises; a non-finite loss stops the run instead.
+- Checkpoints keep the online network (G) and the EMA; sample.py draws from the EMA unless --weights G (the tutorial
+  samples its online network; with decay 0.99 the two are close).
+"""
+import argparse
+import math
+import os
+import time
+from copy import deepcopy
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (LatentData, StopOnSignal, check_in_sync, count, create_logger, load_starts, make_grid_writer,
+                    network_shape, number, per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run,
+                    save_checkpoint, setup_distributed)
+from loss import twinflow_ema_decay, twinflow_losses, update_ema
+from model import SIZES, Generator, mode_flags
+
+EPOCHS = 20             # tutorial main.py: 20 epochs of MNIST at batch 128 (9,380 steps)
+
+
+#################################################################################
+#                                  The objective                                #
+#################################################################################
+
+class TwinFlowLoss(torch.nn.Module):
+    """The five terms as one call of one module. F runs several times per step, and DDP wants one forward call per
+    backward: wrapped in DDP, this is that call, and the gradients of all five terms are averaged over the ranks once."""
+    def __init__(self, F_net):
+        super().__init__()
+        self.F = F_net
+
+    def forward(self, EMA, batch, cfg_ratio):
+        return twinflow_losses(self.F, EMA, **batch, cfg_ratio=cfg_ratio)
+
+
+def next_batch(data, n, device):
+    """Everything random in a step, drawn on the CPU from the global generator (which the checkpoints keep): images x
+    with labels y, the labels shuffled for the CFG-enhanced target (tutorial main.py:133), noise z and z2 (:117),
+    t ~ U(0, 1), t_tgt = t - u t with u ~ U(0, 1) (:128) and t2 ~ U(0, 1) for the rectification (:423)."""
+    x, y = data.sample(n)
+    y_cfg = y[torch.randperm(n)]
+    t, u, t2 = torch.rand(3, n)
+    z, z2 = torch.randn(x.shape), torch.randn(x.shape)
+    batch = dict(x=x, y=y, z=z, t=t, t_tgt=t * (1 - u), z2=z2, t2=t2, y_cfg=y_cfg)
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+#################################################################################
+#                                    Training                                   #
+#################################################################################
+
+def main(args):
+    # Setup: processes, devices, data, the network config and the checkpoint to resume, before anything is written.
+    device, rank, world = setup_distributed(args.device)
+    batch_size = per_rank_batch(args.global_batch_size, world)
+    stop = StopOnSignal()
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    data = LatentData(args.data_path)
+    config = dict(F=dict(network_shape(args.model, data), **mode_flags("any")[0]), nfe="any")
+    max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
+    starts = load_starts(args, config, max_steps)
+    if dist.is_initialized():
+        dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
+    write_grids = make_grid_writer(args, data, device, steps=1) if args.sample_every else None
+
+    # The network F, its EMA (the consistency target) and Adam, the same initial weights on every rank.
+    if rank == 0:
+        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
+    logger = create_logger(args.results_dir if rank == 0 else None)
+    torch.manual_seed(args.global_seed)
+    G = Generator(**config["F"]).to(device)
+    EMA = deepcopy(G).requires_grad_(False)
+    opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)  # main.py:114, Adam's defaults
+    state = dict(G=G, EMA=EMA, opt=opt)                       # what a checkpoint holds
+    logger.info(f"F {sum(p.numel() for p in G.parameters()):,} parameters")
+
+    # Start: fresh, or the exact continuation of a run; the EMA's warm-up is a function of the step.
+    start = restore_state(state, starts, args, logger)
+    restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    decay = 0.0
+    for _ in range(start):
+        decay = twinflow_ema_decay(decay, args.ema_decay)
+    objective = TwinFlowLoss(G)
+    objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
+
+    # The loop: the five terms, summed with weight 1 (methodes.py:525), Adam, the EMA with its warm-up.
+    logger.info(f"training TwinFlow {args.model} on {world} x {device.type}, batch {batch_size}/rank, {max_steps} steps "
+                f"({max_steps * args.global_batch_size / len(data.labels):.1f} epochs), lr {args.lr}, "
+                f"CFG ratio {args.cfg_ratio}")
+    sums, count, tic = {}, 0, time.time()
+    for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
+        losses = objective(EMA, next_batch(data, batch_size, device), args.cfg_ratio)
+        sum(losses.values()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        decay = twinflow_ema_decay(decay, args.ema_decay)     # warm-up (methodes.py:215): 0, 0.495, 0.62, ...
+        update_ema(EMA, G, decay)
+        stats = {k: v.detach() for k, v in losses.items()}
+        sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
+        log_now, ckpt_now = done % args.log_every == 0 or done == max_steps, done % args.ckpt_every == 0
+        signum = stop.requested()
+        if log_now or ckpt_now or signum:                      # no checkpoint of non-finite weights
+            means = reduce_means(sums, count, done, args.results_dir)
+        if log_now:
+            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                        f" ema_decay {decay:.4f} img/s {args.global_batch_size * count / (time.time() - tic):.1f}")
+            sums, count, tic = {}, 0, time.time()
+        if ckpt_now or done == max_steps or signum:
+            path = save_checkpoint(state, done, args, config, data.info, device, logger)
+        if signum:
+            stop.exit(signum, done, path, logger)
+        if write_grids is not None and done % args.sample_every == 0:
+            write_grids(done, dict(ema=EMA, g=G))
+    check_in_sync([G], device, world, logger)
+    logger.info("done")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Train TwinFlow: one network, the real flow and its own samples' flow.")
+    parser.add_argument("--data-path", type=str, required=True, help="directory written by prepare_latents.py")
+    parser.add_argument("--results-dir", type=str, default="results/twinflow")
+    parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
+    parser.add_argument("--global-batch-size", type=positive_int, default=128)            # main.py:19
+    parser.add_argument("--global-seed", type=count, default=0)
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help=f"default: {EPOCHS} epochs of the data set at the global batch size (main.py:20)")
+    parser.add_argument("--lr", type=number(lo_open=True), default=2e-4)                 # main.py:18
+    parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=0.99,    # main.py:28, with warm-up
+                        help="where the EMA's decay warms up to (the EMA is RCGM's consistency target)")
+    parser.add_argument("--cfg-ratio", type=number(), default=0.5,                       # enhanced_ratio, main.py:29
+                        help="weight of the EMA's CFG-enhanced velocity target (0: the plain z - x)")
+    parser.add_argument("--log-every", type=positive_int, default=100)
+    parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
+    parser.add_argument("--sample-every", type=count, default=0, help="write one-step sample grids of the EMA and "
+                        "of F to RESULTS/samples every N steps (0: never)")
+    parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode grids")
+    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    run(main, parser.parse_args())
