@@ -11,9 +11,11 @@ import json
 import logging
 import math
 import os
+import queue
 import shlex
 import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -442,10 +444,11 @@ def restore_state(state, starts, args, logger, init_from="EMA"):
     return start_step(starts)
 
 
-def save_checkpoint(state, step, args, config, data_info, device, logger):
-    """The modules in `state`, the step, the command, the networks' config, the data's info and every rank's RNG."""
+def save_checkpoint(state, step, args, config, data_info, device, logger, data_rng=None):
+    """The modules in `state`, the step, the command, the networks' config, the data's info and every rank's RNG
+    states (with data_rng, the state of the batch reader's generator after the last batch the loop took)."""
     ckpt = dict({k: m.state_dict() for k, m in state.items()}, step=step, args=vars(args), config=config,
-                data_info=data_info, rng=gather_rng_states(device))
+                data_info=data_info, rng=gather_rng_states(device, data_rng))
     path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_atomic(ckpt, path)
@@ -455,9 +458,10 @@ def save_checkpoint(state, step, args, config, data_info, device, logger):
     return path
 
 
-def gather_rng_states(device):
+def gather_rng_states(device, data_rng=None):
     """Every rank's RNG states, so a resumed run draws exactly the batches and noise it would have drawn."""
-    state = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    state = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                 data=data_rng)
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()
@@ -467,14 +471,63 @@ def gather_rng_states(device):
 
 def restore_rng(ckpt, seed, rank, world, step, device):
     """Per-rank streams of batches and noise: a resumed checkpoint's when the world size is the same, else fresh
-    ones for this step (a new stage, or another world size)."""
-    torch.manual_seed(seed * world + rank)
+    ones for this step (a new stage, or another world size). Returns the generator of a BatchReader's draws, seeded
+    apart from the global one (which draws D's R1/R2 noise and the augmentation on the CPU)."""
+    base = seed * world + rank
+    torch.manual_seed(base)
+    data_rng = torch.Generator().manual_seed(base + 2 ** 32)
     if ckpt is not None and len(ckpt["rng"]) == world:
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+        if ckpt["rng"][rank].get("data") is not None:
+            data_rng.set_state(ckpt["rng"][rank]["data"])
     elif step > 0:
-        torch.manual_seed((seed * world + rank) * 1_000_003 + step)
+        torch.manual_seed(base * 1_000_003 + step)
+        data_rng.manual_seed(base * 1_000_003 + step + 2 ** 32)
+    return data_rng
+
+
+class BatchReader:
+    """Makes the batches on a background thread, `depth` ahead of the loop, so that reading the memory-mapped data
+    (a page fault per image from a network file system) and drawing the noise overlap the device's work, and copies
+    them to the device from pinned memory without a sync. make(generator) -> dict of CPU tensors draws everything
+    from `generator`; `state` is the generator's state after the last batch next() returned, what a checkpoint keeps
+    so that a resumed run draws exactly the batches it would have drawn."""
+    def __init__(self, make, generator, device, depth=2):
+        self.make, self.generator, self.device = make, generator, device
+        self.state = generator.get_state()
+        self.queue, self.stopped = queue.Queue(maxsize=depth), threading.Event()
+        self.thread = threading.Thread(target=self._fill, daemon=True)
+        self.thread.start()
+
+    def _fill(self):
+        while not self.stopped.is_set():
+            try:
+                batch = self.make(self.generator)
+                if self.device.type == "cuda":
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                item = (batch, self.generator.get_state())
+            except BaseException as e:                        # handed to the loop, which raises it
+                item = (e, None)
+            self.queue.put(item)
+            if item[1] is None:
+                return
+
+    def next(self):
+        batch, state = self.queue.get()
+        if state is None:
+            raise batch
+        self.state = state
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def close(self):
+        self.stopped.set()
+        while self.thread.is_alive():                         # unblock a put() waiting for room
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
 
 
 #################################################################################
@@ -552,7 +605,7 @@ def make_grid_writer(args, data, device, steps, ema_decay=None):
         if not dist.is_initialized() or dist.get_rank() == 0:
             os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
             for name, G in generators.items():
-                images = torch.cat([x for _, x in generate(G, steps, decode, list(range(len(labels))), labels,
+                images = torch.cat([x for _, x, _ in generate(G, steps, decode, list(range(len(labels))), labels,
                                                            args.global_seed, 64, device)])
                 save_grid(images, os.path.join(args.results_dir, "samples", f"{step:07d}_{name}.png"), nrow=8)
             # With decay d the EMA still holds d^step of its initialisation (a zero-output G: a grey grid).

@@ -22,6 +22,7 @@ How the networks differ from vanilla DiT (https://github.com/facebookresearch/Di
 Parameter names, shapes and initialisation follow the official release, so its checkpoints load with strict=True.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -307,14 +308,20 @@ def noise(indices, shape, seed):
 
 @torch.no_grad()
 def generate(G, steps, decode, indices, labels, seed, batch_size, device):
-    """Yields (indices, uint8 images (n, C, H, W)) for the given sample indices, batch by batch, from noise(); decode
-    maps G's output to [-1, 1] images (the VAE decoder, or the identity for pixels)."""
-    size = G.input_size
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        z = noise(chunk, (G.in_channels, size, size), seed).to(device)  # (n, C, H, W)
-        y = torch.tensor([labels[i] for i in chunk], device=device)
-        yield chunk, to_uint8(decode(sample(G, z, y, steps)))
+    """Yields (indices, uint8 images (n, C, H, W), transport costs |G(z) - z|^2 / dim (n,)) for the given sample
+    indices, batch by batch, from noise(); decode maps G's output to [-1, 1] images (the VAE decoder, or the identity
+    for pixels). The next batch's noise is drawn on the host while the device samples this one."""
+    shape, labels = (G.in_channels, G.input_size, G.input_size), torch.as_tensor(labels)
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    to_device = lambda t: (t.pin_memory() if torch.device(device).type == "cuda" else t).to(device, non_blocking=True)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(noise, chunks[0], shape, seed) if chunks else None
+        for k, chunk in enumerate(chunks):
+            z = to_device(pending.result())                    # (n, C, H, W)
+            if k + 1 < len(chunks):
+                pending = pool.submit(noise, chunks[k + 1], shape, seed)
+            x = sample(G, z, to_device(labels[chunk]), steps)
+            yield chunk, to_uint8(decode(x)), (x - z).square().flatten(1).mean(1)
 
 
 #################################################################################

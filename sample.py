@@ -58,7 +58,7 @@ def main(args):
         if max(labels) >= num_classes or min(labels) < 0:
             fail(f"class labels must be in [0, {num_classes})")
         if rank == 0:                                          # a grid is small: the other ranks have nothing to do
-            images = torch.cat([x for _, x in generate(G, steps, decode, list(range(len(labels))), labels,
+            images = torch.cat([x for _, x, _ in generate(G, steps, decode, list(range(len(labels))), labels,
                                                        args.global_seed, args.batch_size, device)])
             save_grid(images, args.out, nrow=args.nrow or math.ceil(math.sqrt(len(images))))
             print(f"saved {len(images)} samples ({steps} step{'s' * (steps > 1)}) to {args.out}")
@@ -75,21 +75,24 @@ def main(args):
     indices = [i for i in range(rank, args.num_samples, world) if not done[i]]
     tic = time.time()
     batches = generate(G, steps, decode, indices, labels, args.global_seed, args.batch_size, device)
-    for chunk, images in tqdm(batches, total=math.ceil(len(indices) / args.batch_size), disable=rank != 0):
+    cost = torch.zeros((), dtype=torch.float64, device=device)
+    for chunk, images, costs in tqdm(batches, total=math.ceil(len(indices) / args.batch_size), disable=rank != 0):
         rows[row_of[chunk]] = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, C), ADM's NHWC
         rows.flush()
         done[chunk] = 1                                        # only once the rows are on disk
         done.flush()
-    drawn = torch.tensor(len(indices), device=device)
+        cost += costs.double().sum()
+    drawn = torch.stack([torch.tensor(float(len(indices)), dtype=torch.float64, device=device), cost])
     if world > 1:
         dist.all_reduce(drawn)                                 # also waits for every rank
-    seconds = time.time() - tic
+    seconds, (drawn, cost) = time.time() - tic, drawn.tolist()
     if rank == 0:
         save_atomic(dict(arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm]), args.npz, save=savez)
         for suffix in STAGING:
             os.remove(args.npz + suffix)
         print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {num_classes} classes) to {args.npz}; "
-              f"drew {int(drawn)} in {seconds:.1f} s, {int(drawn) / seconds:.1f} images/s")
+              f"drew {int(drawn)} in {seconds:.1f} s, {drawn / seconds:.1f} images/s" +
+              (f"; transport cost E|G(z) - z|^2/n {cost / drawn:.4f} over them" if drawn else ""))
 
 
 def save_generator(path, weights, out):

@@ -496,6 +496,78 @@ def test_two_processes_under_torchrun(data, tmp_path):
     assert out.returncode != 0 and "error: --global-batch-size 7 must be divisible by the world size 2" in out.stderr
 
 
+def test_two_nodes_give_the_checkpoint_of_one_node_with_two_processes(data, tmp_path):
+    """Two torchrun launches of one process each, as two machines would run them (--nnodes 2, --node-rank, one
+    rendezvous endpoint), train exactly what one launch of two processes does: global ranks 0 and 1 either way."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = ["train.py", "--data-path", data, *map(str, TRAIN), "--max-steps", "2"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               *argv, "--results-dir", str(tmp_path / "nodes")], cwd=HERE, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "weights identical on all 2 ranks" in outs[0][0] and not outs[1][0].strip()   # rank 1 logs nothing
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv,
+                          "--results-dir", str(tmp_path / "one")], cwd=HERE, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "0000002.pt", weights_only=True) for d in ("nodes", "one"))
+    for key in ("G", "D", "EMA"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+class _AutocastSpy(torch.nn.Module):
+    """A linear G (x, y, t_src, t_tgt) or D (x, y, t: summed to one logit) that records whether CPU autocast was on."""
+    def __init__(self, discriminator=False):
+        super().__init__()
+        self.lin, self.seen, self.discriminator, self.use_t_src = torch.nn.Linear(4, 4), [], discriminator, False
+
+    def forward(self, x, y, *times):
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return self.lin(x).sum(1) if self.discriminator else self.lin(x)
+
+
+def test_bf16_runs_g_under_autocast_and_d_in_fp32():
+    torch.manual_seed(0)
+    G, D = _AutocastSpy(), _AutocastSpy(discriminator=True)
+    opt_G, opt_D = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (G, D))
+    batch = loss.afm_batch(torch.randn(8, 4), torch.zeros(8, dtype=torch.long), "1")
+    loss.DStep(G, D, opt_D, velocity=False, d_time=False, bf16=True)(batch)
+    loss.GStep(G, D, opt_G, loss.GradNorm(), velocity=False, d_time=False, bf16=True)(batch, 0.1)
+    assert G.seen == [True, True] and len(D.seen) == 3 and not any(D.seen)
+
+
+def test_bf16_and_compile_run_on_cpu_close_to_fp32(data, tmp_path):
+    """--precision bf16 (CPU autocast) and --compile train a tiny model for two steps with finite losses close to
+    fp32's; fused AdamW is what every run uses."""
+    logs = {}
+    for name, flags in (("fp32", []), ("bf16", ["--precision", "bf16"]), ("compile", ["--compile"])):
+        run_script("train.py", "--data-path", data, "--results-dir", tmp_path / name, *TRAIN, "--max-steps", 2, *flags)
+        line = [l for l in open(tmp_path / name / "log.txt") if "step 0000002 " in l][0]
+        logs[name] = {k: float(v) for k, v in re.findall(r" (loss_d|loss_g|ot|grad_norm_g) (-?[0-9.]+)", line)}
+    assert len(logs["fp32"]) == 4 and all(math.isfinite(v) for log in logs.values() for v in log.values())
+    for k, v in logs["fp32"].items():
+        assert abs(logs["bf16"][k] - v) < 0.02 * max(1, abs(v)) and abs(logs["compile"][k] - v) < 1e-3, k
+
+
+def test_benchmark_prints_throughput_mfu_and_memory(data, capsys):
+    for size in ("T/2", "B/2"):
+        run_script("train.py", "--benchmark", 1, "--model", size, "--data-path", data, "--device", "cpu",
+                   "--global-batch-size", 2)
+        out = capsys.readouterr().out
+        numbers = re.search(r"training ([0-9.]+) images/s \(([0-9.]+) it/s\), MFU ([0-9.]+)% of a measured fp32 "
+                            r"2048\^3 matmul on CPU, peak memory ([0-9.]+) GiB \(RSS\); sampling ([0-9.]+) images/s", out)
+        assert numbers, out
+        images, its, mfu, peak, sampling = map(float, numbers.groups())
+        assert images == pytest.approx(4 * its, rel=0.01) and 0 < mfu < 100 and peak > 0.1 and sampling > 0
+    assert train.forward_macs(**model.SIZES["B/2"], input_size=32, in_channels=4) == pytest.approx(23e9, rel=0.01)
+    assert train.forward_macs(**model.SIZES["XL/2"], input_size=32, in_channels=4) == pytest.approx(119e9, rel=0.01)
+
+
 #################################################################################
 #                 Later stages: reloads, guidance, augmentation                 #
 #################################################################################
@@ -701,7 +773,6 @@ def test_bad_flags_and_checkpoints(data, tmp_path):
                  match="G.depth 2 (asked: 12)")
     expect_error("sample.py", "--ckpt", ckpt, "--nfe", "2", match="holds a --nfe 1 model")
     expect_error("sample.py", "--ckpt", ckpt, "--steps", "2", match="samples in one step")
-    expect_error("train.py", "--data-path", data, *TRAIN, "--precision", "bf16", match="for CUDA devices")
     for flag in ("--log-every", "--global-batch-size", "--ckpt-every"):
         with pytest.raises(SystemExit) as e:
             run_script("train.py", "--data-path", data, flag, "0")
@@ -2126,48 +2197,56 @@ def test_classifier_random_affine():
     assert 0.17 < unchanged < 0.23
 
 
-def test_classifier_evaluates_a_generator(data, tmp_path, capsys):
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 2)
-    run_script("train_classifier.py", "--data-path", data, "--results-dir", tmp_path / "cls", *CLS,
-               "--global-batch-size", 8, "--max-steps", 10)
-    g_path, c_path = tmp_path / "afm" / "checkpoints" / "0000002.pt", tmp_path / "cls" / "checkpoints" / "0000010.pt"
+def test_judge_trains_and_scores_samples_against_the_real_floor(data, tmp_path, capsys):
+    held_out = make_data(tmp_path / "held_out", seed=1)
+    run_script("train_classifier.py", "--judge", "--data-path", data, "--results-dir", tmp_path / "judge", "--device",
+               "cpu", "--global-batch-size", 8, "--max-steps", 6, "--log-every", 3)
+    judge = tmp_path / "judge" / "checkpoints" / "0000006.pt"
+    assert "training the judge on 1 x cpu" in open(tmp_path / "judge" / "log.txt").read()
+    # Two steps of a 2-step model: samples near their noise, which the judge's features tell apart.
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 2, "--nfe", 2)
+    g_path = tmp_path / "afm" / "checkpoints" / "0000002.pt"
+    for name in ("a", "b"):
+        run_script("sample.py", "--ckpt", g_path, "--npz", tmp_path / f"{name}.npz", "--num-samples", 20)
     capsys.readouterr()
-    run_script("train_classifier.py", "--evaluate", g_path, "--classifier", c_path, "--data-path", data,
-               "--real-data", data, "--num-samples", 24, "--batch-size", 5, "--device", "cpu")
+    run_script("train_classifier.py", "--evaluate", tmp_path / "a.npz", "--judge", judge, "--data-path", held_out,
+               "--real-data", data, "--compare", tmp_path / "a.npz", tmp_path / "b.npz")
     printed = capsys.readouterr().out.splitlines()
-    G, _, _ = common.load_generator(g_path)
-    C, _ = common.load_classifier(c_path)
-    d = common.LatentData(data)
-    out = train_classifier.evaluate(G, 1, C, d, d, 24, 0, 7, torch.device("cpu"))
-    assert printed[0].startswith("samples   (EMA, 1 step, 24)") and printed[1].startswith("real ")
-    assert printed[2].startswith("held-out ") and f"class accuracy {out['held_out_accuracy']:.4f}" in printed[2]
-    assert f"Frechet distance {out['samples_frechet']:.4f}" in printed[0]
-    # Random weights, so that the samples and the features vary (adaLN-Zero starts both networks near constant).
-    torch.manual_seed(0)
-    for net in (G, C):
-        for name, p in net.named_parameters():
-            if name != "pos_embed":
-                p.data.normal_(0, 0.1)
-    out = train_classifier.evaluate(G, 1, C, d, d, 24, 0, 7, torch.device("cpu"))
-    # By hand: sample i from noise seeded by (0, i), labels class-balanced, C at t = 0; real images are view 0.
-    z = torch.from_numpy(np.stack([np.random.default_rng([0, i]).standard_normal((3, 8, 8), dtype=np.float32)
-                                   for i in range(24)]))
-    y = torch.tensor(model.class_balanced_labels(24, 5))
-    x = model.sample(G, z, y, 1)
-    t0 = torch.zeros(24)
-    real = torch.from_numpy(d.latents[:, 0].astype(np.float32))
-    assert out["samples_accuracy"] == pytest.approx((C(x, t0).argmax(1) == y).float().mean().item())
-    assert out["held_out_accuracy"] == pytest.approx((C(real, t0).argmax(1) == torch.from_numpy(d.labels)).float().mean())
-    f_fake, f_real = C.features(x, t0).double().numpy(), C.features(real, t0).double().numpy()
-    expect = fid.frechet_distance(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
-    assert out["samples_frechet"] == pytest.approx(expect, rel=1e-6) and out["samples_frechet"] > 1e-3
-    # The whole set against itself: the same accuracy, and a distance of zero.
-    assert out["real_accuracy"] == out["held_out_accuracy"] and out["num_real"] == out["num_held_out"] == 24
-    assert abs(out["real_frechet"]) < 1e-6 * np.trace(np.cov(f_real, rowvar=False))
+    # By hand: the judge's EMA on the held-out images (view 0), the real training images and the samples' pixels.
+    J, _ = train_classifier.load_judge(judge)
+    ref, real = common.LatentData(held_out), common.LatentData(data)
+    view0 = lambda d, rows=slice(None): torch.from_numpy(d.latents[rows, 0].astype(np.float32))
+    subset = np.sort(np.random.RandomState(0).permutation(24)[:20])    # as many real images as samples, at random
+    with np.load(tmp_path / "a.npz") as f:
+        x_fake = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y_fake = torch.from_numpy(f["labels"])
+    with torch.no_grad():
+        f_ref, f_real, f_fake = (J.features(x).double() for x in (view0(ref), view0(real, subset), x_fake))
+        acc = lambda x, y: (J(x).argmax(1) == y).double().mean().item()
+    stats = lambda f: (f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False))
+    floor, fake = (fid.frechet_distance(*stats(f), *stats(f_ref)) for f in (f_real, f_fake))
+    assert printed[0].endswith(f"class accuracy {acc(view0(ref), torch.from_numpy(ref.labels)):.4f} on the 24 "
+                               f"held-out images of {held_out}")
+    assert printed[1].startswith(f"real {data} (20): class accuracy") and f"Frechet distance {floor:.4f}" in printed[1]
+    assert printed[3].startswith(f"{tmp_path / 'a.npz'} (20): class accuracy {acc(x_fake, y_fake):.4f}")
+    assert f"Frechet distance {fake:.4f} ({fake / floor:.1f}x the real floor)" in printed[3]
+    precision, recall = fid.precision_recall(f_ref, f_fake)
+    assert f"precision {precision:.4f}  recall {recall:.4f}" in printed[3] and printed[4].startswith("    per class")
+    assert len(printed[4].split()) == 2 + 5
+    # The same checkpoint and seed give the same images: no difference, the same classes; unrelated real pairs differ.
+    assert printed[5].endswith("mean squared difference 0.0000, same judged class 1.0000 (20 pairs)")
+    assert printed[6].startswith("real pairs of one class (reference): mean squared difference 0.")
+    # Two steps of a one-step model: a G that still outputs nearly one image, which the report warns of.
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "one", *TRAIN, "--max-steps", 2)
+    run_script("sample.py", "--ckpt", tmp_path / "one" / "checkpoints" / "0000002.pt", "--npz", tmp_path / "c.npz",
+               "--num-samples", 20)
+    capsys.readouterr()
+    run_script("train_classifier.py", "--evaluate", tmp_path / "c.npz", "--judge", judge, "--data-path", held_out)
+    assert "features of these 20 images are degenerate" in capsys.readouterr().out
 
 
-def test_classifier_under_torchrun(data, tmp_path, capsys):
-    """Two ranks split the batch and stay in sync; evaluation shards samples and images and agrees with one rank."""
+def test_classifier_under_torchrun(data, tmp_path):
+    """Two ranks split the batch and stay in sync."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = subprocess.run(torchrun + ["train_classifier.py", "--data-path", data, "--results-dir", tmp_path, *map(str, CLS),
@@ -2175,20 +2254,9 @@ def test_classifier_under_torchrun(data, tmp_path, capsys):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
-    c_path = tmp_path / "checkpoints" / "0000004.pt"
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 1)
-    g_path = tmp_path / "afm" / "checkpoints" / "0000001.pt"
-    argv = ["--evaluate", g_path, "--classifier", c_path, "--data-path", data, "--real-data", data, "--num-samples",
-            15, "--batch-size", 4, "--device", "cpu"]
-    out = subprocess.run(torchrun + ["train_classifier.py", *map(str, argv)], cwd=HERE, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    capsys.readouterr()
-    run_script("train_classifier.py", *argv)
-    assert capsys.readouterr().out == out.stdout
 
 
-def test_classifier_bad_inputs(data, tmp_path):
+def test_classifier_and_judge_bad_inputs(data, tmp_path):
     run = ["--results-dir", tmp_path / "cls", *CLS, "--global-batch-size", 8]
     expect_error("train_classifier.py", "--data-path", tmp_path / "nothing", *run, match="latents.npy is missing")
     odd = make_data(tmp_path / "odd", size=7)
@@ -2202,23 +2270,25 @@ def test_classifier_bad_inputs(data, tmp_path):
                  match="holds another network than this run asks for: C.depth 2 (asked: 12)")
     expect_error("train_classifier.py", "--data-path", data, *run, "--resume", g_path,
                  match="holds a generator and a discriminator, and this run trains a classifier")
-    evaluate = ["--evaluate", g_path, "--classifier", c_path, "--device", "cpu"]
-    expect_error("train_classifier.py", *evaluate[:2], "--classifier", g_path, "--data-path", data,
-                 match="is not a classifier checkpoint")
-    four = make_data(tmp_path / "four", num_classes=4)
-    expect_error("train_classifier.py", *evaluate, "--data-path", four, match="(8, 3, 5) vs (8, 3, 4)")
-    run_script("train.py", "--data-path", four, "--results-dir", tmp_path / "afm4", *TRAIN, "--max-steps", 1)
-    expect_error("train_classifier.py", "--evaluate", tmp_path / "afm4" / "checkpoints" / "0000001.pt", *evaluate[2:],
-                 "--data-path", data, match="the classifier does not fit")
+    run_script("sample.py", "--ckpt", g_path, "--npz", tmp_path / "s.npz", "--num-samples", 10)
+    evaluate = ["--evaluate", tmp_path / "s.npz", "--device", "cpu"]
+    expect_error("train_classifier.py", *evaluate, "--judge", c_path, "--data-path", data, match="not a judge checkpoint")
+    run_script("train_classifier.py", "--judge", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
+               "--global-batch-size", 8, "--max-steps", 1)
+    judge = tmp_path / "j" / "checkpoints" / "0000001.pt"
     latents = make_data(tmp_path / "latents")
     json.dump(dict(num_classes=5, image_size=8, scale=0.18215, vae="sd-vae-ft-mse"),
               open(os.path.join(latents, "info.json"), "w"))
-    expect_error("train_classifier.py", *evaluate, "--data-path", data, "--real-data", latents,
+    expect_error("train_classifier.py", *evaluate, "--judge", judge, "--data-path", latents,
                  match="vae 'none' vs 'sd-vae-ft-mse'")
-    expect_error("train_classifier.py", *evaluate, "--data-path", data, "--num-samples", 1, match="at least 2 images")
+    expect_error("train_classifier.py", "--judge", "--data-path", latents, "--results-dir", tmp_path / "j2",
+                 "--device", "cpu", match="the judge is for small pixel images")
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    expect_error("train_classifier.py", "--evaluate", tmp_path / "bad.npz", "--judge", judge, "--data-path", data,
+                 match="cannot read")
     with pytest.raises(SystemExit) as e:
-        run_script("train_classifier.py", "--evaluate", g_path, "--data-path", data)
-    assert e.value.code == 2                                   # argparse: "--evaluate needs --classifier"
+        run_script("train_classifier.py", *evaluate, "--data-path", data)
+    assert e.value.code == 2                                   # argparse: "--evaluate needs --judge"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Flags left unset take the paper's value for the chosen size and mode from DEFAUL
 """
 import argparse
 import os
+import resource
 import time
 from copy import deepcopy
 
@@ -21,11 +22,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (LatentData, StopOnSignal, check_in_sync, count, create_logger, fail, load_classifier,
+from common import (BatchReader, LatentData, StopOnSignal, check_in_sync, count, create_logger, fail, load_classifier,
                     load_starts, make_decoder, make_grid_writer, network_shape, number, parse_nfe, per_rank_batch,
                     positive_int, reduce_means, restore_rng, restore_state, run, save_checkpoint, setup_distributed)
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
-from model import SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags
+from model import SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample
+from vae import SCALE, AutoencoderKL
 
 #################################################################################
 #                       The paper's values, per size and mode                   #
@@ -107,16 +109,6 @@ def network_config(model, nfe, repeat, data):
 #                                Training hooks                                 #
 #################################################################################
 
-def next_batch(data, n, nfe, device):
-    """A batch of Algorithm 1 (loss.afm_batch) of random training images. It is made on the CPU from the global
-    generator, whose state the checkpoints keep, and copied to the device without a sync."""
-    batch = afm_batch(*data.sample(n), nfe)
-    if device.type != "cuda":
-        return batch
-    # From pinned memory the copy is asynchronous; from pageable memory it would wait for the GPU every step.
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def load_guidance(args, data, device):
     """Classifier guidance with the frozen classifier of --classifier, checked against the data it must classify."""
     C, info = load_classifier(args.classifier)
@@ -145,19 +137,138 @@ def make_fid_evaluator(args, data, device):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         labels = class_balanced_labels(args.fid_samples, data.num_classes)
         indices = list(range(rank, args.fid_samples, world))
-        batches = (images for _, images in generate(G, steps, decode, indices, labels, args.global_seed,
+        batches = (images for _, images, _ in generate(G, steps, decode, indices, labels, args.global_seed,
                                                     args.fid_batch_size, device))
         stats, _ = fid.extract_features(batches, inception)  # summed over ranks
         return fid.frechet_distance(*stats.mean_cov(), *ref)
     return evaluate
 
 
+def make_players(args, config, device, world, guidance=None):
+    """G, D and the EMA of G (the same initial weights on every rank), AdamW and the gradient normalisation: what a
+    checkpoint holds; and the two steps bound to them. Only the player being trained runs through DDP: D's step calls
+    the bare G without gradients, and G's step calls the bare, frozen D, so neither wrapper ever waits for gradients
+    that do not come. DDP's gradients are views of its all-reduce buckets (no second copy), and torch.compile wraps DDP,
+    not the reverse, so that the compiled backward is split at bucket boundaries and the all-reduces overlap it."""
+    torch.manual_seed(args.global_seed)
+    G, D = Generator(**config["G"]).to(device), Discriminator(**config["D"]).to(device)
+    adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, fused=True)  # Table 10; one fused kernel, CPU or GPU
+    opt_G = torch.optim.AdamW(G.parameters(), lr=args.lr_g, **adamw)
+    opt_D = torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw)
+    EMA, grad_norm = deepcopy(G).requires_grad_(False), GradNorm().to(device)
+    state = dict(G=G, D=D, EMA=EMA, opt_G=opt_G, opt_D=opt_D, grad_norm=grad_norm)
+    ddp = lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    compiled = torch.compile if args.compile else (lambda m: m)
+    G_train, D_train = (compiled(ddp(m)) for m in (G, D)) if world > 1 else (compiled(G), compiled(D))
+    G_fwd, D_fwd = (compiled(G), compiled(D)) if world > 1 else (G_train, D_train)
+    players = dict(velocity=G.use_t_src, d_time=D.use_t, aug_p=args.aug_p, grad_clip=args.grad_clip,
+                   bf16=args.precision == "bf16")
+    d_step = DStep(G_fwd, D_train, opt_D, gp_scale=args.gp_scale, gp_eps=args.gp_eps, gp_ratio=args.gp_ratio,
+                   cp_scale=args.cp_scale, **players)
+    return state, d_step, GStep(G_train, D_fwd, opt_G, grad_norm, guidance=guidance, **players)
+
+
+#################################################################################
+#                                   Benchmark                                   #
+#################################################################################
+# Peak dense matmul throughput (TFLOP/s) per precision of the GPUs this is meant for; elsewhere the benchmark measures
+# a large matmul itself. fp32 runs TF32 matmuls on these GPUs, as training does.
+PEAK_TFLOPS = {"H100": dict(fp32=494.7, bf16=989.4), "H200": dict(fp32=494.7, bf16=989.4),
+               "A100": dict(fp32=156.0, bf16=312.0)}
+
+
+def forward_macs(depth, hidden_size, patch_size, input_size, in_channels, repeat=1, **_):
+    """Multiply-accumulates of one forward pass of one image: patch embedding, blocks (qkv, projection and MLP: 12 d^2
+    per token; attention: 2 T^2 d), the output layer. DiT-B/2 on 32 x 32 latents: 22.9 G (the paper's ~23), XL/2 118."""
+    T = (input_size // patch_size) ** 2
+    patch = T * patch_size ** 2 * in_channels * hidden_size
+    return 2 * patch + repeat * depth * (12 * T * hidden_size ** 2 + 2 * T ** 2 * hidden_size)
+
+
+def peak_flops(device, precision):
+    """(FLOP/s, where the number comes from): the table's value for a known GPU, else a measured 2048^3 matmul."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks[precision] * 1e12, f"{name}'s {precision} peak"
+    a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    seconds = timed(lambda: a @ a, device, 5)
+    return 2 * 2048 ** 3 / seconds, f"a measured {precision} 2048^3 matmul on {name}"
+
+
+def timed(fn, device, n):
+    """Seconds per call of fn, after one warm-up call, the device synchronised around the n timed calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    tic = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - tic) / n
+
+
+class RandomLatents:
+    """LatentData's interface over random values, for the benchmark: ImageNet-256 latents of the SD VAE by default."""
+    def __init__(self, channels=4, size=32, num_classes=1000, info=None):
+        self.channels, self.size, self.num_classes = channels, size, num_classes
+        self.info = info or dict(vae="sd-vae-ft-mse", scale=SCALE)
+
+    def sample(self, n, generator=None):
+        x = torch.randn(n, self.channels, self.size, self.size, generator=generator)
+        return x, torch.randint(self.num_classes, (n,), generator=generator)
+
+
+def benchmark(args):
+    """Training images/s (each player's batch counted once: 2 x the global batch per iteration), the model FLOP
+    utilisation by the paper's cost model (one D+G iteration ~ 14.5 forward passes: D's step G + 2.5 x 3 D, G's step
+    3 G + D + 2 D, the last D backward to its input only), peak memory, and one-step sampling images/s with and without
+    VAE decoding, on this device, for --model, --nfe, --repeat, --global-batch-size, --precision and --compile."""
+    device, rank, world = setup_distributed(args.device)
+    fill_defaults(args)
+    batch_size, iters = per_rank_batch(args.global_batch_size, world), args.benchmark
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    data = LatentData(args.data_path) if args.data_path else RandomLatents()
+    config = network_config(args.model, args.nfe, args.repeat, data)
+    state, d_step, g_step = make_players(args, config, device, world)
+    reader = BatchReader(lambda g: afm_batch(*data.sample(batch_size, g), args.nfe, g), torch.Generator(), device)
+
+    def iteration():
+        d_step(reader.next())
+        g_step(reader.next(), 0.1)
+    iteration()                                                # compilation, allocator, kernel selection
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(iteration, device, iters)
+    reader.close()
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    macs = 4 * forward_macs(**config["G"]) + 10.5 * forward_macs(**config["D"])   # 14.5 passes when G = D
+    flops, source = peak_flops(device, args.precision)
+    mfu = 2 * macs * args.global_batch_size / seconds / world / flops
+
+    G, decode = state["EMA"].eval(), None
+    z, y = torch.randn(batch_size, data.channels, data.size, data.size, device=device), torch.arange(batch_size) % 10
+    y = y.to(device) % data.num_classes
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        one_step = timed(lambda: sample(G, z, y, 1 if not G.use_t_src else default_steps(args.nfe)), device, iters)
+        if data.info.get("vae", "none") != "none":
+            vae = AutoencoderKL().to(device).eval()            # random weights time the same as the real ones
+            decode = timed(lambda: vae.decode(sample(G, z, y, 1 if not G.use_t_src else default_steps(args.nfe))),
+                           device, max(1, iters // 5))
+    if rank == 0:
+        print(f"{args.model} nfe {args.nfe} repeat {args.repeat}, {world} x {device.type}, batch {batch_size}/rank, "
+              f"{args.precision}{', compiled' if args.compile else ''}: training {2 * args.global_batch_size / seconds:.4g}"
+              f" images/s ({1 / seconds:.4g} it/s), MFU {mfu:.1%} of {source}, peak memory {peak:.2f} GiB "
+              f"({'allocated' if device.type == 'cuda' else 'RSS'}); sampling {world * batch_size / one_step:.4g} images/s"
+              + (f", {world * batch_size / decode:.4g} with VAE decoding" if decode else "")
+              + f" ({default_steps(args.nfe)} step{'s' * (args.nfe != '1')})")
+
+
 def main(args):
     # Setup: processes and devices; flags left unset take the paper's values.
     device, rank, world = setup_distributed(args.device)
     fill_defaults(args)
-    if args.precision == "bf16" and device.type != "cuda":
-        fail("--precision bf16 is for CUDA devices")
     batch_size = per_rank_batch(args.global_batch_size, world)
     stop = StopOnSignal()
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"  # as the official code
@@ -173,33 +284,16 @@ def main(args):
     write_grids = (make_grid_writer(args, data, device, default_steps(args.nfe), args.ema_decay) if args.sample_every
                    else None)
 
-    # Models: G, D and the EMA of G (the same initial weights on every rank), the gradient normalisation, AdamW.
+    # Models and start: fresh, the exact continuation of a run (--resume), or a new stage of one (--init, --init-d).
     if rank == 0:
         os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
     logger = create_logger(args.results_dir if rank == 0 else None)
-    torch.manual_seed(args.global_seed)
-    G, D = Generator(**config["G"]).to(device), Discriminator(**config["D"]).to(device)
-    adamw = dict(betas=(0.0, 0.9), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")  # Table 10
-    opt_G = torch.optim.AdamW(G.parameters(), lr=args.lr_g, **adamw)
-    opt_D = torch.optim.AdamW(D.parameters(), lr=args.lr, **adamw)
-    EMA, grad_norm = deepcopy(G).requires_grad_(False), GradNorm().to(device)
-    state = dict(G=G, D=D, EMA=EMA, opt_G=opt_G, opt_D=opt_D, grad_norm=grad_norm)   # what a checkpoint holds
+    state, d_step, g_step = make_players(args, config, device, world, guidance)
+    G, D, EMA, opt_D = state["G"], state["D"], state["EMA"], state["opt_D"]
     logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
-
-    # Start: fresh, the exact continuation of a run (--resume), or a new stage of one (--init, --init-d).
     start = restore_state(state, starts, args, logger)
-    restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
-
-    # Only the player being trained runs through DDP: D's step calls the bare G without gradients, and G's step
-    # calls the bare, frozen D, so neither wrapper ever waits for gradients that do not come.
-    G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    G_train = DDP(G_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else G_fwd
-    D_train = DDP(D_fwd, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else D_fwd
-    players = dict(velocity=G.use_t_src, d_time=D.use_t, aug_p=args.aug_p, grad_clip=args.grad_clip,
-                   bf16=args.precision == "bf16")
-    d_step = DStep(G_fwd, D_train, opt_D, gp_scale=args.gp_scale, gp_eps=args.gp_eps, gp_ratio=args.gp_ratio,
-                   cp_scale=args.cp_scale, **players)
-    g_step = GStep(G_train, D_fwd, opt_G, grad_norm, guidance=guidance, **players)
+    data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    reader = BatchReader(lambda g: afm_batch(*data.sample(batch_size, g), args.nfe, g), data_rng, device)
 
     # The loop: one D step, one G step, the EMA; logs, checkpoints and FID every so many steps.
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, batch {batch_size}/"
@@ -207,8 +301,8 @@ def main(args):
     sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
         ot_scale = ot_scale_at(step, args.ot_scale, args.ot_scale_end, args.ot_decay_steps)
-        stats = d_step(next_batch(data, batch_size, args.nfe, device))
-        stats |= g_step(next_batch(data, batch_size, args.nfe, device), ot_scale)
+        stats = d_step(reader.next())
+        stats |= g_step(reader.next(), ot_scale)
         update_ema(EMA, G, args.ema_decay)
         if args.ema_reload_every and (step + 1) % args.ema_reload_every == 0:
             reload_ema(G, EMA)
@@ -223,7 +317,7 @@ def main(args):
                         f" img/s {2 * args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
         if ckpt_now or done == args.max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger)
+            path = save_checkpoint(state, done, args, config, data.info, device, logger, reader.state)
         if signum:
             stop.exit(signum, done, path, logger)
         if write_grids is not None and done % args.sample_every == 0:
@@ -234,13 +328,14 @@ def main(args):
             tic += time.time() - t0                            # keep sampling time out of img/s
 
     # End: every rank must hold the same weights, a cheap proof that DDP kept the players in step.
+    reader.close()
     check_in_sync([G, D], device, world, logger)
     logger.info("done")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train an adversarial flow model. Unset defaults: train.DEFAULTS.")
-    parser.add_argument("--data-path", type=str, required=True, help="directory written by prepare_latents.py")
+    parser.add_argument("--data-path", type=str, default=None, help="directory written by prepare_latents.py")
     parser.add_argument("--results-dir", type=str, default="results")
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
     parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), 2 or 4 (few steps), or any")
@@ -294,15 +389,22 @@ if __name__ == "__main__":
     parser.add_argument("--aug-p", type=number(0, 1), default=0.0, help="discriminator augmentation probability "
                         "(the paper's guided stage: 0.4, Algorithm 1)")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    # D stays in fp32 (TF32 matmuls on GPU) with bf16 too: R1/R2 are finite differences of logits eps = 0.01 apart,
+    # and bf16's rounding of the logits (measured on latents: an error about 20x the difference) would drown them.
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="fp32 (TF32 matmuls on GPU, the paper's setting) or bf16 autocast for G, D staying fp32; "
-                             "the paper (App. D) found bf16 needs QK-norm for stability and no faster at 256 px")
+                        help="fp32 (TF32 matmuls on GPU, the paper's setting) or bf16 autocast for G (on GPU or CPU), "
+                             "D staying fp32; the paper (App. D) found bf16 needs QK-norm for stability at 256 px")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    parser.add_argument("--benchmark", type=positive_int, nargs="?", const=10, default=0, metavar="ITERATIONS",
+                        help="instead of training, time ITERATIONS (10) iterations and print training and sampling "
+                             "throughput, MFU and peak memory (on --data-path's shape, or ImageNet-256 latents)")
     args = parser.parse_args()
+    if args.data_path is None and not args.benchmark:
+        parser.error("--data-path is required")
     if args.repeat > 1 and args.nfe != "1":
         parser.error("--repeat is for one-step models (--nfe 1)")
     if args.cg_time is not None and args.cg_time[0] > args.cg_time[1]:
         parser.error("--cg-time LO HI needs LO <= HI")
     if args.classifier is None and args.cg_scale is not None:
         parser.error("--cg-scale needs --classifier")
-    run(main, args)
+    run(benchmark if args.benchmark else main, args)

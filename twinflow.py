@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (LatentData, StopOnSignal, check_in_sync, count, create_logger, load_starts, make_grid_writer,
+from common import (BatchReader, LatentData, StopOnSignal, check_in_sync, count, create_logger, load_starts, make_grid_writer,
                     network_shape, number, per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run,
                     save_checkpoint, setup_distributed)
 from loss import twinflow_ema_decay, twinflow_losses, update_ema
@@ -54,18 +54,15 @@ class TwinFlowLoss(torch.nn.Module):
         return twinflow_losses(self.F, EMA, **batch, cfg_ratio=cfg_ratio)
 
 
-def next_batch(data, n, device):
-    """Everything random in a step, drawn on the CPU from the global generator (which the checkpoints keep): images x
-    with labels y, the labels shuffled for the CFG-enhanced target (tutorial main.py:133), noise z and z2 (:117),
-    t ~ U(0, 1), t_tgt = t - u t with u ~ U(0, 1) (:128) and t2 ~ U(0, 1) for the rectification (:423)."""
-    x, y = data.sample(n)
-    y_cfg = y[torch.randperm(n)]
-    t, u, t2 = torch.rand(3, n)
-    z, z2 = torch.randn(x.shape), torch.randn(x.shape)
-    batch = dict(x=x, y=y, z=z, t=t, t_tgt=t * (1 - u), z2=z2, t2=t2, y_cfg=y_cfg)
-    if device.type != "cuda":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+def make_batch(data, n, generator):
+    """Everything random in a step, drawn from `generator`: images x with labels y, the labels shuffled for the
+    CFG-enhanced target (tutorial main.py:133), noise z and z2 (:117), t ~ U(0, 1), t_tgt = t - u t with u ~ U(0, 1)
+    (:128) and t2 ~ U(0, 1) for the rectification (:423)."""
+    x, y = data.sample(n, generator)
+    y_cfg = y[torch.randperm(n, generator=generator)]
+    t, u, t2 = torch.rand(3, n, generator=generator)
+    z, z2 = torch.randn(x.shape, generator=generator), torch.randn(x.shape, generator=generator)
+    return dict(x=x, y=y, z=z, t=t, t_tgt=t * (1 - u), z2=z2, t2=t2, y_cfg=y_cfg)
 
 
 #################################################################################
@@ -99,7 +96,8 @@ def main(args):
 
     # Start: fresh, or the exact continuation of a run; the EMA's warm-up is a function of the step.
     start = restore_state(state, starts, args, logger)
-    restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    reader = BatchReader(lambda g: make_batch(data, batch_size, g), data_rng, device)
     decay = 0.0
     for _ in range(start):
         decay = twinflow_ema_decay(decay, args.ema_decay)
@@ -112,7 +110,7 @@ def main(args):
                 f"CFG ratio {args.cfg_ratio}")
     sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
-        losses = objective(EMA, next_batch(data, batch_size, device), args.cfg_ratio)
+        losses = objective(EMA, reader.next(), args.cfg_ratio)
         sum(losses.values()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,11 +127,12 @@ def main(args):
                         f" ema_decay {decay:.4f} img/s {args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
         if ckpt_now or done == max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger)
+            path = save_checkpoint(state, done, args, config, data.info, device, logger, reader.state)
         if signum:
             stop.exit(signum, done, path, logger)
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
+    reader.close()
     check_in_sync([G], device, world, logger)
     logger.info("done")
 
