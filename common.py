@@ -5,7 +5,9 @@ of a new stage), the loaders of trained and official generators and classifiers,
 in model.py and loss.py. Nothing here is run directly.
 """
 import argparse
+import contextlib
 import errno
+import fcntl
 import glob
 import json
 import logging
@@ -13,6 +15,7 @@ import math
 import os
 import queue
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -51,6 +54,15 @@ def count(value):
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {value!r}")
     return int(value)
+
+
+def integer(lo, hi):
+    """An argparse type: an integer in [lo, hi], for sizes that must stay within what a job can hold."""
+    def parse(value):
+        if not value.isdigit() or not lo <= int(value) <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, not {value!r}")
+        return int(value)
+    return parse
 
 
 def number(lo=0.0, hi=math.inf, lo_open=False, hi_open=False):
@@ -103,15 +115,19 @@ def setup_distributed(device):
 
 def run(main, args, interrupted="interrupted"):
     """Runs a script's main. SIGTERM (a preemption) raises KeyboardInterrupt like Ctrl-C, and either ends in one line
-    and exit status 130 after main's own cleanup (trainers catch both signals themselves: StopOnSignal). Afterwards
-    the signal handlers and the process group are given back."""
+    and exit status 130 after main's own cleanup (trainers catch both signals themselves: StopOnSignal). An OSError
+    that gets this far (a full disk, a read-only folder) ends in one line naming the file and the cause. Afterwards
+    the job's claims on its outputs are released, and the signal handlers and the process group given back."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main(args)
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}")
     finally:
+        release_claims()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_initialized():
@@ -156,10 +172,19 @@ def create_logger(logging_dir):
         logger.addHandler(logging.NullHandler())
         return logger
     fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    for handler in (TqdmHandler(), logging.FileHandler(os.path.join(logging_dir, "log.txt"))):
+    for handler in (TqdmHandler(), LogFile(os.path.join(logging_dir, "log.txt"))):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
+
+
+class LogFile(logging.FileHandler):
+    """log.txt, where a failed write (a full disk) ends the job in one line instead of logging's traceback."""
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):                     # a bug (a bad format string) still shows its traceback
+            return super().handleError(record)
+        fail(f"cannot write {self.baseFilename}: {error.strerror or error}")
 
 
 class TqdmHandler(logging.Handler):
@@ -201,22 +226,81 @@ def per_rank_batch(global_batch_size, world):
 
 
 #################################################################################
-#                                 Atomic writes                                 #
+#                    Outputs: claims, atomic writes, free space                 #
 #################################################################################
 
-def save_atomic(obj, path, save=torch.save):
+CLAIMS = []   # (descriptor, lock file, folder the claim created or None) of each output this job holds
+
+
+def claim(path, flag, folder=False):
+    """Makes this job the only writer of an output (a file, or with folder=True a folder, created if need be) until it
+    ends, before it does any work: an exclusive flock on PATH.lock (FOLDER/.lock), which the kernel drops when the
+    process dies, so a crashed job blocks nothing. Another job holding it, or an output that cannot be written (a
+    missing or read-only folder), ends in one line. Checks of what is already there must come after the claim: two
+    jobs started on one new output would both find it empty."""
+    check_output(path, flag, folder)
+    created = folder and not os.path.isdir(path)
+    lock = os.path.join(path, ".lock") if folder else f"{path}.lock"
+    try:
+        if folder:
+            os.makedirs(path, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                fail(f"{flag} {path} is held by another job that writes it ({lock}): wait for it to end, or give "
+                     f"another {flag}")
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+            os.close(fd)                                       # its holder removed it as it ended: take the new one
+    except OSError as e:
+        fail(f"cannot write {flag} {path}: {e.strerror}")
+    CLAIMS.append((fd, lock, path if created else None))
+
+
+def release_claims():
+    """Ends this job's claims (common.run does, however the job ends): each lock file is removed while still locked,
+    so a job waiting on it finds it gone and makes a new one, and a folder that the claim created and that the job
+    left empty is removed again."""
+    while CLAIMS:
+        fd, lock, created = CLAIMS.pop()
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):                 # not empty: the job wrote something
+                os.rmdir(created)
+
+
+def save_atomic(obj, path, save=None):
     """Writes through a temporary file renamed into place, so a crash never leaves a half-written file; a failed
-    write (a full disk) removes the temporary file and ends in one line."""
+    write (a full disk) removes the temporary file and ends in one line naming the cause. torch.save (the default)
+    writes through a Python file: given a path, its own writer reports a full disk as "unexpected pos"."""
     tmp = f"{path}.tmp"
     try:
-        save(obj, tmp)
+        if save is None:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        else:
+            save(obj, tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):       # torch.save reports a failed write as a RuntimeError
-            fail(f"cannot write {path}: {getattr(e, 'strerror', None) or ' '.join(str(e).split())[:200]}")
+        if isinstance(e, OSError):
+            fail(f"cannot write {path}: {e.strerror or e}")
         raise
+
+
+def check_room(folder, need, what):
+    """One line, before anything is written, when the disk of `folder` has less than `need` bytes free."""
+    free = shutil.disk_usage(folder).free
+    size = lambda n: f"{n / 2 ** 30:.3g} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.3g} MiB"
+    if free < need:
+        fail(f"{what} needs {size(need)}, and {folder} has {size(free)} free")
 
 
 def savez(arrays, path):
@@ -396,13 +480,15 @@ def load_training_checkpoint(path, config):
 def load_starts(args, config, max_steps):
     """The checkpoints a run starts from, read before the run writes anything: --resume (the exact continuation of a
     run), or --init (a new stage from a run's last checkpoint) and --init-d (D from an earlier one). Scripts without
-    --init or --init-d have --resume alone."""
+    --init or --init-d have --resume alone. Then rank 0 claims --results-dir and checks it."""
     flags = {key: getattr(args, key, None) for key in ("resume", "init", "init_d")}
     if flags["resume"] and (flags["init"] or flags["init_d"]):
         fail("--resume continues a run exactly; --init and --init-d start a new stage: give one or the other")
     starts = {key: load_training_checkpoint(path, config) for key, path in flags.items() if path}
     if start_step(starts) >= max_steps:
         fail(f"the checkpoint is at step {start_step(starts)}, already at --max-steps {max_steps}: ask for more steps")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        claim(args.results_dir, "--results-dir", folder=True)
     check_results_dir(args.results_dir, args.resume)
     return starts
 
@@ -444,12 +530,36 @@ def restore_state(state, starts, args, logger, init_from="EMA"):
     return start_step(starts)
 
 
+def check_checkpoint_room(state, results_dir, what="a checkpoint of this run"):
+    """On rank 0, one line when the disk has no room for the next checkpoint of `state`: about the size of the last
+    one, or before the first the state's tensors (Adam's two moments per parameter counted before the first step
+    makes them). Trainers call it before they train, so a run that could not save fails at once."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    last = sorted(glob.glob(os.path.join(results_dir, "checkpoints", "*.pt")))
+    check_room(os.path.join(results_dir, "checkpoints"), os.path.getsize(last[-1]) if last else state_bytes(state),
+               what + (f" (the last is {last[-1]})" if last else ""))
+
+
+def state_bytes(state):
+    total = 0
+    for m in state.values():
+        if isinstance(m, torch.optim.Optimizer):
+            moments = [v for s in m.state.values() for v in s.values() if torch.is_tensor(v)]
+            total += sum(t.nbytes for t in moments) or 2 * sum(p.nbytes for g in m.param_groups for p in g["params"])
+        else:
+            total += sum(t.nbytes for t in m.state_dict().values())
+    return total
+
+
 def save_checkpoint(state, step, args, config, data_info, device, logger, data_rng=None):
     """The modules in `state`, the step, the command, the networks' config, the data's info and every rank's RNG
-    states (with data_rng, the state of the batch reader's generator after the last batch the loop took)."""
+    states (with data_rng, the state of the batch reader's generator after the last batch the loop took). A disk
+    without room for it ends the run in one line before anything is written."""
+    path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
+    check_checkpoint_room(state, args.results_dir, f"the checkpoint of step {step}")
     ckpt = dict({k: m.state_dict() for k, m in state.items()}, step=step, args=vars(args), config=config,
                 data_info=data_info, rng=gather_rng_states(device, data_rng))
-    path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_atomic(ckpt, path)
         logger.info(f"saved {path}")

@@ -25,6 +25,7 @@ images; statistics are summed over ranks):
 """
 import argparse
 import contextlib
+import fcntl
 import functools
 import math
 import os
@@ -598,9 +599,10 @@ def compute_stats(path, model, batch_size=200, device=None):
 
 def save_stats(path, stats):
     """Write an .npz of mu, sigma, mu_s, sigma_s atomically: a crash never leaves a truncated file under the name, and
-    a failed write (a full disk) leaves no temporary file."""
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
+    a failed write (a full disk, a read-only folder) leaves no temporary file and names the cause."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{name: stats[name] for name in ("mu", "sigma", "mu_s", "sigma_s") if name in stats})
         umask = os.umask(0)
@@ -608,10 +610,35 @@ def save_stats(path, stats):
         os.chmod(tmp, 0o666 & ~umask)                          # mkstemp's 0600 is not what a user expects
         os.replace(tmp, path)
     except BaseException as e:
-        os.remove(tmp)
+        if tmp is not None:
+            os.remove(tmp)
         if isinstance(e, OSError):
             raise UserError(f"cannot write {path}: {e.strerror}") from e
         raise
+
+
+LOCKS = []  # (lock file, descriptor) of the outputs this process writes; released as it ends
+
+
+def lock_output(path):
+    """Makes this process the only writer of `path` until it ends: an exclusive flock on PATH.lock (the lock that the
+    project's scripts take on their outputs), checked to be still the file under that name once held."""
+    lock = f"{path}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{path} is held by another job that writes it ({lock}): wait for it to end") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                LOCKS.append((lock, fd))
+                return
+        os.close(fd)                                           # its holder removed it as it ended: take the new one
 
 
 #################################################################################
@@ -699,6 +726,10 @@ def main(args):
         raise FileNotFoundError(f"the folder of --save-stats {args.save_stats} does not exist")
     if args.save_stats and os.path.isdir(args.save_stats):
         raise UserError(f"--save-stats {args.save_stats} is a folder; give a file name")
+    if args.save_stats and rank == 0:
+        lock_output(args.save_stats)                           # before anything is read: one job per statistics file
+        if os.path.exists(args.save_stats):
+            raise UserError(f"--save-stats {args.save_stats} already exists: remove it, or name another file")
     metrics = list(METRICS) if args.metrics is None else args.metrics.split(",")
     if not set(metrics) <= set(METRICS):
         raise UserError(f"--metrics takes names from {','.join(METRICS)}, got {args.metrics}")
@@ -750,13 +781,18 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         main(args)
-    except (FileNotFoundError, UserError) as e:  # user errors: one line, no traceback
+    except (OSError, UserError) as e:  # user errors, and a disk or folder that refuses a read or write: one line
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+            named = isinstance(e, OSError) and e.filename and e.strerror
+            print(f"error: {f'{e.filename}: {e.strerror}' if named else e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
+        while LOCKS:
+            lock, fd = LOCKS.pop()
+            os.remove(lock)                                    # while still held: see lock_output
+            os.close(fd)
         if dist.is_initialized():
             dist.destroy_process_group()

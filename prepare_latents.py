@@ -39,7 +39,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from common import allocate_npy, check_output, count, fail, positive_int, run, save_atomic, setup_distributed
+from common import (allocate_npy, check_output, check_room, claim, count, fail, integer, positive_int, run, save_atomic,
+                    setup_distributed)
 from vae import SCALE, AutoencoderKL, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -240,12 +241,11 @@ def copy_rows(src, rows, path):
 
 
 def start_run(out, arrays, run):
-    """The staging arrays [(name, dtype, shape)], then run.json, which marks them complete. A failure part-way removes
-    them: a full disk is not left fuller, and the next try does not need room for two copies."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create --out {out}: {e.strerror or e}")
+    """The staging arrays [(name, dtype, shape)], then run.json, which marks them complete, if the disk has room for
+    them. A failure part-way removes them: a full disk is not left fuller, and the next try does not need room for two
+    copies."""
+    size = sum(np.dtype(dtype).itemsize * math.prod(shape) for _, dtype, shape in arrays)
+    check_room(out, size, f"--out {out} ({arrays[0][2][0]} images of {' x '.join(map(str, arrays[0][2][1:]))})")
     try:
         for name, dtype, shape in arrays:
             save_atomic(shape, f"{out}/{name}.partial.npy", save=lambda shape, tmp: allocate_npy(tmp, shape, dtype))
@@ -311,15 +311,18 @@ def encode(vae, x, device):
 
 
 def benchmark(vae, args, device, steps=3):
-    size = args.image_size or 256
-    x = torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1
-    encode(vae, x, device)[0].sum().item()  # warm-up (kernel selection, allocator); .item() waits for the GPU
+    """Encoder images/s on random images: a warm-up call (on a CPU on one image: a 256-px image takes seconds there),
+    then `steps` calls on a batch of --batch-size (default 64 on a GPU, 2 on a CPU)."""
+    size, batch = args.image_size or 256, args.batch_size or (64 if device.type == "cuda" else 2)
+    print(f"timing the encoder on {steps} batches of {batch} random {size}x{size} images on {device}"
+          f"{' (one thread, as prepare_latents.py runs on a CPU)' if device.type == 'cpu' else ''}", flush=True)
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    encode(vae, x[:1] if device.type == "cpu" else x, device)[0].sum().item()  # .item() waits for the GPU
     start = time.time()
     for _ in range(steps):
         mean, _ = encode(vae, x, device)
     mean.sum().item()
-    print(f"encoder: {steps * args.batch_size / (time.time() - start):.3g} images/s "
-          f"({size}x{size}, batch {args.batch_size}, {device})")
+    print(f"encoder: {steps * batch / (time.time() - start):.3g} images/s ({size}x{size}, batch {batch}, {device})")
 
 
 def load_encoder(args, device):
@@ -377,6 +380,8 @@ def main(args):
     if not args.benchmark:
         check_output(args.out, "--out", folder=True)
     device, rank, world = setup_distributed(args.device)
+    if not args.benchmark and rank == 0:
+        claim(args.out, "--out", folder=True)  # before its records are read: two jobs on a new --out find it empty
     ddp = dist.is_initialized()
     if device.type == "cpu":
         # CPU kernels split their float sums by thread count, so 1 and N processes would differ in the last bit.
@@ -401,7 +406,7 @@ def main(args):
                 image_size=image_size, vae=vae_name, scale=scale,
                 vae_weights=None if vae is None else os.path.basename(args.vae_weights))
     out, names = args.out, ["latents"] if vae is None else ["latents", "std"]
-    chunk = check_out(out, spec, args.batch_size, rank)
+    chunk = check_out(out, spec, args.batch_size or 64, rank)
     if chunk is None:
         return
     if rank == 0 and not os.path.exists(f"{out}/run.json"):
@@ -454,10 +459,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=str, help="output folder (created; rerun the same command to resume)")
     parser.add_argument("--vae", type=str, choices=["sd-vae-ft-mse", "none"], default="sd-vae-ft-mse")
     parser.add_argument("--vae-weights", type=str, default=None, help=".safetensors, .bin or .pth of sd-vae-ft-mse")
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="output size (default: 256 for folders, the images' own size for IDX and npz)")
-    parser.add_argument("--batch-size", type=positive_int, default=64,
-                        help="images per chunk and per encoder call (x2 views)")
+    parser.add_argument("--image-size", type=integer(1, 4096), default=None,
+                        help="output size, up to 4096 (default: 256 for folders, the images' own size for IDX and npz)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="images per chunk and per encoder call (x2 views; default 64, --benchmark on a CPU 2)")
     parser.add_argument("--num-workers", type=count, default=min(8, os.cpu_count() or 1),
                         help="image-decoding DataLoader workers per process (default: min(8, CPUs); 0: none)")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")

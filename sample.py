@@ -23,26 +23,32 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (allocate_npy, check_output, count, fail, image_format, load_checkpoint, load_generator,
-                    make_decoder, parse_nfe, positive_int, run, save_atomic, save_grid, savez, setup_distributed)
+from PIL import Image
+
+from common import (allocate_npy, check_output, check_room, claim, count, fail, image_format, load_checkpoint,
+                    load_generator, make_decoder, parse_nfe, positive_int, run, save_atomic, save_grid, savez,
+                    setup_distributed)
 from model import SIZES, class_balanced_labels, generate
 
 STAGING = (".staging.json", ".staging.npy", ".staging-done.npy")  # what --npz keeps until done: the record, rows, mask
 
 
 def main(args):
-    # Setup, and every output checked before any work.
+    # Setup, and the output checked and claimed (by rank 0) before any work.
     device, rank, world = setup_distributed(args.device)
     torch.backends.cuda.matmul.fp32_precision = "tf32"        # TF32 matmuls on GPU, as the official sampler
     torch.backends.cudnn.conv.fp32_precision = "tf32"
-    check_output(args.save_generator or args.npz or args.out,
-                 "--save-generator" if args.save_generator else "--npz" if args.npz else "--out")
+    out, flag = ((args.save_generator, "--save-generator") if args.save_generator else (args.npz, "--npz") if args.npz
+                 else (args.out, "--out"))
+    check_output(out, flag)
     if args.npz is not None and not args.npz.endswith(".npz"):
         fail(f"--npz {args.npz}: the evaluation file must end in .npz")
-    if args.npz is not None and os.path.exists(args.npz):
-        fail(f"--npz {args.npz} already exists: remove it, or name another file")
     if args.npz is None and args.save_generator is None:
         image_format(args.out)
+    if rank == 0:
+        claim(out, flag)
+    if args.npz is not None and os.path.exists(args.npz):
+        fail(f"--npz {args.npz} already exists: remove it, or name another file")
     G, steps, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
     if args.save_generator:
         return save_generator(args.ckpt, args.weights, args.save_generator) if rank == 0 else None
@@ -52,16 +58,24 @@ def main(args):
         fail(f"a one-step generator samples in one step, not --steps {steps}")
     decode = make_decoder(info, args.vae_weights, device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
+    size = G.input_size * (8 if info.get("vae", "none") != "none" else 1)  # the VAE upsamples 8x
 
     if args.npz is None:                                       # a grid of --num-images for people to look at
         labels = args.class_labels or [i % num_classes for i in range(args.num_images)]
         if max(labels) >= num_classes or min(labels) < 0:
             fail(f"class labels must be in [0, {num_classes})")
+        n, nrow = len(labels), args.nrow or math.ceil(math.sqrt(len(labels)))
+        if nrow > n:
+            fail(f"--nrow {nrow} is more than the {n} images of the grid")
+        width, height = nrow * (size + 2) + 2, math.ceil(n / nrow) * (size + 2) + 2
+        if width * height > Image.MAX_IMAGE_PIXELS:
+            fail(f"a grid of {n} images of {size} px, {nrow} a row, is {width} x {height} pixels, more than Pillow "
+                 f"opens ({Image.MAX_IMAGE_PIXELS:,}): ask for fewer --num-images")
         if rank == 0:                                          # a grid is small: the other ranks have nothing to do
-            images = torch.cat([x for _, x, _ in generate(G, steps, decode, list(range(len(labels))), labels,
+            images = torch.cat([x for _, x, _ in generate(G, steps, decode, list(range(n)), labels,
                                                        args.global_seed, args.batch_size, device)])
-            save_grid(images, args.out, nrow=args.nrow or math.ceil(math.sqrt(len(images))))
-            print(f"saved {len(images)} samples ({steps} step{'s' * (steps > 1)}) to {args.out}")
+            save_grid(images, args.out, nrow=nrow)
+            print(f"saved {n} samples ({steps} step{'s' * (steps > 1)}) to {args.out}")
         return
 
     # Evaluation set: class-balanced, sharded over ranks into a staging file that a rerun of the same command resumes,
@@ -70,7 +84,6 @@ def main(args):
     labels = class_balanced_labels(args.num_samples, num_classes)
     perm = np.random.RandomState(42).permutation(args.num_samples)
     row_of = np.argsort(perm)                                  # sample i lands at row row_of[i] of arr_0
-    size = G.input_size * (8 if info.get("vae", "none") != "none" else 1)  # the VAE upsamples 8x
     rows, done = open_staging(args, steps, (args.num_samples, size, size, 3), rank)
     indices = [i for i in range(rank, args.num_samples, world) if not done[i]]
     tic = time.time()
@@ -120,6 +133,9 @@ def open_staging(args, steps, shape, rank):
                 same = json.load(f) == spec and os.path.isfile(rows) and os.path.isfile(done)
         except (OSError, ValueError):
             same = False
+        # Room for the staging rows (unless kept) and then for the npz, which holds them again.
+        check_room(os.path.dirname(os.path.abspath(args.npz)), math.prod(shape) * (1 if same else 2) + shape[0],
+                   f"--npz {args.npz} ({shape[0]} samples, staged and then packed)")
         if same:
             print(f"resuming {args.npz}: {int(np.load(done).sum())} of {shape[0]} samples already drawn")
         else:

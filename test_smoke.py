@@ -958,6 +958,150 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_
 
 
 #################################################################################
+#            Shared outputs, full and read-only disks, sizes, signals           #
+#################################################################################
+
+HOLDER = """import fcntl, os, sys
+held = [os.open(path, os.O_CREAT | os.O_RDWR) for path in sys.argv[1:]]
+for fd in held:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_two_jobs_on_one_output_one_runs_and_the_other_refuses_in_one_line(data, tmp_path, capsys):
+    """Every script that writes claims its output before any work and before it looks at what the output holds: while
+    another process holds the claim, the script refuses in one line (not with what it would say of a run or a file
+    already there); once that process is gone, the next job takes its lock file over and leaves none behind."""
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    ckpt, log = tmp_path / "run" / "checkpoints" / "0000001.pt", (tmp_path / "run" / "log.txt").read_text()
+    np.savez(tmp_path / "taken.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8), labels=np.arange(4))
+    for folder in ("twinflow", "classifier", "latents", "toy"):
+        os.makedirs(tmp_path / folder)
+    trainer = lambda script, folder: lambda: expect_error(script, "--data-path", data, "--results-dir",
+                                                          tmp_path / folder, *TRAIN, match="held by another job")
+    sample = lambda *out: lambda: expect_error("sample.py", "--ckpt", ckpt, *out, match="held by another job")
+
+    def toy_main():
+        with pytest.raises(SystemExit, match="held by another job"):
+            toy.main(steps=1, out_dir=str(tmp_path / "toy"))
+
+    def fid_stats():
+        code, out, err = _fid_in_process(capsys, tmp_path / "taken.npz", "--save-stats", tmp_path / "stats.npz")
+        assert code == 1 and err.startswith("error:") and err.count("\n") == 1 and "held by another job" in err, err
+
+    jobs = {"run/.lock": trainer("train.py", "run"),             # a run is there: the claim is checked first
+            "twinflow/.lock": trainer("twinflow.py", "twinflow"),
+            "classifier/.lock": trainer("train_classifier.py", "classifier"),
+            "taken.npz.lock": sample("--npz", tmp_path / "taken.npz"),    # the file is there: the claim comes first
+            "grid.png.lock": sample("--out", tmp_path / "grid.png"),
+            "G.pt.lock": sample("--save-generator", tmp_path / "G.pt"),
+            "latents/.lock": lambda: "held by another job" in error_of(
+                "--data-path", tmp_path / "taken.npz", "--out", tmp_path / "latents", "--vae", "none"),
+            "toy/toy.png.lock": toy_main, "stats.npz.lock": fid_stats}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *(str(tmp_path / lock) for lock in jobs)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for lock, job in jobs.items():
+            assert job() is not False, lock
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert (tmp_path / "run" / "log.txt").read_text() == log and not (tmp_path / "G.pt").exists()
+    assert os.listdir(tmp_path / "latents") == [".lock"] and not (tmp_path / "stats.npz").exists()
+    # The holder ended without removing its lock files, as a crashed job would: they block nothing.
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 4)
+    expect_error("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "taken.npz", match="already exists")
+    assert (tmp_path / "grid.png").exists() and not (tmp_path / "grid.png.lock").exists()
+    assert not (tmp_path / "taken.npz.lock").exists()
+
+
+def test_full_and_read_only_disks_end_in_one_line_naming_the_path_and_the_cause(data, tmp_path, monkeypatch):
+    # torch.save onto a full disk (the temporary file is /dev/full): the cause, not torch's "unexpected pos".
+    os.makedirs(tmp_path / "full")
+    path = tmp_path / "full" / "ckpt.pt"
+    os.symlink("/dev/full", f"{path}.tmp")
+    with pytest.raises(SystemExit) as e:
+        common.save_atomic({"x": torch.zeros(1000)}, str(path))
+    assert str(e.value.code) == f"error: cannot write {path}: No space left on device"
+    assert os.listdir(tmp_path / "full") == []
+    # log.txt on a full disk: one line, not logging's "--- Logging error ---" and its traceback.
+    os.symlink("/dev/full", tmp_path / "full" / "log.txt")
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.create_logger(str(tmp_path / "full")).info("a line")
+        assert str(e.value.code) == f"error: cannot write {tmp_path}/full/log.txt: No space left on device"
+    finally:
+        common.create_logger(None)
+    # No room for a checkpoint: before the run trains, and before each checkpoint, in one line that writes nothing.
+    usage, calls = shutil.disk_usage(tmp_path), []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: calls.append(p) or usage._replace(free=1000))
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "a", *TRAIN, "--max-steps", 2,
+                 match="a checkpoint of this run needs ")
+    assert "step 0000001" not in (tmp_path / "a" / "log.txt").read_text()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: calls.append(p) or usage._replace(free=1000 if len(calls) > 2
+                                                                                          else usage.free))
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", 2,
+                 "--ckpt-every", 1, match="the checkpoint of step 1 needs ")
+    assert os.listdir(tmp_path / "b" / "checkpoints") == []
+    monkeypatch.undo()
+    # A read-only folder (simulated: the tests may run as root, whom chmod does not stop) is found before any work.
+    ro = str(tmp_path / "ro")
+    os.makedirs(ro)
+    for name in ("open", "mkdir"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda p, *a, real=real, **k: real(p, *a, **k) if not str(p).startswith(ro) else
+                            (_ for _ in ()).throw(PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))))
+    for script in ("train.py", "train_classifier.py"):
+        expect_error(script, "--data-path", data, "--results-dir", f"{ro}/run", *TRAIN,
+                     match=f"cannot write --results-dir {ro}/run: Permission denied")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "c", *TRAIN, "--max-steps", 1)
+    expect_error("sample.py", "--ckpt", tmp_path / "c" / "checkpoints" / "0000001.pt", "--npz", f"{ro}/s.npz",
+                 match=f"cannot write --npz {ro}/s.npz: Permission denied")
+    with pytest.raises(SystemExit, match=f"cannot write --out-dir {ro}/toy.png: Permission denied"):
+        toy.main(out_dir=ro)                                   # before its minute of training
+    np.savez(tmp_path / "a.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(fid.UserError, match=f"cannot write {ro}/s.npz: Permission denied"):
+        fid.lock_output(f"{ro}/s.npz")
+    # Any other OSError that reaches a script's top: the file and the cause, once for every script.
+    def refused(args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), f"{ro}/x")
+    with pytest.raises(SystemExit) as e:
+        common.run(refused, None)
+    assert str(e.value.code) == f"error: {ro}/x: Permission denied"
+    assert os.listdir(ro) == []
+
+
+def test_size_flags_are_bounded_by_what_the_job_can_hold(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4))
+    argv = ["--data-path", tmp_path / "x.npz", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
+    with pytest.raises(SystemExit) as e:
+        run_prepare(*argv, "--image-size", 100000)
+    assert e.value.code == 2 and "--image-size: must be an integer from 1 to 4096" in capsys.readouterr().err
+    # An output larger than the disk's free space: one line before a byte is reserved, and no folder left.
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4 * 2 * 64 * 64 * 2))   # status does not fit
+    assert "(4 images of 2 x 1 x 64 x 64) needs" in error_of(*argv, "--image-size", 64)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    # The encoder benchmark on a CPU says what it times before it times it, and times a small batch.
+    capsys.readouterr()
+    run_prepare("--benchmark", "--image-size", 8, "--device", "cpu")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("timing the encoder on 3 batches of 2 random 8x8 images on cpu")
+    assert printed[1].startswith("encoder: ") and printed[1].endswith("images/s (8x8, batch 2, cpu)")
+    # A grid no wider than its images, and no larger than Pillow opens.
+    ckpt = os.path.join(HERE, "docs", "fmnist_xs7.pt")
+    expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--nrow", 1000,
+                 match="--nrow 1000 is more than the 16 images of the grid")
+    expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--num-images", 10 ** 6,
+                 match="more than Pillow opens")
+    assert sorted(os.listdir(tmp_path)) == ["x.npz"]
+
+
+#################################################################################
 #                             vae.py: the autoencoder                           #
 #################################################################################
 
@@ -1093,7 +1237,7 @@ def reference_crop(path, size):
 def run_prepare(*argv):
     threads = torch.get_num_threads()  # prepare_latents pins CPU runs to one thread; give the rest of the suite its own
     try:
-        prepare_latents.main(prepare_latents.parse_args([str(a) for a in argv]))
+        common.run(prepare_latents.main, prepare_latents.parse_args([str(a) for a in argv]))  # as its __main__ does
     finally:
         torch.set_num_threads(threads)
 
@@ -1297,11 +1441,11 @@ def test_prepare_latents_full_disk_is_one_line_and_leaves_no_partial_file(tmp_pa
         if room[0] < 0:
             no_space()
 
-    # Creating the staging arrays (latents, then status): nothing is left behind, not even run.json.
+    # Creating the staging arrays (latents, then status): nothing is left behind, not even run.json or the folder.
     monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
     room[0] = 1
     assert error_of(*argv("full")) == f"error: cannot write {out}/status.partial.npy: No space left on device"
-    assert out_files(out) == []
+    assert out_files(out) is None
     # Compacting the staging arrays to the good rows: no temporary file is left, the run stays resumable.
     room[0] = 2
     assert error_of(*argv("full")) == f"error: cannot write {out}/latents.npy: No space left on device"

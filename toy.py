@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy.special import erf, ndtr, ndtri
 
-from common import check_output, count, fail, positive_int, run, save_atomic, savez
+from common import check_output, claim, count, fail, positive_int, release_claims, run, save_atomic, savez
 from loss import (DStep, GStep, GradNorm, afm_batch, interpolate, ot_scale_at, rcgm_residual, twinflow_ema_decay,
                   twinflow_losses, update_ema)
 from model import transport
@@ -269,6 +269,8 @@ def main(nfe=1, steps=1000, seed=0, out_dir="."):
         os.makedirs(out_dir, exist_ok=True)                  # before the training: a bad folder fails at once
     except OSError as e:
         fail(f"cannot create --out-dir {out_dir}: {e.strerror}")
+    for name in ("toy.png", "toy.npz"):                      # so does a read-only one, or another toy.py writing there
+        claim(os.path.join(out_dir, name), "--out-dir")
     z_grid = np.linspace(-4, 4, 801)
     maps, results, panels = dict(z=z_grid, ot=ot_map(z_grid)), {}, []
     z_eval = torch.randn(20_000, generator=torch.Generator().manual_seed(seed))
@@ -295,6 +297,7 @@ def main(nfe=1, steps=1000, seed=0, out_dir="."):
     save_atomic(image, os.path.join(out_dir, "toy.png"), save=lambda im, tmp: im.save(tmp, format="PNG"))
     save_atomic(maps, os.path.join(out_dir, "toy.npz"), save=savez)
     print(f"wrote {os.path.join(out_dir, 'toy.png')} and toy.npz")
+    release_claims()                                         # common.run would, but main is called on its own too
     return results, maps
 
 

@@ -22,9 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (BatchReader, LatentData, StopOnSignal, check_in_sync, count, create_logger, fail, load_classifier,
-                    load_starts, make_decoder, make_grid_writer, network_shape, number, parse_nfe, per_rank_batch,
-                    positive_int, reduce_means, restore_rng, restore_state, run, save_checkpoint, setup_distributed)
+from common import (BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger,
+                    fail, load_classifier, load_starts, make_decoder, make_grid_writer, network_shape, number, parse_nfe,
+                    per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run, save_checkpoint,
+                    setup_distributed)
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
 from model import SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample
 from vae import SCALE, AutoencoderKL
@@ -292,6 +293,7 @@ def main(args):
     G, D, EMA, opt_D = state["G"], state["D"], state["EMA"], state["opt_D"]
     logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
     start = restore_state(state, starts, args, logger)
+    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
     data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     reader = BatchReader(lambda g: afm_batch(*data.sample(batch_size, g), args.nfe, g), data_rng, device)
 

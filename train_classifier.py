@@ -28,9 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (LatentData, StopOnSignal, check_in_sync, count, create_logger, fail, load_checkpoint, load_starts,
-                    load_weights, network_shape, number, per_rank_batch, positive_int, reduce_means, restore_rng,
-                    restore_state, run, save_checkpoint, setup_distributed)
+from common import (LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger, fail,
+                    load_checkpoint, load_starts, load_weights, network_shape, number, per_rank_batch, positive_int,
+                    reduce_means, restore_rng, restore_state, run, save_checkpoint, setup_distributed)
 from loss import interpolate, update_ema
 from model import SIZES, Classifier
 
@@ -264,6 +264,7 @@ def main(args):
 
     # Resume: weights, optimizer moments, this command's lr, every rank's RNG.
     start = restore_state(state, starts, args, logger)
+    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
     restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     C_train = DDP(C, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else C
 

@@ -30,9 +30,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (BatchReader, LatentData, StopOnSignal, check_in_sync, count, create_logger, load_starts, make_grid_writer,
-                    network_shape, number, per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run,
-                    save_checkpoint, setup_distributed)
+from common import (BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger,
+                    load_starts, make_grid_writer, network_shape, number, per_rank_batch, positive_int, reduce_means,
+                    restore_rng, restore_state, run, save_checkpoint, setup_distributed)
 from loss import twinflow_ema_decay, twinflow_losses, update_ema
 from model import SIZES, Generator, mode_flags
 
@@ -96,6 +96,7 @@ def main(args):
 
     # Start: fresh, or the exact continuation of a run; the EMA's warm-up is a function of the step.
     start = restore_state(state, starts, args, logger)
+    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
     data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     reader = BatchReader(lambda g: make_batch(data, batch_size, g), data_rng, device)
     decay = 0.0
