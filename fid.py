@@ -496,9 +496,24 @@ def open_input(path):
     for name, value in stats.items():
         if not np.isfinite(value).all():
             raise UserError(f"{path}: {name} is not finite (NaN or inf)")
+    for mu, sigma in pairs:
+        check_covariance(stats[mu], stats[sigma], f"{path}: {sigma}")
     if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3):
         raise UserError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     return (stats if "mu" in stats else None), images
+
+
+def check_covariance(mu, sigma, name, tol=1e-5):
+    """A covariance of len(mu) features is a symmetric positive semi-definite matrix (to rounding, `tol` relative to
+    its largest entry or eigenvalue); anything else (-I, say) would give a meaningless FID, 0 for -I."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"{name} must be a {len(mu)} x {len(mu)} matrix for its mean of {mu.shape}, got {sigma.shape}")
+    if np.abs(sigma - sigma.T).max() > tol * max(np.abs(sigma).max(), 1e-300):
+        raise UserError(f"{name} is not a covariance: it is not symmetric")
+    w = np.linalg.eigvalsh(sigma)
+    if w.min() < -tol * max(np.abs(w).max(), 1e-300):
+        raise UserError(f"{name} is not a covariance: it has the eigenvalue {w.min():.4g} (the largest: "
+                        f"{w.max():.4g})")
 
 
 def iterate_images(images, batch_size, start=0, stop=None):

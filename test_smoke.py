@@ -1101,6 +1101,76 @@ def test_size_flags_are_bounded_by_what_the_job_can_hold(tmp_path, monkeypatch, 
     assert sorted(os.listdir(tmp_path)) == ["x.npz"]
 
 
+def test_the_data_check_reads_every_row_and_scores_say_what_they_rest_on(data, tmp_path, capsys):
+    """Rows that a sample of 256 of 1000 rows misses, and a chunk boundary; NaN and inf told apart from values out of
+    range; a std that is not one; a statistics file whose sigma is not a covariance (-I gave FID 0); a judge whose
+    features do not vary (its Frechet distances are 0 for any images)."""
+    path = make_data(tmp_path / "d", n=1000, size=2, channels=1, std=True)
+    x, std = np.load(f"{path}/latents.npy"), np.load(f"{path}/std.npy")
+    for row, value, words in ((1, np.nan, f"{path}/latents.npy holds NaN or inf values (first at row 1)"),
+                              (998, -np.inf, f"{path}/latents.npy holds NaN or inf values (first at row 998)"),
+                              (500, 3.0, "must be 1 or 3 channels in [-1, 1], row 500 holds values in [")):
+        bad = x.copy()
+        bad[row, 1, 0, 1, 1] = value
+        np.save(f"{path}/latents.npy", bad)
+        with pytest.raises(SystemExit) as e:
+            common.LatentData(path)
+        assert words in str(e.value.code), e.value.code
+        assert common.first_bad_row(bad, -1, 1, chunk_bytes=7 * bad[:1].nbytes)[0] == row   # across 7-row chunks
+    np.save(f"{path}/latents.npy", x)
+    std[700, 0, 0, 0, 0] = -0.5
+    np.save(f"{path}/std.npy", std)
+    with pytest.raises(SystemExit, match="std.npy: a posterior std must be in .0, 1000., row 700 holds values in .-0.5"):
+        common.LatentData(path)
+    os.remove(f"{path}/std.npy")
+    assert common.LatentData(path).latents.shape == (1000, 2, 1, 2, 2)
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((3, 16))
+    for sigma, words in ((-np.eye(16), "sigma is not a covariance: it has the eigenvalue -1"),
+                         (np.triu(np.ones((16, 16))), "sigma is not a covariance: it is not symmetric"),
+                         (np.eye(4), "sigma must be a 16 x 16 matrix")):
+        np.savez(tmp_path / "s.npz", mu=np.zeros(16), sigma=sigma)
+        code, out, err = _fid_in_process(capsys, tmp_path / "s.npz", tmp_path / "s.npz", "--metrics", "fid")
+        assert code == 1 and out == "" and words in err and err.count("\n") == 1, err
+    np.savez(tmp_path / "s.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))   # rank 2 of 16: fine
+    assert fid.open_input(str(tmp_path / "s.npz"))[0]["sigma"].shape == (16, 16)
+    run_script("train_classifier.py", "--judge", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
+               "--global-batch-size", 8, "--max-steps", 1)
+    judge = torch.load(tmp_path / "j" / "checkpoints" / "0000001.pt", weights_only=True)
+    judge["EMA"]["hidden.0.bias"].fill_(-1e6)                  # every hidden ReLU off: the features are all zero
+    torch.save(judge, tmp_path / "dead.pt")
+    np.savez(tmp_path / "images.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), labels=np.arange(6) % 5)
+    capsys.readouterr()
+    run_script("train_classifier.py", "--evaluate", tmp_path / "images.npz", "--judge", tmp_path / "dead.pt",
+               "--data-path", data)
+    assert "features of the held-out images are degenerate" in capsys.readouterr().out
+
+
+def with_source(path, sha):
+    info = json.load(open(os.path.join(path, "info.json")))
+    json.dump(dict(info, num_images=24, source=dict(files_sha1=sha)), open(os.path.join(path, "info.json"), "w"))
+    return path
+
+
+def test_resume_refuses_a_checkpoint_of_other_data_and_init_says_so(tmp_path):
+    """Two data sets of one shape and size (prepare_latents.py's info.json names their source's sha1): a run resumes
+    only on its own; a new stage may start on other data, with a note in the log."""
+    a, b = with_source(make_data(tmp_path / "a"), "a1" * 20), with_source(make_data(tmp_path / "b"), "b2" * 20)
+    run_script("train.py", "--data-path", a, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
+    expect_error("train.py", "--data-path", b, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2, "--resume",
+                 ckpt, match=f"--resume {ckpt} was trained on other data than --data-path {b}: files_sha1 "
+                             f"'{'a1' * 20}' vs '{'b2' * 20}'; a new stage on other data starts with --init")
+    run_script("train.py", "--data-path", b, "--results-dir", tmp_path / "stage", *TRAIN, "--max-steps", 2, "--init", ckpt)
+    assert f"--init {ckpt} (step 1); note: trained on other data than --data-path (files_sha1" in \
+        (tmp_path / "stage" / "log.txt").read_text()
+    run_script("train_classifier.py", "--data-path", a, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size", 8,
+               "--max-steps", 1)
+    expect_error("train_classifier.py", "--data-path", b, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size",
+                 8, "--max-steps", 2, "--resume", tmp_path / "cls" / "checkpoints" / "0000001.pt",
+                 match="was trained on other data than --data-path")
+
+
 #################################################################################
 #                             vae.py: the autoencoder                           #
 #################################################################################

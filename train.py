@@ -277,7 +277,7 @@ def main(args):
     # Inputs: data, checkpoint and evaluation files are all checked before the run writes anything.
     data = LatentData(args.data_path)
     config = network_config(args.model, args.nfe, args.repeat, data)
-    starts = load_starts(args, config, args.max_steps)
+    starts = load_starts(args, config, args.max_steps, data.info)
     if dist.is_initialized():
         dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     guidance = load_guidance(args, data, device) if args.classifier else None
@@ -292,7 +292,7 @@ def main(args):
     state, d_step, g_step = make_players(args, config, device, world, guidance)
     G, D, EMA, opt_D = state["G"], state["D"], state["EMA"], state["opt_D"]
     logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
-    start = restore_state(state, starts, args, logger)
+    start = restore_state(state, starts, args, logger, data.info)
     check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
     data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     reader = BatchReader(lambda g: afm_batch(*data.sample(batch_size, g), args.nfe, g), data_rng, device)

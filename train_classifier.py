@@ -178,6 +178,9 @@ def main_evaluate(args):
     ref_features, predicted = judge_set(J, x_ref)
     print(f"judge {args.judge}: class accuracy {(predicted == y_ref).double().mean():.4f} on the {len(y_ref)} "
           f"held-out images of {args.data_path}")
+    if ref_features.var(0).sum() <= 1e-8 * ref_features.square().mean(0).sum():  # all alike, or all zero (dead ReLUs)
+        print("warning: the judge's features of the held-out images are degenerate (they barely vary): an "
+              "under-trained judge, whose Frechet distances say nothing (0 for any images)")
     sets = []
     if args.real_data:                                        # the floor: as many real images as samples, at random
         real = LatentData(args.real_data)
@@ -245,7 +248,7 @@ def main(args):
               dict(C=network_shape(args.model, data)))
     epochs = JUDGE_EPOCHS if judge else EPOCHS
     max_steps = args.max_steps or math.ceil(epochs * len(data.labels) / args.global_batch_size)
-    starts = load_starts(args, config, max_steps)              # the same network, or one line
+    starts = load_starts(args, config, max_steps, data.info)   # the same network and data, or one line
     if dist.is_initialized():
         dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     stop = StopOnSignal()
@@ -263,7 +266,7 @@ def main(args):
     logger.info(f"{'judge' if judge else 'classifier'} {sum(p.numel() for p in C.parameters()):,} parameters")
 
     # Resume: weights, optimizer moments, this command's lr, every rank's RNG.
-    start = restore_state(state, starts, args, logger)
+    start = restore_state(state, starts, args, logger, data.info)
     check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
     restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     C_train = DDP(C, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else C

@@ -78,7 +78,7 @@ def main(args):
     data = LatentData(args.data_path)
     config = dict(F=dict(network_shape(args.model, data), **mode_flags("any")[0]), nfe="any")
     max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
-    starts = load_starts(args, config, max_steps)
+    starts = load_starts(args, config, max_steps, data.info)
     if dist.is_initialized():
         dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     write_grids = make_grid_writer(args, data, device, steps=1) if args.sample_every else None
@@ -95,7 +95,7 @@ def main(args):
     logger.info(f"F {sum(p.numel() for p in G.parameters()):,} parameters")
 
     # Start: fresh, or the exact continuation of a run; the EMA's warm-up is a function of the step.
-    start = restore_state(state, starts, args, logger)
+    start = restore_state(state, starts, args, logger, data.info)
     check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
     data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     reader = BatchReader(lambda g: make_batch(data, batch_size, g), data_rng, device)
