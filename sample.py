@@ -58,13 +58,14 @@ def main(args):
         fail(f"a one-step generator samples in one step, not --steps {steps}")
     decode = make_decoder(info, args.vae_weights, device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
+    classes = args.class_labels or list(range(num_classes))   # what the samples are drawn from, in turn or balanced
+    if max(classes) >= num_classes or min(classes) < 0:
+        fail(f"--class-labels must be in [0, {num_classes})")
     size = G.input_size * (8 if info.get("vae", "none") != "none" else 1)  # the VAE upsamples 8x
 
-    if args.npz is None:                                       # a grid of --num-images for people to look at
-        labels = args.class_labels or [i % num_classes for i in range(args.num_images)]
-        if max(labels) >= num_classes or min(labels) < 0:
-            fail(f"class labels must be in [0, {num_classes})")
-        n, nrow = len(labels), args.nrow or math.ceil(math.sqrt(len(labels)))
+    if args.npz is None:                                       # a grid for people to look at
+        n = args.num_images or (len(args.class_labels) if args.class_labels else 16)
+        labels, nrow = [classes[i % len(classes)] for i in range(n)], args.nrow or math.ceil(math.sqrt(n))
         if nrow > n:
             fail(f"--nrow {nrow} is more than the {n} images of the grid")
         width, height = nrow * (size + 2) + 2, math.ceil(n / nrow) * (size + 2) + 2
@@ -81,7 +82,7 @@ def main(args):
     # Evaluation set: class-balanced, sharded over ranks into a staging file that a rerun of the same command resumes,
     # then packed by rank 0 into one npz, shuffled with a fixed permutation as the official packing script does (so
     # Inception Score splits are unbiased).
-    labels = class_balanced_labels(args.num_samples, num_classes)
+    labels = [classes[k] for k in class_balanced_labels(args.num_samples, len(classes))]
     perm = np.random.RandomState(42).permutation(args.num_samples)
     row_of = np.argsort(perm)                                  # sample i lands at row row_of[i] of arr_0
     rows, done = open_staging(args, steps, (args.num_samples, size, size, 3), rank)
@@ -103,8 +104,8 @@ def main(args):
         save_atomic(dict(arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm]), args.npz, save=savez)
         for suffix in STAGING:
             os.remove(args.npz + suffix)
-        print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {num_classes} classes) to {args.npz}; "
-              f"drew {int(drawn)} in {seconds:.1f} s, {drawn / seconds:.1f} images/s" +
+        print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {len(set(labels))} classes) to "
+              f"{args.npz}; drew {int(drawn)} in {seconds:.1f} s, {drawn / seconds:.1f} images/s" +
               (f"; transport cost E|G(z) - z|^2/n {cost / drawn:.4f} over them" if drawn else ""))
 
 
@@ -125,7 +126,7 @@ def open_staging(args, steps, shape, rank):
     identity = lambda path: path and os.path.isfile(path) and [os.path.abspath(path), os.path.getsize(path),
                                                              os.path.getmtime(path)]
     spec = dict(ckpt=identity(args.ckpt), vae=identity(args.vae_weights), network=[args.model, args.nfe, args.repeat],
-                weights=args.weights, steps=steps, seed=args.global_seed, shape=list(shape))
+                weights=args.weights, steps=steps, seed=args.global_seed, shape=list(shape), labels=args.class_labels)
     record, rows, done = (args.npz + suffix for suffix in STAGING)
     if rank == 0:
         try:
@@ -156,13 +157,16 @@ if __name__ == "__main__":
     parser.add_argument("--weights", choices=["EMA", "G"], default="EMA", help="which generator of a checkpoint")
     parser.add_argument("--model", choices=list(SIZES), default=None, help="size, needed for an official .pth")
     parser.add_argument("--nfe", type=parse_nfe, default=None, help="mode of an official .pth")
-    parser.add_argument("--repeat", type=positive_int, default=None, help="depth repetition of an official .pth")
+    parser.add_argument("--repeat", type=int, choices=[1, 2, 4], default=None, help="depth repetition of an official "
+                        ".pth")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights to decode latents")
     parser.add_argument("--global-seed", type=count, default=0, help="sample i's noise is seeded by (seed, i)")
-    parser.add_argument("--class-labels", type=int, nargs="+", default=None)
-    parser.add_argument("--num-images", type=positive_int, default=16)
-    parser.add_argument("--nrow", type=positive_int, default=None)
+    parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="the classes to draw: a grid shows "
+                        "them in turn (one image each unless --num-images), an npz is class-balanced over them")
+    parser.add_argument("--num-images", type=positive_int, default=None, help="images in the grid (default: 16, or one "
+                        "per --class-labels)")
+    parser.add_argument("--nrow", type=positive_int, default=None, help="images per row of the grid")
     parser.add_argument("--out", type=str, default="samples.png")
     parser.add_argument("--npz", type=str, default=None, help="write an evaluation npz instead of a grid")
     parser.add_argument("--save-generator", type=str, default=None, help="write a checkpoint of the --weights "

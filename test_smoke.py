@@ -1171,6 +1171,35 @@ def test_resume_refuses_a_checkpoint_of_other_data_and_init_says_so(tmp_path):
                  match="was trained on other data than --data-path")
 
 
+def test_accepted_flags_do_what_they_say_and_the_others_are_refused(data, tmp_path):
+    run_script("sample.py", "--ckpt", os.path.join(HERE, "docs", "fmnist_xs7.pt"), "--npz", tmp_path / "s.npz",
+               "--num-samples", 6, "--class-labels", 7, 3)
+    with np.load(tmp_path / "s.npz") as f:
+        assert sorted(f["labels"].tolist()) == [3, 3, 3, 7, 7, 7]              # balanced over the labels asked for
+    for argv in (["--ot-schedule", "constant", "--ot-scale-end", 0.1], ["--repeat", 3]):
+        with pytest.raises(SystemExit) as e:
+            run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN, *argv)
+        assert e.value.code == 2, argv
+    # --classifier: Table 11's augmentation unless --aug-p says otherwise, and a classifier of this data's space only.
+    run_script("train_classifier.py", "--data-path", data, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size",
+               8, "--max-steps", 1)
+    guide = ["--classifier", tmp_path / "cls" / "checkpoints" / "0000001.pt"]
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "g", *TRAIN, "--max-steps", 1, *guide,
+               "--gp-ratio", 0.05)
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "g0", *TRAIN, "--max-steps", 1, *guide,
+               "--aug-p", 0)
+    aug_p = lambda run: torch.load(tmp_path / run / "checkpoints" / "0000001.pt", weights_only=True)["args"]["aug_p"]
+    assert (aug_p("g"), aug_p("g0")) == (0.4, 0.0) and train.paper_default("aug_p", "B/2", "1", 1) == 0.4
+    log = (tmp_path / "g" / "log.txt").read_text()
+    assert "--aug-p 0.4: D's augmentation of the guided stage (Table 11)" in log
+    assert "note: R1/R2 see 1 row of each rank's batch of 8 (--gp-ratio 0.05 of it is less than one)" in log
+    other = make_data(tmp_path / "other")
+    json.dump(dict(json.load(open(f"{other}/info.json")), image_size=16), open(f"{other}/info.json", "w"))
+    expect_error("train.py", "--data-path", other, "--results-dir", tmp_path / "never", *TRAIN, *guide,
+                 match=f"was trained on other data than --data-path {other}: image_size 8 vs 16")
+    assert not (tmp_path / "never").exists()
+
+
 #################################################################################
 #                             vae.py: the autoencoder                           #
 #################################################################################

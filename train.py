@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger,
-                    fail, load_classifier, load_starts, make_decoder, make_grid_writer, network_shape, number, parse_nfe,
-                    per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run, save_checkpoint,
-                    setup_distributed)
+from common import (SPACE, BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count,
+                    create_logger, data_differences, fail, load_classifier, load_starts, make_decoder, make_grid_writer,
+                    network_shape, number, parse_nfe, per_rank_batch, positive_int, reduce_means, restore_rng,
+                    restore_state, run, save_checkpoint, setup_distributed)
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
 from model import SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample
 from vae import SCALE, AutoencoderKL
@@ -68,6 +68,8 @@ DEFAULTS = [
     ("cg_time",      "*",   "multi", (0.0, 0.25), "Table 11: guided target times [0] (2 steps), [0, 0.25] (4 steps); "
                                            "the paper guides no other few- or any-step model"),
     ("cg_time",      "*",   "*",     (0.0, 0.1), "Table 3's best range of t' (U(0, 0.1)); Table 11, stage 4"),
+    ("aug_p",        "*",   "*",     0.4,   "Table 11, stage 4: D's augmentation in the guided stage (Algorithm 1); "
+                                            "taken with --classifier only, else 0"),
 ]
 
 
@@ -86,7 +88,8 @@ def defaults_help(flag):
 
 
 def fill_defaults(args):
-    """The paper's value (DEFAULTS) for every such flag left unset; a constant schedule holds --ot-scale."""
+    """The paper's value (DEFAULTS) for every such flag left unset; a constant schedule holds --ot-scale. Returns a
+    note for the log where a default follows from another flag."""
     pick = lambda flag: paper_default(flag, args.model, args.nfe, args.repeat)
     for flag in ("global_batch_size", "max_steps", "lr", "ema_decay", "ot_decay_steps", "grad_clip", "cg_scale"):
         if getattr(args, flag) is None:
@@ -97,6 +100,11 @@ def fill_defaults(args):
     args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else pick("ot_scale_end")
     args.lr_g = args.lr_g if args.lr_g is not None else args.lr * pick("g_lr_ratio")
     args.cg_time = tuple(args.cg_time) if args.cg_time is not None else pick("cg_time")
+    if args.aug_p is None:                                     # the guided stage pairs guidance with augmentation
+        args.aug_p = pick("aug_p") if args.classifier else 0.0
+        if args.classifier:
+            return f"--aug-p {args.aug_p}: D's augmentation of the guided stage (Table 11), as --classifier is given"
+    return None
 
 
 def network_config(model, nfe, repeat, data):
@@ -111,12 +119,16 @@ def network_config(model, nfe, repeat, data):
 #################################################################################
 
 def load_guidance(args, data, device):
-    """Classifier guidance with the frozen classifier of --classifier, checked against the data it must classify."""
+    """Classifier guidance with the frozen classifier of --classifier, checked against the data it must classify: their
+    shape, and the space (VAE, latent scale, image size, classes) of the data it was trained on."""
     C, info = load_classifier(args.classifier)
     shape = (C.input_size, C.in_channels, C.final_layer[1].out_features)
     if shape != (data.size, data.channels, data.num_classes):
         fail(f"{args.classifier} classifies {shape[1]} x {shape[0]} x {shape[0]} inputs of {shape[2]} classes, "
              f"but the data are {data.channels} x {data.size} x {data.size} of {data.num_classes}")
+    differ = data_differences(info, data.info, SPACE)
+    if differ:
+        fail(f"{args.classifier} was trained on other data than --data-path {args.data_path}: {', '.join(differ)}")
     return Guidance(C.to(device), args.cg_scale, args.cg_time)
 
 
@@ -269,7 +281,7 @@ def benchmark(args):
 def main(args):
     # Setup: processes and devices; flags left unset take the paper's values.
     device, rank, world = setup_distributed(args.device)
-    fill_defaults(args)
+    note = fill_defaults(args)
     batch_size = per_rank_batch(args.global_batch_size, world)
     stop = StopOnSignal()
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"  # as the official code
@@ -300,6 +312,11 @@ def main(args):
     # The loop: one D step, one G step, the EMA; logs, checkpoints and FID every so many steps.
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, batch {batch_size}/"
                 f"rank, ot_scale {args.ot_scale}->{args.ot_scale_end}, lr G {args.lr_g} D {args.lr}, clip {args.grad_clip}")
+    if note:
+        logger.info(note)
+    if round(batch_size * args.gp_ratio) < 1:                  # loss.py's R1/R2 take at least one row
+        logger.info(f"note: R1/R2 see 1 row of each rank's batch of {batch_size} (--gp-ratio {args.gp_ratio} of it is "
+                    "less than one)")
     sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
         ot_scale = ot_scale_at(step, args.ot_scale, args.ot_scale_end, args.ot_decay_steps)
@@ -340,8 +357,10 @@ if __name__ == "__main__":
     parser.add_argument("--data-path", type=str, default=None, help="directory written by prepare_latents.py")
     parser.add_argument("--results-dir", type=str, default="results")
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
-    parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), 2 or 4 (few steps), or any")
-    parser.add_argument("--repeat", type=positive_int, default=1, help="depth repetition R of a one-step generator (2, 4)")
+    parser.add_argument("--nfe", type=parse_nfe, default="1", help="1 (one step), k >= 2 (a k-step model; the paper's "
+                        "are 2 and 4) or any (any number of steps)")
+    parser.add_argument("--repeat", type=int, choices=[1, 2, 4], default=1, help="depth repetition R of a one-step "
+                        "generator (the paper's R2 and R4 rows in DEFAULTS: G's lr / R)")
     parser.add_argument("--global-batch-size", type=positive_int, default=None,
                         help=f"split over the ranks ({defaults_help('global_batch_size')})")
     parser.add_argument("--global-seed", type=count, default=0)
@@ -388,8 +407,8 @@ if __name__ == "__main__":
     parser.add_argument("--cg-scale", type=number(), default=None, help=f"lambda_cg ({defaults_help('cg_scale')})")
     parser.add_argument("--cg-time", type=number(0, 1), nargs=2, default=None, metavar=("LO", "HI"),
                         help=f"one step: t' ~ U(LO, HI); few steps: the guided target times ({defaults_help('cg_time')})")
-    parser.add_argument("--aug-p", type=number(0, 1), default=0.0, help="discriminator augmentation probability "
-                        "(the paper's guided stage: 0.4, Algorithm 1)")
+    parser.add_argument("--aug-p", type=number(0, 1), default=None, help="discriminator augmentation probability "
+                        f"(default: 0; with --classifier {defaults_help('aug_p')})")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     # D stays in fp32 (TF32 matmuls on GPU) with bf16 too: R1/R2 are finite differences of logits eps = 0.01 apart,
     # and bf16's rounding of the logits (measured on latents: an error about 20x the difference) would drown them.
@@ -409,4 +428,6 @@ if __name__ == "__main__":
         parser.error("--cg-time LO HI needs LO <= HI")
     if args.classifier is None and args.cg_scale is not None:
         parser.error("--cg-scale needs --classifier")
+    if args.ot_schedule == "constant" and args.ot_scale_end is not None:
+        parser.error("--ot-scale-end is the end of the cosine schedule; a constant schedule holds --ot-scale")
     run(benchmark if args.benchmark else main, args)

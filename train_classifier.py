@@ -28,16 +28,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger, fail,
-                    load_checkpoint, load_starts, load_weights, network_shape, number, per_rank_batch, positive_int,
-                    reduce_means, restore_rng, restore_state, run, save_checkpoint, setup_distributed)
+from common import (SPACE, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger,
+                    data_differences, fail, load_checkpoint, load_starts, load_weights, network_shape, number,
+                    per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run, save_checkpoint,
+                    setup_distributed)
 from loss import interpolate, update_ema
 from model import SIZES, Classifier
 
 EPOCHS = 30              # the paper, §4.1: "trained from scratch ... using the cross-entropy objective for 30 epochs"
 JUDGE_EPOCHS = 10        # the judge: 0.92 on Fashion-MNIST's test images after 10 epochs
 GRAD_CLIP = 50.0         # official train_adversarial_flow_classifier.py: clip_grad_norm_(..., 50.0) every step
-SPACE = ("vae", "scale", "image_size", "classes")  # info.json keys that must agree between C's data and what it scores
 
 #################################################################################
 #                                 Augmentation                                  #
@@ -226,9 +226,9 @@ def compare(J, path_a, path_b, x_ref, y_ref, seed):
 
 def check_fits(J, j_info, name, info):
     """One line when a data set is not in the space the judge was trained on."""
-    differ = [k for k in SPACE if k in j_info and k in info and j_info[k] != info[k]]
+    differ = data_differences(j_info, info, SPACE)
     if differ:
-        fail(f"the judge does not fit {name}: " + ", ".join(f"{k} {j_info[k]!r} vs {info[k]!r}" for k in differ))
+        fail(f"the judge does not fit {name}: {', '.join(differ)}")
 
 
 #################################################################################
