@@ -79,6 +79,14 @@ def number(lo=0.0, hi=math.inf, lo_open=False, hi_open=False):
     return parse
 
 
+def check_input(path, what):
+    """An input that must be a file (a checkpoint, weights, an npz): one line when it is missing or a folder."""
+    if os.path.isdir(path):
+        fail(f"{what} {path} is a folder, not a file")
+    if not os.path.isfile(path):
+        fail(f"{what} {path} does not exist")
+
+
 def check_output(path, flag, folder=False):
     """Fails before any work when an output path cannot be what it must be: a file (not an existing folder) in a
     folder that exists, or a folder (not an existing file)."""
@@ -115,23 +123,48 @@ def setup_distributed(device):
 
 def run(main, args, interrupted="interrupted"):
     """Runs a script's main. SIGTERM (a preemption) raises KeyboardInterrupt like Ctrl-C, and either ends in one line
-    and exit status 130 after main's own cleanup (trainers catch both signals themselves: StopOnSignal). An OSError
-    that gets this far (a full disk, a read-only folder) ends in one line naming the file and the cause. Afterwards
-    the job's claims on its outputs are released, and the signal handlers and the process group given back."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    and exit status 130 after main's own cleanup, further signals ignored (trainers catch both signals themselves:
+    StopOnSignal). An OSError that gets this far (a full disk, a read-only folder) ends in one line naming the file and
+    the cause. Afterwards the job's claims on its outputs are released, and the signal handlers and the process group
+    given back."""
+    global STOPPING
+    STOPPING = False
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
         main(args)
     except KeyboardInterrupt:
+        ignore_signals()
         print(f"interrupted: {interrupted}", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
         fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}")
     finally:
         release_claims()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            # Stopping, the process only exits now: SIG_IGN, which Python (unlike a handler of its own) keeps to the end.
+            signal.signal(sig, signal.SIG_IGN if STOPPING else handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+STOPPING = False   # set once a signal has stopped the job: further signals are ignored until the process is gone
+
+
+def interrupt(signum, frame):
+    ignore_signals()
+    raise KeyboardInterrupt
+
+
+def ignore_signals():
+    """A job that a signal stops ignores further signals until it has exited: a second Ctrl-C or SIGTERM during the
+    interpreter's clean-up (DataLoader workers, threads, atexit hooks) would print their tracebacks. The handler is a
+    Python one that does nothing (common.run ends with SIG_IGN): a signal that arrived just before this call, and is
+    handled after it, would find SIG_IGN and print "Signal 15 ignored due to race condition"."""
+    global STOPPING
+    STOPPING = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
 
 
 class StopOnSignal:
@@ -146,6 +179,7 @@ class StopOnSignal:
 
     def handle(self, signum, frame):
         if self.signum:
+            ignore_signals()
             print(f"{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
             raise SystemExit(128 + signum)
         self.signum = signum
@@ -159,8 +193,27 @@ class StopOnSignal:
     @staticmethod
     def exit(signum, step, path, logger):
         """After the checkpoint: the command that resumes, and the exit status of the signal."""
-        logger.info(f"stopped by {signal.Signals(signum).name} after step {step}: resume with --resume {path}")
+        ignore_signals()
+        logger.info(f"stopped by {signal.Signals(signum).name} after step {step}: resume with {resume_command(path)}")
         raise SystemExit(128 + signum)
+
+
+def resume_command(path):
+    """This job's command with --resume `path` in place of any --resume, --init or --init-d, launched as it was
+    (torchrun with as many processes per node; a job of several nodes also needs its rendezvous flags again)."""
+    starts, words, argv = ("--resume", "--init", "--init-d"), [], iter(sys.argv[1:])
+    for word in argv:
+        if word in starts:
+            next(argv, None)                                   # and its value
+        elif word.split("=", 1)[0] not in starts:
+            words.append(word)
+    launch = ["python"]
+    if "RANK" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = [f"--nnodes={world // local}"] if world != local else []
+        launch = ["torchrun", *nodes, f"--nproc_per_node={local}"]
+    return shlex.join(launch + [sys.argv[0], *words, "--resume", str(path)])
 
 
 def create_logger(logging_dir):
@@ -332,6 +385,12 @@ def image_format(path):
     return fmt
 
 
+def rgb(images):
+    """uint8 images (N, C, H, W) with the 3 channels that Inception and the ADM npz format take: a grey image's one
+    channel repeated, as everywhere samples are scored (sample.py --npz, train.py --fid-every)."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 def save_grid(images, path, nrow):
     """Tiles uint8 images (N, C, H, W) into one picture, 2 px apart, in the format its extension names, atomically."""
     n, _, h, w = images.shape
@@ -461,6 +520,7 @@ def make_decoder(info, vae_weights, device):
         return lambda x: x
     if vae_weights is None:
         fail(f"these latents come from the {info['vae']} VAE: give its weights with --vae-weights")
+    check_input(vae_weights, "--vae-weights")
     try:
         vae = load_vae(vae_weights, device)
     except (FileNotFoundError, ValueError) as e:
@@ -481,8 +541,7 @@ def network_shape(model, data):
 
 def load_checkpoint(path):
     """Loads an untrusted checkpoint file safely (tensors and primitives only), or ends with one clear line."""
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
+    check_input(path, "checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy of unused parts
     except Exception as e:  # a truncated zip, random bytes or a pickle with code all end here

@@ -262,6 +262,8 @@ class InceptionV3(nn.Module):
 
 def load_inception(path, device="cpu"):
     """InceptionV3 with the FID weights at `path`, in eval mode, without gradients. Never downloads."""
+    if os.path.isdir(path):
+        raise UserError(f"Inception weights {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights {path} not found; download {WEIGHTS_URLS[0]} "
                                 f"(or pytorch-fid's {WEIGHTS_URLS[1]})")

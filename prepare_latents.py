@@ -325,6 +325,14 @@ def benchmark(vae, args, device, steps=3):
     print(f"encoder: {steps * batch / (time.time() - start):.3g} images/s ({size}x{size}, batch {batch}, {device})")
 
 
+def quiet_hand_over(worker_id):
+    """In each DataLoader worker: a batch whose hand-over the main process broke off (interrupted by Ctrl-C or SIGTERM
+    while it received the batch's shared memory) ends the worker without a traceback from multiprocessing's
+    fd-sharing thread, which reports the reset connection through sys.excepthook."""
+    hook = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: None if issubclass(kind, ConnectionError) else hook(kind, value, tb)
+
+
 def load_encoder(args, device):
     """The frozen VAE, or None for --vae none (pixels); bad weights end the script with one line."""
     if args.vae == "none" and not args.benchmark:
@@ -426,8 +434,8 @@ def main(args):
         staging = [np.load(f"{out}/{name}.partial.npy", mmap_mode="r+") for name in names] if batches else []
     except (OSError, ValueError) as e:  # staging files deleted or damaged by hand
         fail(f"the unfinished run in {out} is damaged ({e}); delete {out}/run.json to start it over")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda", worker_init_fn=quiet_hand_over)
     start = time.time()
     for i, (rows, (x, ok)) in enumerate(tqdm(zip(batches, loader), total=len(batches), disable=rank != 0)):
         a, b = rows[0], rows[-1] + 1

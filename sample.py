@@ -26,7 +26,7 @@ from tqdm import tqdm
 from PIL import Image
 
 from common import (allocate_npy, check_output, check_room, claim, count, fail, image_format, load_checkpoint,
-                    load_generator, make_decoder, parse_nfe, positive_int, run, save_atomic, save_grid, savez,
+                    load_generator, make_decoder, parse_nfe, positive_int, rgb, run, save_atomic, save_grid, savez,
                     setup_distributed)
 from model import SIZES, class_balanced_labels, generate
 
@@ -91,7 +91,7 @@ def main(args):
     batches = generate(G, steps, decode, indices, labels, args.global_seed, args.batch_size, device)
     cost = torch.zeros((), dtype=torch.float64, device=device)
     for chunk, images, costs in tqdm(batches, total=math.ceil(len(indices) / args.batch_size), disable=rank != 0):
-        rows[row_of[chunk]] = images.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, C), ADM's NHWC
+        rows[row_of[chunk]] = rgb(images).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3), ADM's NHWC
         rows.flush()
         done[chunk] = 1                                        # only once the rows are on disk
         done.flush()

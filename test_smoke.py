@@ -1200,6 +1200,64 @@ def test_accepted_flags_do_what_they_say_and_the_others_are_refused(data, tmp_pa
     assert not (tmp_path / "never").exists()
 
 
+def test_fid_during_training_of_grey_images_takes_the_sampling_path(tmp_path, monkeypatch):
+    """1-channel pixels reach Inception as RGB during training, as sample.py --npz writes them: the same statistics
+    (so the same FID; the 2048-dim Frechet distance itself is left out, slow on 2 cores), and what cannot be scored
+    (statistics of another feature size) fails before the run trains."""
+    grey, weights, ref = make_data(tmp_path / "grey", num_classes=2, channels=1), _fid_weights_file(), tmp_path / "r.npz"
+    np.savez(ref, arr_0=_fid_images(3, seed=5, size=8))
+    np.savez(tmp_path / "small.npz", mu=np.zeros(16), sigma=np.eye(16))
+    fid_flags = lambda ref: ["--fid-every", 2, "--fid-samples", 2, "--fid-ref", ref, "--inception", weights]
+    expect_error("train.py", "--data-path", grey, "--results-dir", tmp_path / "never", *TRAIN, *fid_flags(
+        tmp_path / "small.npz"), match="holds statistics of 16 features; Inception gives 2048")
+    assert not (tmp_path / "never").exists()
+    scored = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda mu, sigma, *ref: scored.append((mu, sigma)) or 0.0)
+    run_script("train.py", "--data-path", grey, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, *fid_flags(ref))
+    run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "0000002.pt", "--npz", tmp_path / "s.npz",
+               "--num-samples", 2)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3) and (f["arr_0"] == f["arr_0"][..., :1]).all()    # grey as RGB
+    mu, sigma = fid.compute_stats(str(tmp_path / "s.npz"), fid.load_inception(weights))
+    assert len(scored) == 1 and "FID-2 0.0000" in (tmp_path / "log.txt").read_text()
+    np.testing.assert_allclose(scored[0][0], mu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scored[0][1], sigma, rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
+
+
+def test_messages_name_folders_give_the_resume_command_and_a_stopping_job_ignores_signals(data, tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "dir.pt")
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--resume", tmp_path / "dir.pt",
+                 match=f"checkpoint {tmp_path}/dir.pt is a folder, not a file")
+    expect_error("sample.py", "--ckpt", tmp_path / "dir.pt", match="is a folder, not a file")
+    with pytest.raises(SystemExit, match="--vae-weights .*dir.pt is a folder, not a file"):
+        common.make_decoder(dict(vae="sd-vae-ft-mse", scale=0.18215), str(tmp_path / "dir.pt"), "cpu")
+    with pytest.raises(SystemExit, match="sample npz .*dir.pt is a folder, not a file"):
+        train_classifier.npz_images(str(tmp_path / "dir.pt"))
+    with pytest.raises(fid.UserError, match="dir.pt is a folder, not a file"):
+        fid.load_inception(str(tmp_path / "dir.pt"))
+    # The command that resumes: this one, its starting checkpoints replaced by --resume; under torchrun as launched.
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data-path", "d", "--init", "a.pt", "--init-d=b.pt", "--lr", "2",
+                                      "--resume", "c.pt"])
+    assert common.resume_command("out/0000010.pt") == "python train.py --data-path d --lr 2 --resume out/0000010.pt"
+    monkeypatch.setattr(os, "environ", dict(os.environ, RANK="0", WORLD_SIZE="16", LOCAL_WORLD_SIZE="8"))
+    assert common.resume_command("my run/1.pt") == ("torchrun --nnodes=2 --nproc_per_node=8 train.py --data-path d "
+                                                    "--lr 2 --resume 'my run/1.pt'")
+    monkeypatch.undo()
+    # A job that a signal stops ignores the next ones until it has exited (their tracebacks from the clean-up).
+    def stopped(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                                          # the handler raises at once
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.run(stopped, None)
+        assert e.value.code == 130
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)                     # ignored: the test goes on
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 #################################################################################
 #                             vae.py: the autoencoder                           #
 #################################################################################

@@ -22,12 +22,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (SPACE, BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count,
-                    create_logger, data_differences, fail, load_classifier, load_starts, make_decoder, make_grid_writer,
-                    network_shape, number, parse_nfe, per_rank_batch, positive_int, reduce_means, restore_rng,
-                    restore_state, run, save_checkpoint, setup_distributed)
+from common import (SPACE, BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, check_input,
+                    count, create_logger, data_differences, fail, load_classifier, load_starts, make_decoder,
+                    make_grid_writer, network_shape, number, parse_nfe, per_rank_batch, positive_int, reduce_means,
+                    restore_rng, restore_state, rgb, run, save_checkpoint, setup_distributed)
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
-from model import SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample
+from model import (SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample,
+                   to_uint8)
 from vae import SCALE, AutoencoderKL
 
 #################################################################################
@@ -133,25 +134,34 @@ def load_guidance(args, data, device):
 
 
 def make_fid_evaluator(args, data, device):
-    """Loads the Inception network, the VAE and the reference statistics once; returns G -> FID of its samples."""
+    """Loads the Inception network, the VAE and the reference statistics once, and sends one sample-shaped batch down
+    the path the samples take (decoded, as RGB like sample.py --npz writes them) so that a mismatch ends the run
+    before it trains; returns G -> FID of its samples."""
     if not (args.fid_ref and args.inception):
         fail("--fid-every needs --fid-ref (statistics, image npz or folder) and --inception (weights file)")
     if args.fid_samples < max(2, data.num_classes):
         fail(f"--fid-samples {args.fid_samples} must be at least the number of classes ({data.num_classes}) and 2")
+    check_input(args.inception, "--inception")
+    decode = make_decoder(data.info, args.vae_weights, device)
     try:
         inception = fid.load_inception(args.inception, device)
         ref = fid.compute_stats(args.fid_ref, inception, batch_size=args.fid_batch_size)
+        with torch.no_grad():
+            probe = to_uint8(decode(torch.zeros(1, data.channels, data.size, data.size, device=device)))
+            features = inception(rgb(probe))[0]
     except (FileNotFoundError, fid.UserError) as e:
         fail(str(e))
-    decode = make_decoder(data.info, args.vae_weights, device)
+    if ref[0].shape != features.shape[1:]:
+        fail(f"--fid-ref {args.fid_ref} holds statistics of {ref[0].shape[0]} features; Inception gives "
+             f"{features.shape[1]}")
 
     def evaluate(G, steps):
         """FID of --fid-samples class-balanced samples, sharded over ranks, against the reference."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         labels = class_balanced_labels(args.fid_samples, data.num_classes)
         indices = list(range(rank, args.fid_samples, world))
-        batches = (images for _, images, _ in generate(G, steps, decode, indices, labels, args.global_seed,
-                                                    args.fid_batch_size, device))
+        batches = (rgb(images) for _, images, _ in generate(G, steps, decode, indices, labels, args.global_seed,
+                                                         args.fid_batch_size, device))
         stats, _ = fid.extract_features(batches, inception)  # summed over ranks
         return fid.frechet_distance(*stats.mean_cov(), *ref)
     return evaluate

@@ -28,10 +28,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (SPACE, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger,
-                    data_differences, fail, load_checkpoint, load_starts, load_weights, network_shape, number,
-                    per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run, save_checkpoint,
-                    setup_distributed)
+from common import (SPACE, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, check_input, count,
+                    create_logger, data_differences, fail, load_checkpoint, load_starts, load_weights, network_shape,
+                    number, per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run,
+                    save_checkpoint, setup_distributed)
 from loss import interpolate, update_ema
 from model import SIZES, Classifier
 
@@ -134,6 +134,7 @@ def load_judge(path):
 
 def npz_images(path):
     """(float images (N, C, H, W) in [-1, 1], labels) of an ADM-format npz (sample.py --npz), or one line."""
+    check_input(path, "sample npz")
     try:
         with np.load(path) as f:
             images, labels = f["arr_0"], f["labels"]
