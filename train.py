@@ -282,7 +282,7 @@ def benchmark(args):
     if rank == 0:
         print(f"{args.model} nfe {args.nfe} repeat {args.repeat}, {world} x {device.type}, batch {batch_size}/rank, "
               f"{args.precision}{', compiled' if args.compile else ''}: training {2 * args.global_batch_size / seconds:.4g}"
-              f" images/s ({1 / seconds:.4g} it/s), MFU {mfu:.1%} of {source}, peak memory {peak:.2f} GiB "
+              f" images/s ({1 / seconds:.4g} it/s), MFU {100 * mfu:.3g}% of {source}, peak memory {peak:.2f} GiB "
               f"({'allocated' if device.type == 'cuda' else 'RSS'}); sampling {world * batch_size / one_step:.4g} images/s"
               + (f", {world * batch_size / decode:.4g} with VAE decoding" if decode else "")
               + f" ({default_steps(args.nfe)} step{'s' * (args.nfe != '1')})")
