@@ -323,26 +323,40 @@ def rcgm_residual(EMA, F_th, x_t, v, y, t, t_tgt):
     return torch.where(near, F_th - v, (expand(t - t_tgt, x) * F_th - jump) / RCGM_DELTA - v).clamp(-1, 1)
 
 
-def twinflow_losses(G, EMA, x, y, z, t, t_tgt, z2, t2, y_cfg=None, cfg_ratio=0.0):
-    """The five terms of TwinFlow.training_step (:448), each a mean square over the whole batch, weight 1 each. All
-    randomness is given: data x with labels y, noise z and z2 like x, times t, t_tgt <= t and t2, (N,). With y_cfg
-    (the labels shuffled, :133) the velocity target gains the EMA's guidance cfg_ratio (F(y) - F(y_cfg)) (:102)."""
+TWINFLOW_TERMS = ("base", "real", "fake", "rectify", "base_one_step")
+
+
+def twinflow_losses(G, EMA, x, y, z, t, t_tgt, z2, t2, y_cfg=None, cfg_ratio=0.0, terms=TWINFLOW_TERMS):
+    """The five terms of TwinFlow.training_step (:448), each a mean square over the whole batch, weight 1 each (those
+    named in `terms`; "real" alone is flow matching). All randomness is given: data x with labels y, noise z and z2
+    like x, times t, t_tgt <= t and t2, (N,). With y_cfg (the labels shuffled, :133) the velocity target gains the
+    EMA's guidance cfg_ratio (F(y) - F(y_cfg)) (:102)."""
     ones, zeros, x_t = torch.ones_like(t), torch.zeros_like(t), interpolate(x, z, t)
     v = z - x                                                 # the real flow's velocity
     if y_cfg is not None and cfg_ratio:
         with torch.no_grad():                                 # the CFG-enhanced target, at t_tgt = t (:466)
             v = v + cfg_ratio * (EMA(x_t, y, t, t) - EMA(x_t, y_cfg, t, t))
-    F_th_t, F_fake = G(x_t, y, t, t_tgt), G(z, y, ones, zeros)
+    losses = {}
+    if "base" in terms:                                       # L_base: RCGM's any-step consistency (:475)
+        F_th_t = G(x_t, y, t, t_tgt)
+        losses["base"] = F.mse_loss(F_th_t, F_th_t.detach() - rcgm_residual(EMA, F_th_t, x_t, v, y, t, t_tgt))
+    if "real" in terms:                                       # flow matching, t_tgt = t (:487)
+        losses["real"] = F.mse_loss(G(x_t, y, t, t), v)
+    if not {"fake", "rectify", "base_one_step"} & set(terms):
+        return losses
+    F_fake = G(z, y, ones, zeros)
     x_fake = (z - F_fake).detach()                            # the one-step samples
-    with torch.no_grad():   # fake minus real velocity at x_fake noised afresh (dist_match, :423): the score difference
-        x_2 = interpolate(x_fake, z2, t2)
-        F_grad = G(x_2, y, -t2, -t2) - G(x_2, y, t2, t2)
-    return dict(
-        base=F.mse_loss(F_th_t, F_th_t.detach() - rcgm_residual(EMA, F_th_t, x_t, v, y, t, t_tgt)),  # L_base, :475
-        real=F.mse_loss(G(x_t, y, t, t), v),                                      # flow matching, t_tgt = t, :487
-        fake=F.mse_loss(G(interpolate(x_fake, z, t), y, -t, -t), z - x_fake),     # L_adv: the fake flow at -t, :498
-        rectify=F.mse_loss(F_fake, (F_fake - F_grad).detach()),                  # L_rectify: x_fake += F_grad, :506
-        base_one_step=F.mse_loss(F_fake, F_fake.detach() - rcgm_residual(EMA, F_fake, z, v, y, ones, zeros)))  # :509
+    if "fake" in terms:                                       # L_adv: the fake flow at -t (:498)
+        losses["fake"] = F.mse_loss(G(interpolate(x_fake, z, t), y, -t, -t), z - x_fake)
+    if "rectify" in terms:  # fake minus real velocity at x_fake noised afresh (dist_match, :423): the score difference
+        with torch.no_grad():
+            x_2 = interpolate(x_fake, z2, t2)
+            F_grad = G(x_2, y, -t2, -t2) - G(x_2, y, t2, t2)
+        losses["rectify"] = F.mse_loss(F_fake, (F_fake - F_grad).detach())      # L_rectify: x_fake += F_grad (:506)
+    if "base_one_step" in terms:                              # the one-step L_base (:509)
+        residual = rcgm_residual(EMA, F_fake, z, v, y, ones, zeros)
+        losses["base_one_step"] = F.mse_loss(F_fake, F_fake.detach() - residual)
+    return losses
 
 
 def twinflow_ema_decay(decay, target=0.99):

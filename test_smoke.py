@@ -2405,6 +2405,33 @@ def test_twinflow_trains_resumes_exactly_and_samples_in_1_and_2_steps(data, tmp_
                  match="already holds a run")
 
 
+def test_twinflow_real_term_alone_is_flow_matching_sampled_by_euler_steps(data, tmp_path):
+    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path, *TWIN, "--max-steps", 2,
+               "--terms", "real", "--cfg-ratio", 0)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
+    assert not ckpt["config"]["F"]["use_t_tgt"] and ckpt["config"]["terms"] == ["real"]
+    assert "training TwinFlow (real)" in open(tmp_path / "log.txt").read() and " fake " not in open(tmp_path / "log.txt").read()
+    G, steps, _ = common.load_generator(tmp_path / "checkpoints" / "0000002.pt")
+    z, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    with torch.no_grad():                                     # one Euler step of the velocity: x = z - F(z, y, 1)
+        assert steps == 1 and torch.equal(model.sample(G, z, y, 1), z - G(z, y, torch.ones(2)))
+    # The loss is flow matching's by hand: |F(x_t, y, t) - (z - x)|^2 with the batch's draws.
+    batch = {k: v[:3] for k, v in twinflow_batch(common.LatentData(data), 8).items()}
+    F_net = model.Generator(**ckpt["config"]["F"]).requires_grad_(False)
+    terms = loss.twinflow_losses(F_net, None, **batch, terms=("real",))
+    x_t = loss.interpolate(batch["x"], batch["z"], batch["t"])
+    want = (F_net(x_t, batch["y"], batch["t"]) - (batch["z"] - batch["x"])).square().mean()
+    assert list(terms) == ["real"] and torch.allclose(terms["real"], want)
+
+
+def twinflow_batch(data, n):
+    g = torch.Generator().manual_seed(0)
+    x, y = data.sample(n, g)
+    t, u, t2 = torch.rand(3, n, generator=g)
+    return dict(x=x, y=y, z=torch.randn(x.shape, generator=g), t=t, t_tgt=t * (1 - u), z2=torch.randn(x.shape, generator=g),
+                t2=t2)
+
+
 def test_twinflow_under_torchrun(data, tmp_path):
     """Two ranks split the batch and end with the same weights: the five terms are one DDP forward."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -36,7 +36,7 @@ from loss import interpolate, update_ema
 from model import SIZES, Classifier
 
 EPOCHS = 30              # the paper, §4.1: "trained from scratch ... using the cross-entropy objective for 30 epochs"
-JUDGE_EPOCHS = 10        # the judge: 0.92 on Fashion-MNIST's test images after 10 epochs
+JUDGE_EPOCHS = 10        # the judge: above 0.91 on Fashion-MNIST's test images after 10 epochs, with its cosine lr
 GRAD_CLIP = 50.0         # official train_adversarial_flow_classifier.py: clip_grad_norm_(..., 50.0) every step
 
 #################################################################################
@@ -278,6 +278,8 @@ def main(args):
                 f"{max_steps} steps ({max_steps * args.global_batch_size / len(data.labels):.1f} epochs), lr {args.lr}")
     sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
+        if judge:                                              # the judge's lr: a cosine to 0 (the classifier's: constant)
+            opt.param_groups[0]["lr"] = args.lr * (1 + math.cos(math.pi * step / max_steps)) / 2
         x_t, t, y = (judge_batch(data, batch_size, device) if judge else
                      classifier_batch(data, batch_size, args.augment_p, device))
         logits = C_train(x_t, t).float()
@@ -291,7 +293,7 @@ def main(args):
         sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
         if done % args.log_every == 0 or done == max_steps:
             means = reduce_means(sums, count, done, args.results_dir)
-            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" lr {args.lr:.3g}"
+            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" lr {opt.param_groups[0]['lr']:.3g}"
                         f" img/s {args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
         signum = stop.requested()
@@ -317,7 +319,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-steps", type=positive_int, default=None, help=f"default: {EPOCHS} epochs of the data "
                         f"set at the global batch size (the paper, §4.1); the judge {JUDGE_EPOCHS}")
     parser.add_argument("--lr", type=number(lo_open=True), default=None,
-                        help="default: 1e-4, constant (official classifier yaml); the judge 1e-3")
+                        help="default: 1e-4, constant (official classifier yaml); the judge 1e-3, a cosine decay to 0")
     parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=None,
                         help="default: 0.9995 (official classifier yaml); the judge 0.999")
     parser.add_argument("--augment-p", type=number(0, 1), default=0.8, help="probability of the random affine (official)")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from common import (BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger,
                     load_starts, make_grid_writer, network_shape, number, per_rank_batch, positive_int, reduce_means,
                     restore_rng, restore_state, run, save_checkpoint, setup_distributed)
-from loss import twinflow_ema_decay, twinflow_losses, update_ema
+from loss import TWINFLOW_TERMS, twinflow_ema_decay, twinflow_losses, update_ema
 from model import SIZES, Generator, mode_flags
 
 EPOCHS = 20             # tutorial main.py: 20 epochs of MNIST at batch 128 (9,380 steps)
@@ -44,14 +44,14 @@ EPOCHS = 20             # tutorial main.py: 20 epochs of MNIST at batch 128 (9,3
 #################################################################################
 
 class TwinFlowLoss(torch.nn.Module):
-    """The five terms as one call of one module. F runs several times per step, and DDP wants one forward call per
-    backward: wrapped in DDP, this is that call, and the gradients of all five terms are averaged over the ranks once."""
+    """The loss terms as one call of one module. F runs several times per step, and DDP wants one forward call per
+    backward: wrapped in DDP, this is that call, and the gradients of all the terms are averaged over the ranks once."""
     def __init__(self, F_net):
         super().__init__()
         self.F = F_net
 
-    def forward(self, EMA, batch, cfg_ratio):
-        return twinflow_losses(self.F, EMA, **batch, cfg_ratio=cfg_ratio)
+    def forward(self, EMA, batch, cfg_ratio, terms):
+        return twinflow_losses(self.F, EMA, **batch, cfg_ratio=cfg_ratio, terms=terms)
 
 
 def make_batch(data, n, generator):
@@ -76,7 +76,10 @@ def main(args):
     stop = StopOnSignal()
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
     data = LatentData(args.data_path)
-    config = dict(F=dict(network_shape(args.model, data), **mode_flags("any")[0]), nfe="any")
+    # Flow matching alone (--terms real) learns a velocity of (x_t, t) only: its network takes no target time, and
+    # sampling is then plain Euler steps of that velocity (the control of the Fashion-MNIST results).
+    flags = mode_flags("any")[0] if set(args.terms) != {"real"} else dict(mode_flags("2")[0])
+    config = dict(F=dict(network_shape(args.model, data), **flags), nfe="any", terms=list(args.terms))
     max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
     starts = load_starts(args, config, max_steps, data.info)
     if dist.is_initialized():
@@ -106,12 +109,13 @@ def main(args):
     objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
 
     # The loop: the five terms, summed with weight 1 (methodes.py:525), Adam, the EMA with its warm-up.
-    logger.info(f"training TwinFlow {args.model} on {world} x {device.type}, batch {batch_size}/rank, {max_steps} steps "
+    logger.info(f"training TwinFlow ({', '.join(args.terms)}) {args.model} on {world} x {device.type}, batch "
+                f"{batch_size}/rank, {max_steps} steps "
                 f"({max_steps * args.global_batch_size / len(data.labels):.1f} epochs), lr {args.lr}, "
                 f"CFG ratio {args.cfg_ratio}")
     sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
-        losses = objective(EMA, reader.next(), args.cfg_ratio)
+        losses = objective(EMA, reader.next(), args.cfg_ratio, args.terms)
         sum(losses.values()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -152,6 +156,8 @@ if __name__ == "__main__":
                         help="where the EMA's decay warms up to (the EMA is RCGM's consistency target)")
     parser.add_argument("--cfg-ratio", type=number(), default=0.5,                       # enhanced_ratio, main.py:29
                         help="weight of the EMA's CFG-enhanced velocity target (0: the plain z - x)")
+    parser.add_argument("--terms", nargs="+", choices=TWINFLOW_TERMS, default=list(TWINFLOW_TERMS),
+                        help="the loss terms summed (default: all five); `--terms real` alone is flow matching")
     parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
     parser.add_argument("--sample-every", type=count, default=0, help="write one-step sample grids of the EMA and "
