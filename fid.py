@@ -12,7 +12,6 @@ All five against ADM's ImageNet 256x256 reference batch, on one GPU or sharded o
     torchrun --nproc_per_node=8 fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception ... --metrics fid
 Statistics of an image folder, saved once and then passed as REF (works on CPU, slowly):
     python fid.py /data/imagenet256_val --inception ... --save-stats imagenet256_val.npz --device cpu
-Throughput of this machine:  python fid.py --benchmark [--device cpu --batch-size 16]
 
 SAMPLES and REF are each an .npz of uint8 images `arr_0` (N, H, W, 3) as ADM writes them, an .npz of statistics
 (`mu`, `sigma`, and `mu_s`, `sigma_s` for sFID; they win over images for FID and sFID, and Precision/Recall read the
@@ -32,7 +31,6 @@ import os
 import struct
 import sys
 import tempfile
-import time
 import zipfile
 
 import numpy as np
@@ -662,47 +660,6 @@ def lock_output(path):
 #                                 Command Line                                  #
 #################################################################################
 
-def benchmark(model, device, batch_size):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def seconds(fn, at_least):  # per call, after a warm-up call (cuDNN autotuning, allocator)
-        fn()
-        sync()
-        start, n = time.perf_counter(), 0
-        while n == 0 or time.perf_counter() - start < at_least:
-            fn()
-            sync()
-            n += 1
-        return (time.perf_counter() - start) / n
-
-    images = torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
-    with torch.no_grad():
-        t = seconds(lambda: model(images), 10)
-        spatial = model(images)[1]
-        t_spatial = seconds(lambda: FeatureStats(2023, device).update(spatial), 1)
-    print(f"Inception: {batch_size / t:.1f} images/s ({device}, batch {batch_size}, 256px); "
-          f"sFID's running statistics add {t_spatial / t:.1%}")
-
-    a, b = np.random.default_rng(0).standard_normal((2, 2048, 4096)) / 64
-    mu1, mu2, sigma1, sigma2 = a[:, 0], b[:, 0], a @ a.T, b @ b.T  # full-rank, FID-sized
-    start = time.perf_counter()
-    ours = frechet_distance(mu1, sigma1, mu2, sigma2)
-    t_ours, start = time.perf_counter() - start, time.perf_counter()
-    import scipy.linalg  # only this comparison needs scipy
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real  # the route of TTUR, ADM's evaluator and pytorch-fid
-    ref = (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
-    t_ref = time.perf_counter() - start
-    print(f"Frechet distance at 2048 dims (FID; sFID's 2023 the same): eigh {t_ours:.2f} s, scipy sqrtm {t_ref:.2f} s "
-          f"({t_ref / t_ours:.1f}x), relative difference {abs(ours - ref) / abs(ref):.1e}")
-
-    n = 10000 if device.type == "cuda" else 3000
-    ref_features, sample_features = torch.rand(2, n, 2048, generator=torch.Generator().manual_seed(0))
-    t = seconds(lambda: precision_recall(ref_features, sample_features, device=device), 0)
-    adm = (50000 ** 2 + 10000 ** 2 + 50000 * 10000) / (3 * n ** 2)  # distances of 50k samples and 10k references
-    print(f"Precision/Recall: {t:.2f} s for {n:,} references and {n:,} samples, so about {t * adm:.0f} s for "
-          f"50,000 samples against 10,000 references ({device}, float64)")
-
-
 def unavailable(metric, inputs, network):
     """Why `metric` cannot come from inputs [(path, open_input(path)) of SAMPLES and, if given, REF], or None."""
     if len(inputs) == 1 and metric != "is":
@@ -733,10 +690,6 @@ def main(args):
     device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
     torch.backends.cudnn.benchmark = True  # every batch is 299x299
 
-    if args.benchmark:
-        model = (load_inception(args.inception, device) if args.inception else  # speed does not depend on weights
-                 InceptionV3().to(device, memory_format=torch.channels_last).eval())
-        return benchmark(model, device, args.batch_size) if rank == 0 else None
     if args.samples is None or (args.ref is None and args.save_stats is None):
         raise UserError("give SAMPLES and REF to compute metrics, or SAMPLES and --save-stats OUT.npz (see --help)")
     if args.save_stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
@@ -793,8 +746,6 @@ if __name__ == "__main__":
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     parser.add_argument("--save-stats", metavar="OUT.npz", help="save SAMPLES' mu, sigma, mu_s, sigma_s (then REF "
                                                                 "is optional)")
-    parser.add_argument("--benchmark", action="store_true", help="time Inception, the Frechet distance and "
-                                                                 "Precision/Recall")
     args = parser.parse_args()
     try:
         main(args)

@@ -49,13 +49,20 @@ def main(args):
         claim(out, flag)
     if args.npz is not None and os.path.exists(args.npz):
         fail(f"--npz {args.npz} already exists: remove it, or name another file")
-    G, steps, info = load_generator(args.ckpt, args.model, args.nfe, args.repeat, args.weights)
+    if len(args.ckpt) > 1 and (args.npz or args.save_generator):
+        fail(f"{flag} takes one --ckpt; several are for a grid that sets them side by side")
+    loaded = [load_generator(path, args.model, args.nfe, args.repeat, args.weights) for path in args.ckpt]
     if args.save_generator:
-        return save_generator(args.ckpt, args.weights, args.save_generator) if rank == 0 else None
-    G = G.to(device)
-    steps = args.steps or steps
-    if steps > 1 and not G.use_t_src:
-        fail(f"a one-step generator samples in one step, not --steps {steps}")
+        return save_generator(args.ckpt[0], args.weights, args.save_generator) if rank == 0 else None
+    G, steps, info = loaded[0]
+    shapes = {(g.in_channels, g.input_size, g.y_embedder.embedding_table.num_embeddings) for g, _, _ in loaded}
+    if len(shapes) > 1 or len({i.get("vae", "none") for _, _, i in loaded}) > 1:
+        fail(f"the checkpoints of --ckpt make different images (channels, size, classes {sorted(shapes)}): one grid "
+             "sets side by side generators of the same data")
+    G, steps = G.to(device), args.steps or steps
+    for g, _, _ in loaded:
+        if (args.steps or 1) > 1 and not g.use_t_src:
+            fail(f"a one-step generator samples in one step, not --steps {args.steps}")
     decode = make_decoder(info, args.vae_weights, device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
     classes = args.class_labels or list(range(num_classes))   # what the samples are drawn from, in turn or balanced
@@ -66,6 +73,8 @@ def main(args):
     if args.npz is None:                                       # a grid for people to look at
         n = args.num_images or (len(args.class_labels) if args.class_labels else 16)
         labels, nrow = [classes[i % len(classes)] for i in range(n)], args.nrow or math.ceil(math.sqrt(n))
+        if len(loaded) > 1:                                    # a row per noise, a column per checkpoint
+            n, nrow = n * len(loaded), len(loaded)
         if nrow > n:
             fail(f"--nrow {nrow} is more than the {n} images of the grid")
         width, height = nrow * (size + 2) + 2, math.ceil(n / nrow) * (size + 2) + 2
@@ -73,8 +82,10 @@ def main(args):
             fail(f"a grid of {n} images of {size} px, {nrow} a row, is {width} x {height} pixels, more than Pillow "
                  f"opens ({Image.MAX_IMAGE_PIXELS:,}): ask for fewer --num-images")
         if rank == 0:                                          # a grid is small: the other ranks have nothing to do
-            images = torch.cat([x for _, x, _ in generate(G, steps, decode, list(range(n)), labels,
-                                                       args.global_seed, args.batch_size, device)])
+            columns = [torch.cat([x for _, x, _ in generate(g.to(device), args.steps or default, decode,
+                                                            list(range(len(labels))), labels, args.global_seed,
+                                                            args.batch_size, device)]) for g, default, _ in loaded]
+            images = torch.stack(columns, 1).flatten(0, 1)     # (n, K, C, H, W) -> row by row
             save_grid(images, args.out, nrow=nrow)
             print(f"saved {n} samples ({steps} step{'s' * (steps > 1)}) to {args.out}")
         return
@@ -125,7 +136,7 @@ def open_staging(args, steps, shape, rank):
     same command (checkpoint, weights, steps, seed, number) left is kept, anything else starts afresh."""
     identity = lambda path: path and os.path.isfile(path) and [os.path.abspath(path), os.path.getsize(path),
                                                              os.path.getmtime(path)]
-    spec = dict(ckpt=identity(args.ckpt), vae=identity(args.vae_weights), network=[args.model, args.nfe, args.repeat],
+    spec = dict(ckpt=identity(args.ckpt[0]), vae=identity(args.vae_weights), network=[args.model, args.nfe, args.repeat],
                 weights=args.weights, steps=steps, seed=args.global_seed, shape=list(shape), labels=args.class_labels)
     record, rows, done = (args.npz + suffix for suffix in STAGING)
     if rank == 0:
@@ -153,7 +164,8 @@ def open_staging(args, steps, shape, rank):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Sample from an adversarial flow model.")
-    parser.add_argument("--ckpt", type=str, required=True, help="training checkpoint or official release .pth")
+    parser.add_argument("--ckpt", type=str, nargs="+", required=True, help="training checkpoint or official release "
+                        ".pth; several: a grid with a column per checkpoint, the same noise and label along each row")
     parser.add_argument("--weights", choices=["EMA", "G"], default="EMA", help="which generator of a checkpoint")
     parser.add_argument("--model", choices=list(SIZES), default=None, help="size, needed for an official .pth")
     parser.add_argument("--nfe", type=parse_nfe, default=None, help="mode of an official .pth")

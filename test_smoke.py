@@ -471,6 +471,20 @@ def test_train_checkpoint_sample_end_to_end(data, tmp_path):
     expect_error("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", match="already exists")
 
 
+def test_a_grid_sets_checkpoints_side_by_side_on_the_same_noise(data, tmp_path):
+    for seed in (0, 1):
+        run_script("train.py", "--data-path", data, "--results-dir", tmp_path / f"s{seed}", *TRAIN, "--max-steps", 1,
+                   "--nfe", 2, "--global-seed", seed)
+    ckpts = [tmp_path / f"s{seed}" / "checkpoints" / "0000001.pt" for seed in (0, 1)]
+    for i, ckpt in enumerate(ckpts):
+        run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / f"one{i}.png", "--num-images", 3, "--nrow", 1)
+    run_script("sample.py", "--ckpt", *ckpts, "--out", tmp_path / "both.png", "--num-images", 3)
+    both, one = np.asarray(Image.open(tmp_path / "both.png")), [np.asarray(Image.open(tmp_path / f"one{i}.png")) for i in (0, 1)]
+    assert both.shape == (2 + 3 * 10, 2 + 2 * 10, 3)                          # 3 rows of noise, a column per checkpoint
+    assert np.array_equal(both[:, 2:12], one[0][:, 2:12]) and np.array_equal(both[:, 12:22], one[1][:, 2:12])
+    expect_error("sample.py", "--ckpt", *ckpts, "--npz", tmp_path / "x.npz", match="--npz takes one --ckpt")
+
+
 def test_two_processes_under_torchrun(data, tmp_path):
     """DDP with gloo: the two ranks split the batch, stay in sync, and sample.py shards the same samples."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -555,10 +569,11 @@ def test_bf16_and_compile_run_on_cpu_close_to_fp32(data, tmp_path):
 
 
 def test_benchmark_prints_throughput_mfu_and_memory(data, capsys):
-    for size in ("T/2", "B/2"):
+    for size, extra in (("T/2", ["--inception", _fid_weights_file()]), ("B/2", [])):
         run_script("train.py", "--benchmark", 1, "--model", size, "--data-path", data, "--device", "cpu",
-                   "--global-batch-size", 2)
+                   "--global-batch-size", 2, *extra)
         out = capsys.readouterr().out
+        assert bool(re.search(r"; Inception [0-9.]+ images/s", out)) == bool(extra), out
         numbers = re.search(r"training ([0-9.]+) images/s \(([0-9.]+) it/s\), MFU ([0-9.]+)% of a measured fp32 "
                             r"2048\^3 matmul on CPU, peak memory ([0-9.]+) GiB \(RSS\); sampling ([0-9.]+) images/s", out)
         assert numbers, out

@@ -245,8 +245,9 @@ class RandomLatents:
 def benchmark(args):
     """Training images/s (each player's batch counted once: 2 x the global batch per iteration), the model FLOP
     utilisation by the paper's cost model (one D+G iteration ~ 14.5 forward passes: D's step G + 2.5 x 3 D, G's step
-    3 G + D + 2 D, the last D backward to its input only), peak memory, and one-step sampling images/s with and without
-    VAE decoding, on this device, for --model, --nfe, --repeat, --global-batch-size, --precision and --compile."""
+    3 G + D + 2 D, the last D backward to its input only), peak memory, sampling images/s with and without VAE
+    decoding and, with --inception, the FID Inception's images/s, on this device, for --model, --nfe, --repeat,
+    --global-batch-size, --precision and --compile."""
     device, rank, world = setup_distributed(args.device)
     fill_defaults(args)
     batch_size, iters = per_rank_batch(args.global_batch_size, world), args.benchmark
@@ -270,22 +271,31 @@ def benchmark(args):
     flops, source = peak_flops(device, args.precision)
     mfu = 2 * macs * args.global_batch_size / seconds / world / flops
 
-    G, decode = state["EMA"].eval(), None
+    G, decode, inception = state["EMA"].eval(), None, None
     z, y = torch.randn(batch_size, data.channels, data.size, data.size, device=device), torch.arange(batch_size) % 10
-    y = y.to(device) % data.num_classes
+    y, steps, latents = y.to(device) % data.num_classes, default_steps(args.nfe), data.info.get("vae", "none") != "none"
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        one_step = timed(lambda: sample(G, z, y, 1 if not G.use_t_src else default_steps(args.nfe)), device, iters)
-        if data.info.get("vae", "none") != "none":
+        one_step = timed(lambda: sample(G, z, y, steps), device, iters)
+        if latents:
             vae = AutoencoderKL().to(device).eval()            # random weights time the same as the real ones
-            decode = timed(lambda: vae.decode(sample(G, z, y, 1 if not G.use_t_src else default_steps(args.nfe))),
-                           device, max(1, iters // 5))
+            decode = timed(lambda: vae.decode(sample(G, z, y, steps)), device, max(1, iters // 5))
+    if args.inception:                                         # what an FID evaluation costs per image
+        try:
+            net = fid.load_inception(args.inception, device)
+        except (FileNotFoundError, fid.UserError) as e:
+            fail(str(e))
+        size = data.size * (8 if latents else 1)
+        images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
+        with torch.no_grad():
+            inception = timed(lambda: net(images), device, max(1, iters // 5))
     if rank == 0:
         print(f"{args.model} nfe {args.nfe} repeat {args.repeat}, {world} x {device.type}, batch {batch_size}/rank, "
               f"{args.precision}{', compiled' if args.compile else ''}: training {2 * args.global_batch_size / seconds:.4g}"
               f" images/s ({1 / seconds:.4g} it/s), MFU {100 * mfu:.3g}% of {source}, peak memory {peak:.2f} GiB "
               f"({'allocated' if device.type == 'cuda' else 'RSS'}); sampling {world * batch_size / one_step:.4g} images/s"
               + (f", {world * batch_size / decode:.4g} with VAE decoding" if decode else "")
-              + f" ({default_steps(args.nfe)} step{'s' * (args.nfe != '1')})")
+              + f" ({steps} step{'s' * (steps > 1)})"
+              + (f"; Inception {world * batch_size / inception:.4g} images/s" if inception else ""))
 
 
 def main(args):
