@@ -905,16 +905,23 @@ def test_bad_flags_devices_and_outputs_fail_before_any_work(data, tmp_path):
     assert Image.open(tmp_path / "s.jpg").format == "JPEG"
 
 
-def test_the_committed_fashion_mnist_generator_samples_alone(tmp_path):
-    """docs/fmnist_xs7.pt: a grid and an evaluation npz with no other file (pixel data: no VAE)."""
-    ckpt = os.path.join(HERE, "docs", "fmnist_xs7.pt")
-    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 10, "--nrow", 10)
+@pytest.mark.parametrize("name, steps", [("fmnist_afm.pt", 1), ("fmnist_twinflow.pt", 1), ("fmnist_twinflow.pt", 2)])
+def test_the_committed_fashion_mnist_generators_sample_alone(tmp_path, name, steps):
+    """docs/fmnist_afm.pt and docs/fmnist_twinflow.pt: a grid and an evaluation npz with no other file (pixel data:
+    no VAE), TwinFlow's in 1 and 2 steps; the committed grids are the checkpoints' own."""
+    ckpt, steps = os.path.join(HERE, "docs", name), ["--steps", steps]
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 10, "--nrow", 10, *steps)
     assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (2 + 30, 2 + 10 * 30, 3)
-    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 20)
+    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 20, *steps)
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (20, 28, 28, 3) and np.bincount(f["labels"]).tolist() == [2] * 10
         assert f["arr_0"].std() > 20                                # images, not a constant
     assert os.path.getsize(ckpt) < 10 * 2 ** 20
+    if steps[1] == 1:                                               # docs' 10 x 10 grid: ten of each class, in turn
+        run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "docs.png", "--class-labels", *range(10),
+                   "--num-images", 100, "--nrow", 10)
+        committed = np.asarray(Image.open(os.path.join(HERE, "docs", name.replace(".pt", ".png"))), dtype=np.int16)
+        assert np.abs(np.asarray(Image.open(tmp_path / "docs.png"), dtype=np.int16) - committed).max() <= 1
 
 
 def test_noise_seeds_are_unrelated_and_an_interrupted_npz_resumes(data, tmp_path, monkeypatch, capsys):
@@ -1108,7 +1115,7 @@ def test_size_flags_are_bounded_by_what_the_job_can_hold(tmp_path, monkeypatch, 
     assert printed[0].startswith("timing the encoder on 3 batches of 2 random 8x8 images on cpu")
     assert printed[1].startswith("encoder: ") and printed[1].endswith("images/s (8x8, batch 2, cpu)")
     # A grid no wider than its images, and no larger than Pillow opens.
-    ckpt = os.path.join(HERE, "docs", "fmnist_xs7.pt")
+    ckpt = os.path.join(HERE, "docs", "fmnist_afm.pt")
     expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--nrow", 1000,
                  match="--nrow 1000 is more than the 16 images of the grid")
     expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--num-images", 10 ** 6,
@@ -1187,7 +1194,7 @@ def test_resume_refuses_a_checkpoint_of_other_data_and_init_says_so(tmp_path):
 
 
 def test_accepted_flags_do_what_they_say_and_the_others_are_refused(data, tmp_path):
-    run_script("sample.py", "--ckpt", os.path.join(HERE, "docs", "fmnist_xs7.pt"), "--npz", tmp_path / "s.npz",
+    run_script("sample.py", "--ckpt", os.path.join(HERE, "docs", "fmnist_afm.pt"), "--npz", tmp_path / "s.npz",
                "--num-samples", 6, "--class-labels", 7, 3)
     with np.load(tmp_path / "s.npz") as f:
         assert sorted(f["labels"].tolist()) == [3, 3, 3, 7, 7, 7]              # balanced over the labels asked for
