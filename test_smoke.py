@@ -7,6 +7,7 @@ The test suite: CPU only, tiny models, a few minutes on 2 cores.
 Reference vectors live in fixtures/ (see fixtures/README.md for how each was made); the networks' weights are
 rebuilt from (key, shape) lists by fill() below, so the fixtures stay small.
 """
+import argparse
 import ast
 import atexit
 import errno
@@ -312,7 +313,13 @@ def test_defaults_table():
     assert pick("ot_scale_end", "B/2", "1", 1) == 0.01 and pick("ot_scale_end", "L/2", "1", 1) == 0.005
     assert pick("ot_constant", "B/2", "1", 1) == 0.001
     assert [pick("grad_clip", "XL/2", n, r) for n, r in (("1", 1), ("2", 1), ("1", 2), ("1", 4))] == [50, 5, 5, 5]
-    assert [pick("g_lr_ratio", "XL/2", "1", r) for r in (1, 2, 4)] == [1.0, 0.5, 0.25]
+    def lr_g(model, repeat):                                   # a depth-repeated G's lr: the size's ratio / R
+        args = argparse.Namespace(model=model, nfe="1", repeat=repeat, ot_schedule="decay", classifier=None, **{
+            f: None for f in ("global_batch_size", "max_steps", "lr", "lr_g", "ema_decay", "ot_decay_steps",
+                              "grad_clip", "cg_scale", "ot_scale", "ot_scale_end", "cg_time", "aug_p")})
+        train.fill_defaults(args)
+        return args.lr_g / args.lr
+    assert [lr_g("XL/2", r) for r in (1, 2, 4)] == [1.0, 0.5, 0.25] and [lr_g("XS/7", r) for r in (1, 2)] == [2.0, 1.0]
     assert pick("lr", "B/2", "1", 1) == 1e-4 and pick("lr", "XS/7", "1", 1) == 3e-4      # small images: their own row
     assert [pick(f, "XS/7", "1", 1) for f in ("global_batch_size", "ema_decay", "g_lr_ratio")] == [64, 0.995, 2.0]
     assert pick("global_batch_size", "XL/2", "1", 1) == 256 and pick("ema_decay", "XL/2", "1", 1) == 0.9999

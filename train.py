@@ -61,9 +61,9 @@ DEFAULTS = [
     ("grad_clip",    "*",   "R2",    5.0,   "official train_afm_1nfe_deep.yaml"),
     ("grad_clip",    "*",   "R4",    5.0,   "official train_afm_1nfe_deep.yaml"),
     ("grad_clip",    "*",   "*",     50.0,  "official train_afm_1nfe.yaml ('effectively disabled, kept for logging')"),
-    ("g_lr_ratio",   "*",   "R2",    0.5,   "Table 11, 56 layers: G 5e-5 with D 1e-4 ('lr / depth', train_afm_1nfe_deep.yaml)"),
-    ("g_lr_ratio",   "*",   "R4",    0.25,  "Table 11, 112 layers: G 2.5e-5 with D 1e-4"),
-    ("g_lr_ratio",   "*",   "*",     1.0,   "Table 11: one lr for both players"),
+    ("g_lr_ratio",   "*",   "*",     1.0,   "Table 11: one lr for both players (a depth-repeated G's divided by the "
+                                            "repetition: 56 layers G 5e-5, 112 layers 2.5e-5, with D 1e-4; 'lr / "
+                                            "depth', train_afm_1nfe_deep.yaml)"),
     ("cg_scale",     "*",   "multi", 0.02,  "Table 11, stage 4 of the 2- and 4-step models"),
     ("cg_scale",     "*",   "*",     0.003, "Table 11, stage 4 of the one-step models; Table 3"),
     ("cg_time",      "*",   "multi", (0.0, 0.25), "Table 11: guided target times [0] (2 steps), [0, 0.25] (4 steps); "
@@ -99,7 +99,7 @@ def fill_defaults(args):
         args.ot_scale = args.ot_scale_end = args.ot_scale if args.ot_scale is not None else pick("ot_constant")
     args.ot_scale = args.ot_scale if args.ot_scale is not None else pick("ot_scale")
     args.ot_scale_end = args.ot_scale_end if args.ot_scale_end is not None else pick("ot_scale_end")
-    args.lr_g = args.lr_g if args.lr_g is not None else args.lr * pick("g_lr_ratio")
+    args.lr_g = args.lr_g if args.lr_g is not None else args.lr * pick("g_lr_ratio") / args.repeat  # Table 11
     args.cg_time = tuple(args.cg_time) if args.cg_time is not None else pick("cg_time")
     if args.aug_p is None:                                     # the guided stage pairs guidance with augmentation
         args.aug_p = pick("aug_p") if args.classifier else 0.0
@@ -389,7 +389,7 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=number(lo_open=True), default=None,
                         help=f"D's lr, and G's unless --lr-g ({defaults_help('lr')})")
     parser.add_argument("--lr-g", type=number(lo_open=True), default=None,
-                        help=f"G's lr (default: --lr x {defaults_help('g_lr_ratio')})")
+                        help=f"G's lr (default: --lr x {defaults_help('g_lr_ratio')} / --repeat)")
     parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=None,
                         help=f"EMA of G after every G step ({defaults_help('ema_decay')})")
     parser.add_argument("--ot-scale", type=number(), default=None, help=f"lambda_ot at the start (default: "
