@@ -6,7 +6,7 @@ are loss.twinflow_losses, the ones toy.py trains its MLP with.
 
     python twinflow.py --model B/2 --data-path data/imagenet256                          # one GPU
     torchrun --nproc_per_node=8 twinflow.py --model B/2 --data-path data/imagenet256     # eight GPUs
-    python twinflow.py --model XS/7 --data-path data/fmnist --device cpu                 # Fashion-MNIST on 2 CPU cores
+    python twinflow.py --model XS/7 --data-path data/fmnist --global-batch-size 64 --max-steps 9000 --device cpu
     python sample.py --ckpt results/twinflow/checkpoints/0009380.pt --steps 2            # 1, 2, 4 ... steps
 
 The recipe is the official from-scratch MNIST tutorial's (https://github.com/inclusionAI/TwinFlow/tree/main/
