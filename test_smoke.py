@@ -917,18 +917,18 @@ def test_the_committed_fashion_mnist_generators_sample_alone(tmp_path, name, ste
     """docs/fmnist_afm.pt and docs/fmnist_twinflow.pt: a grid and an evaluation npz with no other file (pixel data:
     no VAE), TwinFlow's in 1 and 2 steps; the committed grids are the checkpoints' own."""
     ckpt, steps = os.path.join(HERE, "docs", name), ["--steps", steps]
-    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 10, "--nrow", 10, *steps)
-    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (2 + 30, 2 + 10 * 30, 3)
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--class-labels", *range(10),
+               "--num-images", 100, "--nrow", 10, *steps)              # docs' grid: ten of each class, in turn
+    grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
+    assert grid.shape == (2 + 10 * 30, 2 + 10 * 30, 3)
+    if steps[1] == 1:
+        committed = np.asarray(Image.open(os.path.join(HERE, "docs", name.replace(".pt", ".png"))), dtype=np.int16)
+        assert np.abs(grid - committed).max() <= 1
     run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 20, *steps)
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (20, 28, 28, 3) and np.bincount(f["labels"]).tolist() == [2] * 10
         assert f["arr_0"].std() > 20                                # images, not a constant
     assert os.path.getsize(ckpt) < 10 * 2 ** 20
-    if steps[1] == 1:                                               # docs' 10 x 10 grid: ten of each class, in turn
-        run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "docs.png", "--class-labels", *range(10),
-                   "--num-images", 100, "--nrow", 10)
-        committed = np.asarray(Image.open(os.path.join(HERE, "docs", name.replace(".pt", ".png"))), dtype=np.int16)
-        assert np.abs(np.asarray(Image.open(tmp_path / "docs.png"), dtype=np.int16) - committed).max() <= 1
 
 
 def test_noise_seeds_are_unrelated_and_an_interrupted_npz_resumes(data, tmp_path, monkeypatch, capsys):
