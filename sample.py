@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from PIL import Image
 
-from common import (allocate_npy, check_output, check_room, claim, count, fail, image_format, load_checkpoint,
-                    load_generator, make_decoder, parse_nfe, positive_int, rgb, run, save_atomic, save_grid, savez,
-                    setup_distributed)
+from checkpoint import load_checkpoint, load_generator
+from common import (allocate_npy, check_output, check_room, claim, count, fail, image_format, parse_nfe, positive_int,
+                    rgb, run, save_atomic, save_grid, savez, setup_distributed)
+from data import make_decoder
 from model import SIZES, class_balanced_labels, generate
 
 STAGING = (".staging.json", ".staging.npy", ".staging-done.npy")  # what --npz keeps until done: the record, rows, mask

@@ -38,15 +38,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint
+import common
 import fid
+import loss
 import model
 import prepare_latents
-import common
-import loss
 import toy
 import train
 import train_classifier
 import vae
+from data import LatentData, first_bad_row, make_decoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
@@ -138,11 +140,11 @@ def project_imports(name):
     return imported(ast.walk(tree)) - nested, nested
 
 
-LIBRARIES = {"model", "vae", "fid", "loss", "common"}          # imported by scripts; never import a script
+LIBRARIES = {"model", "vae", "fid", "loss", "common", "data", "checkpoint"}   # imported by scripts; import no script
 
 
 def test_imports_flow_one_way():
-    """Library files import no script, and model/vae/fid nothing of the project, loss.py model.py alone (each can be
+    """Library files import no script, and model/vae/fid/common nothing of the project, loss.py model.py alone (each can be
     copied out with what it names); no script imports a script; no cycle; no project import hidden in a function."""
     graph = {}
     for name in SCRIPTS:
@@ -150,8 +152,8 @@ def test_imports_flow_one_way():
         graph[name], nested = project_imports(name)
         assert not nested, f"{name} imports {nested} inside a function"
     assert LIBRARIES | {"train", "twinflow", "sample", "prepare_latents", "train_classifier", "toy"} <= set(graph)
-    for copyable in ("model", "vae", "fid"):
-        assert not graph[copyable], f"{copyable}.py imports {graph[copyable]}"
+    for ground in ("model", "vae", "fid", "common"):         # copyable alone; common.py is every script's ground floor
+        assert not graph[ground], f"{ground}.py imports {graph[ground]}"
     assert graph["loss"] == {"model"}
     for name, imported in graph.items():
         assert imported <= LIBRARIES, f"{name} imports the script(s) {imported - LIBRARIES}"
@@ -328,7 +330,7 @@ def test_defaults_table():
 
 def test_batches_share_the_image_not_the_noise(data):
     torch.manual_seed(0)
-    d = common.LatentData(data)
+    d = LatentData(data)
     for nfe, expect in (("1", {(1.0, 0.0)}), ("4", {(1.0, .75), (.75, .5), (.5, .25), (.25, 0.0)})):
         b = batch(d, 64, nfe)
         assert set(zip(b["t_src"].tolist(), b["t_tgt"].tolist())) == expect
@@ -375,7 +377,7 @@ def test_d_step_changes_only_d_and_g_step_only_g(data):
     EMA = model.Generator(**dict(TINY, in_channels=3, num_classes=5), use_t_src=True)
     EMA.load_state_dict(G.state_dict())
     opt_G, opt_D = torch.optim.AdamW(G.parameters(), lr=1e-3), torch.optim.AdamW(D.parameters(), lr=1e-3)
-    d = common.LatentData(data)
+    d = LatentData(data)
     g0, d0, e0 = snapshot(G), snapshot(D), snapshot(EMA)
     stats = loss.DStep(G, D, opt_D, **players_kw)(batch(d, 8, "2"))
     assert not changed(G, g0) and changed(D, d0) == set(d0) - {"pos_embed"}
@@ -674,7 +676,7 @@ def test_guided_g_step_trains_g_only(data):
     g0, d0, c0 = snapshot(G), snapshot(D), snapshot(C)
     g_step = loss.GStep(G, D, opt_G, loss.GradNorm(), velocity=False, d_time=False, grad_clip=50.0, aug_p=0.4,
                         guidance=loss.Guidance(C, 0.003, (0.0, 0.1)))
-    stats = g_step(batch(common.LatentData(data), 8, "1"), ot_scale=0.2)
+    stats = g_step(batch(LatentData(data), 8, "1"), ot_scale=0.2)
     assert stats["cg"] > 0 and changed(G, g0) and not changed(D, d0) and not changed(C, c0)
     assert all(p.grad is None for p in C.parameters())
 
@@ -728,7 +730,7 @@ def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_
         return dict(G=G, D=D, EMA=model.Generator(**ckpt["config"]["G"]), grad_norm=loss.GradNorm(),
                     opt_G=torch.optim.AdamW(G.parameters(), lr=7e-5), opt_D=torch.optim.AdamW(D.parameters(), lr=6e-5))
     logger, state = common.create_logger(None), fresh_state()
-    assert common.restore_state(state, {"init": ckpt}, type("Paths", (), dict(init="s1.pt")), logger) == 2
+    assert checkpoint.restore_state(state, {"init": ckpt}, type("Paths", (), dict(init="s1.pt")), logger) == 2
     for key, source in (("G", "EMA"), ("EMA", "EMA"), ("D", "D")):
         assert all(torch.equal(v, ckpt[source][k]) for k, v in state[key].state_dict().items()), key
     assert state["grad_norm"].square_avg == ckpt["grad_norm"]["square_avg"] > 0
@@ -737,7 +739,7 @@ def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_
     # --init-d then takes D and its optimizer from an earlier checkpoint, and leaves the rest as --init put it.
     earlier = dict(ckpt, D={k: v + 1 for k, v in ckpt["D"].items()})
     state = fresh_state()
-    common.restore_state(state, {"init": ckpt, "init_d": earlier}, type("Paths", (), dict(init="s1.pt", init_d="s0.pt")), logger)
+    checkpoint.restore_state(state, {"init": ckpt, "init_d": earlier}, type("Paths", (), dict(init="s1.pt", init_d="s0.pt")), logger)
     assert all(torch.equal(v, earlier["D"][k]) for k, v in state["D"].state_dict().items())
     assert all(torch.equal(v, ckpt["EMA"][k]) for k, v in state["G"].state_dict().items())
 
@@ -1143,16 +1145,16 @@ def test_the_data_check_reads_every_row_and_scores_say_what_they_rest_on(data, t
         bad[row, 1, 0, 1, 1] = value
         np.save(f"{path}/latents.npy", bad)
         with pytest.raises(SystemExit) as e:
-            common.LatentData(path)
+            LatentData(path)
         assert words in str(e.value.code), e.value.code
-        assert common.first_bad_row(bad, -1, 1, chunk_bytes=7 * bad[:1].nbytes)[0] == row   # across 7-row chunks
+        assert first_bad_row(bad, -1, 1, chunk_bytes=7 * bad[:1].nbytes)[0] == row   # across 7-row chunks
     np.save(f"{path}/latents.npy", x)
     std[700, 0, 0, 0, 0] = -0.5
     np.save(f"{path}/std.npy", std)
     with pytest.raises(SystemExit, match="std.npy: a posterior std must be in .0, 1000., row 700 holds values in .-0.5"):
-        common.LatentData(path)
+        LatentData(path)
     os.remove(f"{path}/std.npy")
-    assert common.LatentData(path).latents.shape == (1000, 2, 1, 2, 2)
+    assert LatentData(path).latents.shape == (1000, 2, 1, 2, 2)
     rng = np.random.default_rng(0)
     features = rng.standard_normal((3, 16))
     for sigma, words in ((-np.eye(16), "sigma is not a covariance: it has the eigenvalue -1"),
@@ -1259,7 +1261,7 @@ def test_messages_name_folders_give_the_resume_command_and_a_stopping_job_ignore
                  match=f"checkpoint {tmp_path}/dir.pt is a folder, not a file")
     expect_error("sample.py", "--ckpt", tmp_path / "dir.pt", match="is a folder, not a file")
     with pytest.raises(SystemExit, match="--vae-weights .*dir.pt is a folder, not a file"):
-        common.make_decoder(dict(vae="sd-vae-ft-mse", scale=0.18215), str(tmp_path / "dir.pt"), "cpu")
+        make_decoder(dict(vae="sd-vae-ft-mse", scale=0.18215), str(tmp_path / "dir.pt"), "cpu")
     with pytest.raises(SystemExit, match="sample npz .*dir.pt is a folder, not a file"):
         train_classifier.npz_images(str(tmp_path / "dir.pt"))
     with pytest.raises(fid.UserError, match="dir.pt is a folder, not a file"):
@@ -2440,12 +2442,12 @@ def test_twinflow_real_term_alone_is_flow_matching_sampled_by_euler_steps(data, 
     ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
     assert not ckpt["config"]["F"]["use_t_tgt"] and ckpt["config"]["terms"] == ["real"]
     assert "training TwinFlow (real)" in open(tmp_path / "log.txt").read() and " fake " not in open(tmp_path / "log.txt").read()
-    G, steps, _ = common.load_generator(tmp_path / "checkpoints" / "0000002.pt")
+    G, steps, _ = checkpoint.load_generator(tmp_path / "checkpoints" / "0000002.pt")
     z, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
     with torch.no_grad():                                     # one Euler step of the velocity: x = z - F(z, y, 1)
         assert steps == 1 and torch.equal(model.sample(G, z, y, 1), z - G(z, y, torch.ones(2)))
     # The loss is flow matching's by hand: |F(x_t, y, t) - (z - x)|^2 with the batch's draws.
-    batch = {k: v[:3] for k, v in twinflow_batch(common.LatentData(data), 8).items()}
+    batch = {k: v[:3] for k, v in twinflow_batch(LatentData(data), 8).items()}
     F_net = model.Generator(**ckpt["config"]["F"]).requires_grad_(False)
     terms = loss.twinflow_losses(F_net, None, **batch, terms=("real",))
     x_t = loss.interpolate(batch["x"], batch["z"], batch["t"])
@@ -2495,7 +2497,7 @@ def test_classifier_trains_30_epochs_and_load_classifier_reads_it(data, tmp_path
                                                                 num_classes=5))
     assert ckpt["opt"]["param_groups"][0]["betas"] == (0.9, 0.95) and ckpt["opt"]["param_groups"][0]["lr"] == 1e-3
     assert ckpt["data_info"]["num_classes"] == 5 and len(ckpt["rng"]) == 1 and ckpt["args"]["ema_decay"] == 0.9995
-    C, info = common.load_classifier(path)
+    C, info = checkpoint.load_classifier(path)
     assert info == ckpt["data_info"]
     torch.manual_seed(0)
     init = model.Classifier(**ckpt["config"]["C"])                        # the run's initial weights (seed 0)
@@ -2571,7 +2573,7 @@ def test_judge_trains_and_scores_samples_against_the_real_floor(data, tmp_path, 
     printed = capsys.readouterr().out.splitlines()
     # By hand: the judge's EMA on the held-out images (view 0), the real training images and the samples' pixels.
     J, _ = train_classifier.load_judge(judge)
-    ref, real = common.LatentData(held_out), common.LatentData(data)
+    ref, real = LatentData(held_out), LatentData(data)
     view0 = lambda d, rows=slice(None): torch.from_numpy(d.latents[rows, 0].astype(np.float32))
     subset = np.sort(np.random.RandomState(0).permutation(24)[:20])    # as many real images as samples, at random
     with np.load(tmp_path / "a.npz") as f:

@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (SPACE, BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, check_input,
-                    count, create_logger, data_differences, fail, load_classifier, load_starts, make_decoder,
-                    make_grid_writer, network_shape, number, parse_nfe, per_rank_batch, positive_int, reduce_means,
-                    restore_rng, restore_state, rgb, run, save_checkpoint, setup_distributed)
+from checkpoint import check_checkpoint_room, load_classifier, load_starts, restore_rng, restore_state, save_checkpoint
+from common import (StopOnSignal, check_in_sync, check_input, count, create_logger, fail, number, parse_nfe,
+                    per_rank_batch, positive_int, reduce_means, rgb, run, setup_distributed)
+from data import SPACE, BatchReader, LatentData, data_differences, make_decoder, make_grid_writer, network_shape
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
 from model import (SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample,
                    to_uint8)

@@ -28,10 +28,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from common import (SPACE, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, check_input, count,
-                    create_logger, data_differences, fail, load_checkpoint, load_starts, load_weights, network_shape,
-                    number, per_rank_batch, positive_int, reduce_means, restore_rng, restore_state, run,
-                    save_checkpoint, setup_distributed)
+from checkpoint import (check_checkpoint_room, load_checkpoint, load_starts, load_weights, restore_rng, restore_state,
+                        save_checkpoint)
+from common import (StopOnSignal, check_in_sync, check_input, count, create_logger, fail, number, per_rank_batch,
+                    positive_int, reduce_means, run, setup_distributed)
+from data import SPACE, LatentData, data_differences, network_shape
 from loss import interpolate, update_ema
 from model import SIZES, Classifier
 

@@ -30,9 +30,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (BatchReader, LatentData, StopOnSignal, check_checkpoint_room, check_in_sync, count, create_logger,
-                    load_starts, make_grid_writer, network_shape, number, per_rank_batch, positive_int, reduce_means,
-                    restore_rng, restore_state, run, save_checkpoint, setup_distributed)
+from checkpoint import check_checkpoint_room, load_starts, restore_rng, restore_state, save_checkpoint
+from common import (StopOnSignal, check_in_sync, count, create_logger, number, per_rank_batch, positive_int,
+                    reduce_means, run, setup_distributed)
+from data import BatchReader, LatentData, make_grid_writer, network_shape
 from loss import TWINFLOW_TERMS, twinflow_ema_decay, twinflow_losses, update_ema
 from model import SIZES, Generator, mode_flags
 
