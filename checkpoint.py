@@ -41,7 +41,7 @@ def load_weights(module, state, path, hint=""):
 
 
 def load_training_checkpoint(path, config):
-    """A whole training checkpoint (of train.py, twinflow.py or train_classifier.py) of this very network
+    """A whole training checkpoint (of train.py, twinflow.py, train_classifier.py or judge.py) of this very network
     configuration, or one clear line."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "step" not in ckpt:

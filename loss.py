@@ -197,6 +197,19 @@ def guidance_loss(C, x_fake, y, t, lo, hi):
     return (F.cross_entropy(C(x_cg, t_cg).float(), y, reduction="none") * guided).mean()
 
 
+def classifier_step(C, opt, x_t, t, y, grad_clip):
+    """One update of the classifier C(x_t, t) (or of a judge of clean images, t None; C may be wrapped in DDP): the
+    cross-entropy against the labels, with no label smoothing and no weighting over t (the official code), the
+    gradient clipped. Returns the step's statistics."""
+    logits = C(x_t, t).float()
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(C.parameters(), grad_clip)
+    opt.step()
+    return dict(loss=loss.detach(), acc=(logits.argmax(1) == y).float().mean(), grad_norm=grad_norm)
+
+
 #################################################################################
 #                              The two players' steps                           #
 #################################################################################

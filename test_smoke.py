@@ -49,6 +49,7 @@ import train
 import train_classifier
 import vae
 from data import LatentData, first_bad_row, make_decoder
+from judge import load_judge, npz_images
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
@@ -151,7 +152,7 @@ def test_imports_flow_one_way():
         importlib.import_module(name)                          # every file imports without running
         graph[name], nested = project_imports(name)
         assert not nested, f"{name} imports {nested} inside a function"
-    assert LIBRARIES | {"train", "twinflow", "sample", "prepare_latents", "train_classifier", "toy"} <= set(graph)
+    assert LIBRARIES | {"train", "twinflow", "sample", "prepare_latents", "train_classifier", "judge", "toy"} <= set(graph)
     for ground in ("model", "vae", "fid", "common"):         # copyable alone; common.py is every script's ground floor
         assert not graph[ground], f"{ground}.py imports {graph[ground]}"
     assert graph["loss"] == {"model"}
@@ -1165,14 +1166,14 @@ def test_the_data_check_reads_every_row_and_scores_say_what_they_rest_on(data, t
         assert code == 1 and out == "" and words in err and err.count("\n") == 1, err
     np.savez(tmp_path / "s.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))   # rank 2 of 16: fine
     assert fid.open_input(str(tmp_path / "s.npz"))[0]["sigma"].shape == (16, 16)
-    run_script("train_classifier.py", "--judge", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
+    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
                "--global-batch-size", 8, "--max-steps", 1)
     judge = torch.load(tmp_path / "j" / "checkpoints" / "0000001.pt", weights_only=True)
     judge["EMA"]["hidden.0.bias"].fill_(-1e6)                  # every hidden ReLU off: the features are all zero
     torch.save(judge, tmp_path / "dead.pt")
     np.savez(tmp_path / "images.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), labels=np.arange(6) % 5)
     capsys.readouterr()
-    run_script("train_classifier.py", "--evaluate", tmp_path / "images.npz", "--judge", tmp_path / "dead.pt",
+    run_script("judge.py", "--evaluate", tmp_path / "images.npz", "--judge", tmp_path / "dead.pt",
                "--data-path", data)
     assert "features of the held-out images are degenerate" in capsys.readouterr().out
 
@@ -1263,7 +1264,7 @@ def test_messages_name_folders_give_the_resume_command_and_a_stopping_job_ignore
     with pytest.raises(SystemExit, match="--vae-weights .*dir.pt is a folder, not a file"):
         make_decoder(dict(vae="sd-vae-ft-mse", scale=0.18215), str(tmp_path / "dir.pt"), "cpu")
     with pytest.raises(SystemExit, match="sample npz .*dir.pt is a folder, not a file"):
-        train_classifier.npz_images(str(tmp_path / "dir.pt"))
+        npz_images(str(tmp_path / "dir.pt"))
     with pytest.raises(fid.UserError, match="dir.pt is a folder, not a file"):
         fid.load_inception(str(tmp_path / "dir.pt"))
     # The command that resumes: this one, its starting checkpoints replaced by --resume; under torchrun as launched.
@@ -2558,7 +2559,7 @@ def test_classifier_random_affine():
 
 def test_judge_trains_and_scores_samples_against_the_real_floor(data, tmp_path, capsys):
     held_out = make_data(tmp_path / "held_out", seed=1)
-    run_script("train_classifier.py", "--judge", "--data-path", data, "--results-dir", tmp_path / "judge", "--device",
+    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "judge", "--device",
                "cpu", "--global-batch-size", 8, "--max-steps", 6, "--log-every", 3)
     judge = tmp_path / "judge" / "checkpoints" / "0000006.pt"
     assert "training the judge on 1 x cpu" in open(tmp_path / "judge" / "log.txt").read()
@@ -2568,11 +2569,11 @@ def test_judge_trains_and_scores_samples_against_the_real_floor(data, tmp_path, 
     for name in ("a", "b"):
         run_script("sample.py", "--ckpt", g_path, "--npz", tmp_path / f"{name}.npz", "--num-samples", 20)
     capsys.readouterr()
-    run_script("train_classifier.py", "--evaluate", tmp_path / "a.npz", "--judge", judge, "--data-path", held_out,
+    run_script("judge.py", "--evaluate", tmp_path / "a.npz", "--judge", judge, "--data-path", held_out,
                "--real-data", data, "--compare", tmp_path / "a.npz", tmp_path / "b.npz")
     printed = capsys.readouterr().out.splitlines()
     # By hand: the judge's EMA on the held-out images (view 0), the real training images and the samples' pixels.
-    J, _ = train_classifier.load_judge(judge)
+    J, _ = load_judge(judge)
     ref, real = LatentData(held_out), LatentData(data)
     view0 = lambda d, rows=slice(None): torch.from_numpy(d.latents[rows, 0].astype(np.float32))
     subset = np.sort(np.random.RandomState(0).permutation(24)[:20])    # as many real images as samples, at random
@@ -2600,7 +2601,7 @@ def test_judge_trains_and_scores_samples_against_the_real_floor(data, tmp_path, 
     run_script("sample.py", "--ckpt", tmp_path / "one" / "checkpoints" / "0000002.pt", "--npz", tmp_path / "c.npz",
                "--num-samples", 20)
     capsys.readouterr()
-    run_script("train_classifier.py", "--evaluate", tmp_path / "c.npz", "--judge", judge, "--data-path", held_out)
+    run_script("judge.py", "--evaluate", tmp_path / "c.npz", "--judge", judge, "--data-path", held_out)
     assert "features of these 20 images are degenerate" in capsys.readouterr().out
 
 
@@ -2631,22 +2632,22 @@ def test_classifier_and_judge_bad_inputs(data, tmp_path):
                  match="holds a generator and a discriminator, and this run trains a classifier")
     run_script("sample.py", "--ckpt", g_path, "--npz", tmp_path / "s.npz", "--num-samples", 10)
     evaluate = ["--evaluate", tmp_path / "s.npz", "--device", "cpu"]
-    expect_error("train_classifier.py", *evaluate, "--judge", c_path, "--data-path", data, match="not a judge checkpoint")
-    run_script("train_classifier.py", "--judge", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
+    expect_error("judge.py", *evaluate, "--judge", c_path, "--data-path", data, match="not a judge checkpoint")
+    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
                "--global-batch-size", 8, "--max-steps", 1)
     judge = tmp_path / "j" / "checkpoints" / "0000001.pt"
     latents = make_data(tmp_path / "latents")
     json.dump(dict(num_classes=5, image_size=8, scale=0.18215, vae="sd-vae-ft-mse"),
               open(os.path.join(latents, "info.json"), "w"))
-    expect_error("train_classifier.py", *evaluate, "--judge", judge, "--data-path", latents,
+    expect_error("judge.py", *evaluate, "--judge", judge, "--data-path", latents,
                  match="vae 'none' vs 'sd-vae-ft-mse'")
-    expect_error("train_classifier.py", "--judge", "--data-path", latents, "--results-dir", tmp_path / "j2",
+    expect_error("judge.py", "--data-path", latents, "--results-dir", tmp_path / "j2",
                  "--device", "cpu", match="the judge is for small pixel images")
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
-    expect_error("train_classifier.py", "--evaluate", tmp_path / "bad.npz", "--judge", judge, "--data-path", data,
+    expect_error("judge.py", "--evaluate", tmp_path / "bad.npz", "--judge", judge, "--data-path", data,
                  match="cannot read")
     with pytest.raises(SystemExit) as e:
-        run_script("train_classifier.py", *evaluate, "--data-path", data)
+        run_script("judge.py", *evaluate, "--data-path", data)
     assert e.value.code == 2                                   # argparse: "--evaluate needs --judge"
 
 
