@@ -144,7 +144,7 @@ def state_bytes(state):
     return total
 
 
-def save_checkpoint(state, step, args, config, data_info, device, logger, data_rng=None):
+def save_checkpoint(state, step, args, config, data_info, device, logger, *, data_rng=None):
     """The modules in `state`, the step, the command, the networks' config, the data's info and every rank's RNG
     states (with data_rng, the state of the batch reader's generator after the last batch the loop took). A disk
     without room for it ends the run in one line before anything is written."""

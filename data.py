@@ -155,13 +155,15 @@ def network_shape(model, data):
 #################################################################################
 
 class BatchReader:
-    """Makes the batches on a background thread, `depth` ahead of the loop, so that reading the memory-mapped data
-    (a page fault per image from a network file system) and drawing the noise overlap the device's work, and copies
-    them to the device from pinned memory without a sync. make(generator) -> dict of CPU tensors draws everything
-    from `generator`; `state` is the generator's state after the last batch next() returned, what a checkpoint keeps
-    so that a resumed run draws exactly the batches it would have drawn."""
-    def __init__(self, make, generator, device, depth=2):
-        self.make, self.generator, self.device = make, generator, device
+    """Draws the batches of a trainer on a background thread, `depth` ahead of the loop, so that reading the
+    memory-mapped data (a page fault per image from a network file system) and drawing the noise overlap the device's
+    work, and copies them to the device from pinned memory without a sync. A batch is `batch_size` images of `data`
+    (LatentData.sample) completed by `times` (loss.afm_batch or loss.twinflow_batch, given `options`) with a step's
+    times and noise, every draw from `generator`. `state` is the generator's state after the last batch next()
+    returned, what a checkpoint keeps so that a resumed run draws exactly the batches it would have drawn."""
+    def __init__(self, data, batch_size, times, generator, device, depth=2, **options):
+        self.data, self.batch_size, self.times, self.options = data, batch_size, times, options
+        self.generator, self.device = generator, device
         self.state = generator.get_state()
         self.queue, self.stopped = queue.Queue(maxsize=depth), threading.Event()
         self.thread = threading.Thread(target=self._fill, daemon=True)
@@ -170,7 +172,8 @@ class BatchReader:
     def _fill(self):
         while not self.stopped.is_set():
             try:
-                batch = self.make(self.generator)
+                x, y = self.data.sample(self.batch_size, self.generator)
+                batch = self.times(x, y, generator=self.generator, **self.options)
                 if self.device.type == "cuda":
                     batch = {k: v.pin_memory() for k, v in batch.items()}
                 item = (batch, self.generator.get_state())

@@ -22,9 +22,14 @@ from model import transport
 #                        Batch times and interpolation                          #
 #################################################################################
 
+def per_sample(t, x):
+    """A per-sample (N,) tensor shaped to broadcast against x (N, ...)."""
+    return t.view(-1, *[1] * (x.dim() - 1))
+
+
 def interpolate(x, z, t):
     """x_t = (1 - t) x + t z: t = 0 is data, t = 1 is noise."""
-    t = t.view(-1, *[1] * (x.dim() - 1))
+    t = per_sample(t, x)
     return (1 - t) * x + t * z
 
 
@@ -316,11 +321,6 @@ def ot_scale_at(step, start, end, decay_steps):
 RCGM_DELTA, RCGM_ORDER = 0.01, 2      # RCGM's first step and its estimate_order (methodes.py:189, main.py:27)
 
 
-def expand(t, x):
-    """A per-sample (N,) tensor shaped to broadcast against x (N, ...)."""
-    return t.view(-1, *[1] * (x.dim() - 1))
-
-
 @torch.no_grad()
 def rcgm_residual(EMA, F_th, x_t, v, y, t, t_tgt):
     """RCGM's any-step consistency residual (get_rcgm_target, :170), clipped to +-1: the jump (t - t_tgt) F_th from x_t
@@ -330,13 +330,24 @@ def rcgm_residual(EMA, F_th, x_t, v, y, t, t_tgt):
     times = [t_mid * (1 - i / RCGM_ORDER) + t_tgt * i / RCGM_ORDER for i in range(RCGM_ORDER + 1)]
     x, jump = x_t - RCGM_DELTA * v, 0
     for t_c, t_n in zip(times, times[1:]):
-        step = expand(t_c - t_n, x) * EMA(x, y, t_c, t_n)
+        step = per_sample(t_c - t_n, x) * EMA(x, y, t_c, t_n)
         x, jump = x - step, jump + step
-    near = expand(t < t_tgt + RCGM_DELTA, x)
-    return torch.where(near, F_th - v, (expand(t - t_tgt, x) * F_th - jump) / RCGM_DELTA - v).clamp(-1, 1)
+    near = per_sample(t < t_tgt + RCGM_DELTA, x)
+    return torch.where(near, F_th - v, (per_sample(t - t_tgt, x) * F_th - jump) / RCGM_DELTA - v).clamp(-1, 1)
 
 
 TWINFLOW_TERMS = ("base", "real", "fake", "rectify", "base_one_step")
+
+
+def twinflow_batch(x, y, generator=None):
+    """Everything random in a step for the images x with labels y, drawn from `generator` (the global one when None):
+    the labels shuffled for the CFG-enhanced target (tutorial main.py:133), t ~ U(0, 1), t_tgt = t - u t with
+    u ~ U(0, 1) (:128), t2 ~ U(0, 1) for the rectification (:423), noise z and z2 (:117)."""
+    n = len(x)
+    y_cfg = y[torch.randperm(n, generator=generator)]
+    t, u, t2 = torch.rand(3, n, generator=generator)
+    z, z2 = torch.randn(x.shape, generator=generator), torch.randn(x.shape, generator=generator)
+    return dict(x=x, y=y, z=z, t=t, t_tgt=t * (1 - u), z2=z2, t2=t2, y_cfg=y_cfg)
 
 
 def twinflow_losses(G, EMA, x, y, z, t, t_tgt, z2, t2, y_cfg=None, cfg_ratio=0.0, terms=TWINFLOW_TERMS):

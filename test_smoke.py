@@ -2448,20 +2448,13 @@ def test_twinflow_real_term_alone_is_flow_matching_sampled_by_euler_steps(data, 
     with torch.no_grad():                                     # one Euler step of the velocity: x = z - F(z, y, 1)
         assert steps == 1 and torch.equal(model.sample(G, z, y, 1), z - G(z, y, torch.ones(2)))
     # The loss is flow matching's by hand: |F(x_t, y, t) - (z - x)|^2 with the batch's draws.
-    batch = {k: v[:3] for k, v in twinflow_batch(LatentData(data), 8).items()}
+    g = torch.Generator().manual_seed(0)
+    batch = {k: v[:3] for k, v in loss.twinflow_batch(*LatentData(data).sample(8, g), g).items()}
     F_net = model.Generator(**ckpt["config"]["F"]).requires_grad_(False)
     terms = loss.twinflow_losses(F_net, None, **batch, terms=("real",))
     x_t = loss.interpolate(batch["x"], batch["z"], batch["t"])
     want = (F_net(x_t, batch["y"], batch["t"]) - (batch["z"] - batch["x"])).square().mean()
     assert list(terms) == ["real"] and torch.allclose(terms["real"], want)
-
-
-def twinflow_batch(data, n):
-    g = torch.Generator().manual_seed(0)
-    x, y = data.sample(n, g)
-    t, u, t2 = torch.rand(3, n, generator=g)
-    return dict(x=x, y=y, z=torch.randn(x.shape, generator=g), t=t, t_tgt=t * (1 - u), z2=torch.randn(x.shape, generator=g),
-                t2=t2)
 
 
 def test_twinflow_under_torchrun(data, tmp_path):

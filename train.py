@@ -255,7 +255,7 @@ def benchmark(args):
     data = LatentData(args.data_path) if args.data_path else RandomLatents()
     config = network_config(args.model, args.nfe, args.repeat, data)
     state, d_step, g_step = make_players(args, config, device, world)
-    reader = BatchReader(lambda g: afm_batch(*data.sample(batch_size, g), args.nfe, g), torch.Generator(), device)
+    reader = BatchReader(data, batch_size, afm_batch, torch.Generator(), device, nfe=args.nfe)
 
     def iteration():
         d_step(reader.next())
@@ -327,7 +327,7 @@ def main(args):
     start = restore_state(state, starts, args, logger, data.info)
     check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
     data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
-    reader = BatchReader(lambda g: afm_batch(*data.sample(batch_size, g), args.nfe, g), data_rng, device)
+    reader = BatchReader(data, batch_size, afm_batch, data_rng, device, nfe=args.nfe)
 
     # The loop: one D step, one G step, the EMA; logs, checkpoints and FID every so many steps.
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, batch {batch_size}/"
@@ -356,7 +356,7 @@ def main(args):
                         f" img/s {2 * args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
         if ckpt_now or done == args.max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger, reader.state)
+            path = save_checkpoint(state, done, args, config, data.info, device, logger, data_rng=reader.state)
         if signum:
             stop.exit(signum, done, path, logger)
         if write_grids is not None and done % args.sample_every == 0:

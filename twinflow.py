@@ -34,7 +34,7 @@ from checkpoint import check_checkpoint_room, load_starts, restore_rng, restore_
 from common import (StopOnSignal, check_in_sync, count, create_logger, number, per_rank_batch, positive_int,
                     reduce_means, run, setup_distributed)
 from data import BatchReader, LatentData, make_grid_writer, network_shape
-from loss import TWINFLOW_TERMS, twinflow_ema_decay, twinflow_losses, update_ema
+from loss import TWINFLOW_TERMS, twinflow_batch, twinflow_ema_decay, twinflow_losses, update_ema
 from model import SIZES, Generator, mode_flags
 
 EPOCHS = 20             # tutorial main.py: 20 epochs of MNIST at batch 128 (9,380 steps)
@@ -53,17 +53,6 @@ class TwinFlowLoss(torch.nn.Module):
 
     def forward(self, EMA, batch, cfg_ratio, terms):
         return twinflow_losses(self.F, EMA, **batch, cfg_ratio=cfg_ratio, terms=terms)
-
-
-def make_batch(data, n, generator):
-    """Everything random in a step, drawn from `generator`: images x with labels y, the labels shuffled for the
-    CFG-enhanced target (tutorial main.py:133), noise z and z2 (:117), t ~ U(0, 1), t_tgt = t - u t with u ~ U(0, 1)
-    (:128) and t2 ~ U(0, 1) for the rectification (:423)."""
-    x, y = data.sample(n, generator)
-    y_cfg = y[torch.randperm(n, generator=generator)]
-    t, u, t2 = torch.rand(3, n, generator=generator)
-    z, z2 = torch.randn(x.shape, generator=generator), torch.randn(x.shape, generator=generator)
-    return dict(x=x, y=y, z=z, t=t, t_tgt=t * (1 - u), z2=z2, t2=t2, y_cfg=y_cfg)
 
 
 #################################################################################
@@ -102,7 +91,7 @@ def main(args):
     start = restore_state(state, starts, args, logger, data.info)
     check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
     data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
-    reader = BatchReader(lambda g: make_batch(data, batch_size, g), data_rng, device)
+    reader = BatchReader(data, batch_size, twinflow_batch, data_rng, device)
     decay = 0.0
     for _ in range(start):
         decay = twinflow_ema_decay(decay, args.ema_decay)
@@ -133,7 +122,7 @@ def main(args):
                         f" ema_decay {decay:.4f} img/s {args.global_batch_size * count / (time.time() - tic):.1f}")
             sums, count, tic = {}, 0, time.time()
         if ckpt_now or done == max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger, reader.state)
+            path = save_checkpoint(state, done, args, config, data.info, device, logger, data_rng=reader.state)
         if signum:
             stop.exit(signum, done, path, logger)
         if write_grids is not None and done % args.sample_every == 0:
