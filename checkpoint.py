@@ -153,7 +153,8 @@ def save_checkpoint(state, step, args, config, data_info, device, logger, *, dat
     ckpt = dict({k: m.state_dict() for k, m in state.items()}, step=step, args=vars(args), config=config,
                 data_info=data_info, rng=gather_rng_states(device, data_rng))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        save_atomic(ckpt, path)
+        with save_atomic(path) as tmp, open(tmp, "wb") as f:
+            torch.save(ckpt, f)                                # a Python file: a full disk raises OSError, not torch's
         logger.info(f"saved {path}")
     if dist.is_initialized():
         dist.barrier()

@@ -322,17 +322,16 @@ def release_claims():
                 os.rmdir(created)
 
 
-def save_atomic(obj, path, save=None):
-    """Writes through a temporary file renamed into place, so a crash never leaves a half-written file; a failed
-    write (a full disk) removes the temporary file and ends in one line naming the cause. torch.save (the default)
-    writes through a Python file: given a path, its own writer reports a full disk as "unexpected pos"."""
-    tmp = f"{path}.tmp"
+@contextlib.contextmanager
+def save_atomic(path):
+    """`with save_atomic(path) as tmp:` the block writes the file to `tmp`, a temporary name beside it with the same
+    extension (np.save appends none, Image.save finds the format), which is renamed into place when the block ends,
+    so a crash never leaves a half-written file. A failed write (a full disk) removes the temporary file and ends in
+    one line naming the cause."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
     try:
-        if save is None:
-            with open(tmp, "wb") as f:
-                torch.save(obj, f)
-        else:
-            save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.lexists(tmp):
@@ -348,12 +347,6 @@ def check_room(folder, need, what):
     size = lambda n: f"{n / 2 ** 30:.3g} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.3g} MiB"
     if free < need:
         fail(f"{what} needs {size(need)}, and {folder} has {size(free)} free")
-
-
-def savez(arrays, path):
-    """np.savez to exactly this path (given a name, np.savez would append ".npz" to a temporary one)."""
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def allocate_npy(path, shape, dtype):
@@ -393,4 +386,5 @@ def save_grid(images, path, nrow):
     for i, image in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
         r, c = divmod(i, nrow)
         grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = image
-    save_atomic(Image.fromarray(grid), path, save=lambda im, tmp: im.save(tmp, format=image_format(path)))
+    with save_atomic(path) as tmp:
+        Image.fromarray(grid).save(tmp, format=image_format(path))

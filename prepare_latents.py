@@ -225,13 +225,6 @@ def open_source(path, image_size):
 # At the end the staging arrays are renamed if every image was good (no copy), else compacted to the good rows; only
 # the few bad images are decoded again, for skipped.txt's reasons. info.json, written last, marks the run finished.
 
-def write_file(data, path):
-    """bytes, or an array as .npy, to exactly this path (given a name, np.save would append ".npy" to save_atomic's
-    temporary one)."""
-    with open(path, "wb") as f:
-        np.save(f, data) if isinstance(data, np.ndarray) else f.write(data)
-
-
 def copy_rows(src, rows, path):
     """A new .npy at path holding src[rows], a block at a time: the arrays can be larger than memory."""
     dst = allocate_npy(path, (len(rows),) + src.shape[1:], src.dtype)
@@ -248,8 +241,10 @@ def start_run(out, arrays, run):
     check_room(out, size, f"--out {out} ({arrays[0][2][0]} images of {' x '.join(map(str, arrays[0][2][1:]))})")
     try:
         for name, dtype, shape in arrays:
-            save_atomic(shape, f"{out}/{name}.partial.npy", save=lambda shape, tmp: allocate_npy(tmp, shape, dtype))
-        save_atomic(json.dumps(run, indent=1).encode(), f"{out}/run.json", save=write_file)
+            with save_atomic(f"{out}/{name}.partial.npy") as tmp:
+                allocate_npy(tmp, shape, dtype)
+        with save_atomic(f"{out}/run.json") as tmp, open(tmp, "w") as f:
+            json.dump(run, f, indent=1)
     except BaseException:
         discard_run(out)
         raise
@@ -270,7 +265,8 @@ def finalize(out, spec, classes, files, labels):
     good = status == 1
     reason = lambda f: load_image(os.path.join(spec["data_path"], f), spec["image_size"])[1]
     skipped = [(f, reason(f) or "unreadable in the worker") for f, ok in zip(files, good) if not ok]
-    save_atomic("".join(f"{f}\t{why}\n" for f, why in skipped).encode(), f"{out}/skipped.txt", save=write_file)
+    with save_atomic(f"{out}/skipped.txt") as tmp, open(tmp, "w", encoding="utf-8") as file:
+        file.writelines(f"{f}\t{why}\n" for f, why in skipped)
     if not good.any():  # nothing to train on; once the images are fixed, the same command starts over
         discard_run(out)
         fail(f"none of the {len(files)} images could be decoded (the first, {': '.join(skipped[0])}; "
@@ -283,15 +279,18 @@ def finalize(out, spec, classes, files, labels):
             os.replace(part, final)
         else:
             src = np.load(part, mmap_mode="r")
-            save_atomic(np.flatnonzero(good), final, save=lambda rows, tmp: copy_rows(src, rows, tmp))
+            with save_atomic(final) as tmp:
+                copy_rows(src, np.flatnonzero(good), tmp)
             os.remove(part)
     latents = np.load(f"{out}/latents.npy", mmap_mode="r")
     assert len(latents) == good.sum() and latents.shape[1] == 2, "latents.npy does not match the status record"
-    save_atomic(np.asarray(labels, dtype=np.int64)[good], f"{out}/labels.npy", save=write_file)
+    with save_atomic(f"{out}/labels.npy") as tmp:
+        np.save(tmp, np.asarray(labels, dtype=np.int64)[good])
     info = dict(num_classes=len(classes), image_size=spec["image_size"], scale=spec["scale"], vae=spec["vae"],
                 num_images=int(good.sum()), num_skipped=len(skipped), views=2, shape=list(latents.shape[1:]),
                 classes=classes, source=spec)
-    save_atomic(json.dumps(info, indent=1).encode(), f"{out}/info.json", save=write_file)
+    with save_atomic(f"{out}/info.json") as tmp, open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
     discard_run(out)
     return int(good.sum()), len(skipped)
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from checkpoint import load_checkpoint, load_generator
 from common import (allocate_npy, check_output, check_room, claim, count, fail, image_format, parse_nfe, positive_int,
-                    rgb, run, save_atomic, save_grid, savez, setup_distributed)
+                    rgb, run, save_atomic, save_grid, setup_distributed)
 from data import make_decoder
 from model import SIZES, class_balanced_labels, generate
 
@@ -113,7 +113,8 @@ def main(args):
         dist.all_reduce(drawn)                                 # also waits for every rank
     seconds, (drawn, cost) = time.time() - tic, drawn.tolist()
     if rank == 0:
-        save_atomic(dict(arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm]), args.npz, save=savez)
+        with save_atomic(args.npz) as tmp:
+            np.savez(tmp, arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm])
         for suffix in STAGING:
             os.remove(args.npz + suffix)
         print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {len(set(labels))} classes) to "
@@ -128,7 +129,8 @@ def save_generator(path, weights, out):
     if "config" not in ckpt:
         fail(f"{path} is not a training checkpoint: it is already a generator's weights")
     slim = {key: ckpt[key] for key in ("config", "args", "data_info", "step")}
-    save_atomic(dict(slim, EMA=ckpt[weights]), out)
+    with save_atomic(out) as tmp, open(tmp, "wb") as f:
+        torch.save(dict(slim, EMA=ckpt[weights]), f)
     print(f"saved the {weights} generator of {path} to {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB)")
 
 
@@ -157,7 +159,8 @@ def open_staging(args, steps, shape, rank):
                 allocate_npy(done, shape[:1], np.uint8)
             except OSError as e:
                 fail(f"cannot write the staging files of {args.npz}: {e.strerror}")
-            save_atomic(spec, record, save=lambda obj, tmp: pathlib.Path(tmp).write_text(json.dumps(obj)))
+            with save_atomic(record) as tmp:
+                pathlib.Path(tmp).write_text(json.dumps(spec))
     if dist.is_initialized():
         dist.barrier()
     return np.load(rows, mmap_mode="r+"), np.load(done, mmap_mode="r+")

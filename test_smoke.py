@@ -876,8 +876,9 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     def full_disk(obj, path):
         open(path, "wb").write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(SystemExit) as e:
-        common.save_atomic({"x": 1}, str(tmp_path / "ckpt.pt"), save=full_disk)
+    with pytest.raises(SystemExit) as e, common.save_atomic(str(tmp_path / "ckpt.pt")) as tmp:
+        assert tmp == str(tmp_path / "ckpt.tmp.pt")            # the extension kept: np.save and Image.save use it
+        full_disk(None, tmp)
     assert str(e.value.code) == f"error: cannot write {tmp_path / 'ckpt.pt'}: No space left on device"
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: full_disk(None, "/dev/null"))
@@ -1054,9 +1055,9 @@ def test_full_and_read_only_disks_end_in_one_line_naming_the_path_and_the_cause(
     # torch.save onto a full disk (the temporary file is /dev/full): the cause, not torch's "unexpected pos".
     os.makedirs(tmp_path / "full")
     path = tmp_path / "full" / "ckpt.pt"
-    os.symlink("/dev/full", f"{path}.tmp")
-    with pytest.raises(SystemExit) as e:
-        common.save_atomic({"x": torch.zeros(1000)}, str(path))
+    os.symlink("/dev/full", tmp_path / "full" / "ckpt.tmp.pt")
+    with pytest.raises(SystemExit) as e, common.save_atomic(str(path)) as tmp, open(tmp, "wb") as f:
+        torch.save({"x": torch.zeros(1000)}, f)
     assert str(e.value.code) == f"error: cannot write {path}: No space left on device"
     assert os.listdir(tmp_path / "full") == []
     # log.txt on a full disk: one line, not logging's "--- Logging error ---" and its traceback.
@@ -1447,7 +1448,7 @@ def test_prepare_latents_pixels_crop_flip_labels_and_skips(tmp_path):
     info = json.loads((out / "info.json").read_text())
     assert info["classes"] == ["ant", "bee", "cow"] and info["num_classes"] == 3 and info["image_size"] == 32
     assert info["num_images"] == len(expected) and info["vae"] == "none" and info["scale"] == 1.0
-    assert not (out / "std.npy").exists() and not any(f.name.endswith((".partial.npy", ".tmp")) for f in out.iterdir())
+    assert not (out / "std.npy").exists() and not any(f.name.endswith(".partial.npy") or ".tmp" in f.name for f in out.iterdir())
     latents, labels = np.load(out / "latents.npy"), np.load(out / "labels.npy")
     assert latents.dtype == np.float16 and latents.shape == (len(expected), 2, 3, 32, 32)
     assert labels.dtype == np.int64 and labels.tolist() == [label for _, label in expected]
@@ -1643,7 +1644,7 @@ def test_prepare_latents_full_disk_is_one_line_and_leaves_no_partial_file(tmp_pa
     monkeypatch.undo()
     monkeypatch.setattr(np, "save", no_space)
     assert error_of(*argv("full")) == f"error: cannot write {out}/labels.npy: No space left on device"
-    assert not any(name.endswith(".tmp") for name in os.listdir(out)) and not (out / "info.json").exists()
+    assert not any(".tmp" in name for name in os.listdir(out)) and not (out / "info.json").exists()
     monkeypatch.undo()
     run_prepare(*argv("full"))  # room again: the same command finishes the run, as if nothing had happened
     names = ["latents.npy", "labels.npy", "info.json", "skipped.txt"]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy.special import erf, ndtr, ndtri
 
-from common import check_output, claim, count, fail, positive_int, release_claims, run, save_atomic, savez
+from common import check_output, claim, count, fail, positive_int, release_claims, run, save_atomic
 from loss import (DStep, GStep, GradNorm, afm_batch, interpolate, ot_scale_at, rcgm_residual, twinflow_ema_decay,
                   twinflow_losses, update_ema)
 from model import transport
@@ -294,8 +294,10 @@ def main(nfe=1, steps=1000, seed=0, out_dir="."):
     image = Image.new("RGB", (PANEL_W * len(panels), PANEL_H))
     for i, panel in enumerate(panels):
         image.paste(panel, (i * PANEL_W, 0))
-    save_atomic(image, os.path.join(out_dir, "toy.png"), save=lambda im, tmp: im.save(tmp, format="PNG"))
-    save_atomic(maps, os.path.join(out_dir, "toy.npz"), save=savez)
+    with save_atomic(os.path.join(out_dir, "toy.png")) as tmp:
+        image.save(tmp)
+    with save_atomic(os.path.join(out_dir, "toy.npz")) as tmp:
+        np.savez(tmp, **maps)
     print(f"wrote {os.path.join(out_dir, 'toy.png')} and toy.npz")
     release_claims()                                         # common.run would, but main is called on its own too
     return results, maps
