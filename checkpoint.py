@@ -4,7 +4,9 @@ every rank's RNG states, and the loaders of the generators and classifiers of th
 official release's .pth files. Nothing here is run directly.
 """
 import glob
+import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -64,7 +66,8 @@ def load_training_checkpoint(path, config):
 def load_starts(args, config, max_steps, data_info):
     """The checkpoints a run starts from, read before the run writes anything: --resume (the exact continuation of a
     run, on the same data), or --init (a new stage from a run's last checkpoint) and --init-d (D from an earlier one).
-    Scripts without --init or --init-d have --resume alone. Then rank 0 claims --results-dir and checks it."""
+    Scripts without --init or --init-d have --resume alone. Then rank 0 claims --results-dir, and every rank checks it.
+    """
     flags = {key: getattr(args, key, None) for key in ("resume", "init", "init_d")}
     if flags["resume"] and (flags["init"] or flags["init_d"]):
         fail("--resume continues a run exactly; --init and --init-d start a new stage: give one or the other")
@@ -79,6 +82,8 @@ def load_starts(args, config, max_steps, data_info):
     if not dist.is_initialized() or dist.get_rank() == 0:
         claim(args.results_dir, "--results-dir", folder=True)
     check_results_dir(args.results_dir, args.resume)
+    if dist.is_initialized():
+        dist.barrier()                                         # every rank has checked it before rank 0 writes
     return starts
 
 
@@ -120,6 +125,16 @@ def restore_state(state, starts, args, logger, data_info=None, init_from="EMA"):
         logger.info(f"--{key.replace('_', '-')} {getattr(args, key)} (step {ckpt['step']})" +
                     (f"; note: trained on other data than --data-path ({', '.join(differ)})" if differ else ""))
     return start_step(starts)
+
+
+def start_state(state, starts, args, logger, data_info, device):
+    """A trainer's start: the starting checkpoints loaded into `state` (restore_state), the disk checked for room for
+    a checkpoint of it (a run that could not save fails before it trains), every rank's RNG streams set (restore_rng).
+    Returns the step to start from and the generator of the batch reader's draws."""
+    start = restore_state(state, starts, args, logger, data_info)
+    check_checkpoint_room(state, args.results_dir)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return start, restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
 
 
 def check_checkpoint_room(state, results_dir, what="a checkpoint of this run"):
@@ -189,6 +204,61 @@ def restore_rng(ckpt, seed, rank, world, step, device):
         torch.manual_seed(base * 1_000_003 + step)
         data_rng.manual_seed(base * 1_000_003 + step + 2 ** 32)
     return data_rng
+
+
+#################################################################################
+#                         The tail of every training loop                       #
+#################################################################################
+
+class LoopTail:
+    """What every trainer does after each step: running means of the step's statistics (since the last log line, over
+    all ranks), a log line every --log-every steps, and a checkpoint every --ckpt-every steps, at the last step and
+    when a signal asks to stop (StopOnSignal: the checkpoint, then the exit). The means are checked before every
+    checkpoint: a non-finite one ends the run in one line naming the last good checkpoint, and none holds non-finite
+    weights. The checkpoints keep the reader's RNG state (BatchReader.state)."""
+    def __init__(self, stop, state, args, config, data_info, device, logger, max_steps, images_per_step, reader=None):
+        self.stop, self.state, self.args, self.config, self.data_info = stop, state, args, config, data_info
+        self.device, self.logger, self.max_steps, self.reader = device, logger, max_steps, reader
+        self.images_per_step = images_per_step
+        self.sums, self.count, self.tic = {}, 0, time.time()
+
+    def __call__(self, step, stats, note=""):
+        """After step `step` (from 0) with its statistics (scalar tensors); `note` is added to the log line. Returns
+        the number of steps done."""
+        done = step + 1
+        self.sums = {k: self.sums.get(k, 0) + v.float() for k, v in stats.items()}
+        self.count += 1
+        log_now = done % self.args.log_every == 0 or done == self.max_steps
+        ckpt_now = done % self.args.ckpt_every == 0 or done == self.max_steps
+        signum = self.stop.requested()
+        if log_now or ckpt_now or signum:                      # no checkpoint of non-finite weights
+            means = self.finite_means(done)
+        if log_now:
+            images = self.images_per_step * self.count / (time.time() - self.tic)
+            self.logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + note +
+                             f" img/s {images:.1f}")
+            self.sums, self.count, self.tic = {}, 0, time.time()
+        if ckpt_now or signum:
+            data_rng = self.reader.state if self.reader is not None else None
+            path = save_checkpoint(self.state, done, self.args, self.config, self.data_info, self.device, self.logger,
+                                   data_rng=data_rng)
+        if signum:
+            self.stop.exit(signum, done, path, self.logger)
+        return done
+
+    def finite_means(self, step):
+        """The statistics averaged over the steps since the last log line and over the ranks; a non-finite one stops
+        the run."""
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]) / self.count
+        if dist.is_initialized():
+            dist.all_reduce(values, op=dist.ReduceOp.AVG)
+        means = dict(zip(keys, values.tolist()))
+        if not all(math.isfinite(v) for v in means.values()):
+            ckpts = sorted(glob.glob(os.path.join(self.args.results_dir, "checkpoints", "*.pt")))
+            fail(f"non-finite loss at step {step} ({', '.join(f'{k} {v:.4g}' for k, v in means.items())}); " +
+                 (f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"))
+        return means
 
 
 #################################################################################

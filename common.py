@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import glob
 import logging
 import math
 import os
@@ -238,20 +237,6 @@ class TqdmHandler(logging.Handler):
     """Prints log lines to stdout above the progress bar instead of through it."""
     def emit(self, record):
         tqdm.write(self.format(record), file=sys.stdout)
-
-
-def reduce_means(sums, count, step, results_dir):
-    """Averages the accumulated statistics over steps and ranks; a non-finite one stops the run."""
-    keys = sorted(sums)
-    values = torch.stack([sums[k] for k in keys]) / count
-    if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.AVG)
-    means = dict(zip(keys, values.tolist()))
-    if not all(math.isfinite(v) for v in means.values()):
-        ckpts = sorted(glob.glob(os.path.join(results_dir, "checkpoints", "*.pt")))
-        fail(f"non-finite loss at step {step} ({', '.join(f'{k} {v:.4g}' for k, v in means.items())}); " +
-             (f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"))
-    return means
 
 
 def check_in_sync(models, device, world, logger):

@@ -15,21 +15,18 @@ separate network judges.
 import argparse
 import math
 import os
-import time
 from copy import deepcopy
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from checkpoint import (check_checkpoint_room, load_checkpoint, load_starts, load_weights, restore_rng, restore_state,
-                        save_checkpoint)
+from checkpoint import LoopTail, load_checkpoint, load_starts, load_weights, start_state
 from common import (StopOnSignal, check_in_sync, check_input, count, create_logger, fail, number, per_rank_batch,
-                    positive_int, reduce_means, run, setup_distributed)
+                    positive_int, run, setup_distributed)
 from data import SPACE, LatentData, data_differences
 from loss import classifier_step, update_ema
 
@@ -203,8 +200,6 @@ def main(args):
     config = dict(J=dict(in_channels=data.channels, num_classes=data.num_classes))
     max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
     starts = load_starts(args, config, max_steps, data.info)   # the same network and data, or one line
-    if dist.is_initialized():
-        dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     stop = StopOnSignal()
 
     # The judge, its EMA and AdamW, the same initial weights on every rank.
@@ -218,30 +213,18 @@ def main(args):
     opt = torch.optim.AdamW(J.parameters(), lr=args.lr, **adamw)
     state = dict(model=J, EMA=EMA, opt=opt)                    # what a checkpoint holds (the classifier's names)
     logger.info(f"judge {sum(p.numel() for p in J.parameters()):,} parameters")
-    start = restore_state(state, starts, args, logger, data.info)
-    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
-    restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    start, _ = start_state(state, starts, args, logger, data.info, device)   # batches from the global RNG
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size)
     J_train = DDP(J, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else J
 
     # The loop: cross-entropy with a cosine lr, the EMA; logs and checkpoints every so many steps.
     logger.info(f"training the judge on {world} x {device.type}, batch {batch_size}/rank, "
                 f"{max_steps} steps ({max_steps * args.global_batch_size / len(data.labels):.1f} epochs), lr {args.lr}")
-    sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
         opt.param_groups[0]["lr"] = args.lr * (1 + math.cos(math.pi * step / max_steps)) / 2
         stats = classifier_step(J_train, opt, *judge_batch(data, batch_size, device), GRAD_CLIP)
         update_ema(EMA, J, args.ema_decay)
-        sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
-        if done % args.log_every == 0 or done == max_steps:
-            means = reduce_means(sums, count, done, args.results_dir)
-            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" lr {opt.param_groups[0]['lr']:.3g}"
-                        f" img/s {args.global_batch_size * count / (time.time() - tic):.1f}")
-            sums, count, tic = {}, 0, time.time()
-        signum = stop.requested()
-        if done % args.ckpt_every == 0 or done == max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger)
-        if signum:
-            stop.exit(signum, done, path, logger)
+        tail(step, stats, f" lr {opt.param_groups[0]['lr']:.3g}")
     check_in_sync([J], device, world, logger)
     logger.info("done")
 

@@ -990,6 +990,17 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_
     assert os.listdir(tmp_path / "fresh" / "checkpoints") == ["0000002.pt"]  # a run with no checkpoint may be redone
 
 
+@pytest.mark.parametrize("script", ["train.py", "twinflow.py", "train_classifier.py", "judge.py"])
+def test_every_trainer_checks_its_losses_before_every_checkpoint(script, data, tmp_path):
+    """The shared loop tail: a run that would log only at its end, blown up by an absurd lr, stops at the first
+    checkpoint's step in one line, and writes no checkpoint of non-finite weights."""
+    model = ["--model", "T/2"] if script != "judge.py" else []
+    expect_error(script, "--data-path", data, "--results-dir", tmp_path, *model, "--device", "cpu", "--global-batch-size",
+                 8, "--max-steps", 6, "--log-every", 6, "--ckpt-every", 2, "--lr", 1e30,
+                 match="non-finite loss at step 2 (")
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
 #################################################################################
 #            Shared outputs, full and read-only disks, sizes, signals           #
 #################################################################################

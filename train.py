@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from checkpoint import check_checkpoint_room, load_classifier, load_starts, restore_rng, restore_state, save_checkpoint
+from checkpoint import LoopTail, load_classifier, load_starts, start_state
 from common import (StopOnSignal, check_in_sync, check_input, count, create_logger, fail, number, parse_nfe,
-                    per_rank_batch, positive_int, reduce_means, rgb, run, setup_distributed)
+                    per_rank_batch, positive_int, rgb, run, setup_distributed)
 from data import SPACE, BatchReader, LatentData, data_differences, make_decoder, make_grid_writer, network_shape
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
 from model import (SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample,
@@ -310,8 +310,6 @@ def main(args):
     data = LatentData(args.data_path)
     config = network_config(args.model, args.nfe, args.repeat, data)
     starts = load_starts(args, config, args.max_steps, data.info)
-    if dist.is_initialized():
-        dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     guidance = load_guidance(args, data, device) if args.classifier else None
     evaluate_fid = make_fid_evaluator(args, data, device) if args.fid_every else None
     write_grids = (make_grid_writer(args, data, device, default_steps(args.nfe), args.ema_decay) if args.sample_every
@@ -324,10 +322,10 @@ def main(args):
     state, d_step, g_step = make_players(args, config, device, world, guidance)
     G, D, EMA, opt_D = state["G"], state["D"], state["EMA"], state["opt_D"]
     logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
-    start = restore_state(state, starts, args, logger, data.info)
-    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
-    data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    start, data_rng = start_state(state, starts, args, logger, data.info, device)
     reader = BatchReader(data, batch_size, afm_batch, data_rng, device, nfe=args.nfe)
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, args.max_steps, 2 * args.global_batch_size,
+                    reader)
 
     # The loop: one D step, one G step, the EMA; logs, checkpoints and FID every so many steps.
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, batch {batch_size}/"
@@ -337,7 +335,6 @@ def main(args):
     if round(batch_size * args.gp_ratio) < 1:                  # loss.py's R1/R2 take at least one row
         logger.info(f"note: R1/R2 see 1 row of each rank's batch of {batch_size} (--gp-ratio {args.gp_ratio} of it is "
                     "less than one)")
-    sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
         ot_scale = ot_scale_at(step, args.ot_scale, args.ot_scale_end, args.ot_decay_steps)
         stats = d_step(reader.next())
@@ -345,26 +342,14 @@ def main(args):
         update_ema(EMA, G, args.ema_decay)
         if args.ema_reload_every and (step + 1) % args.ema_reload_every == 0:
             reload_ema(G, EMA)
-        sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
-        log_now, ckpt_now = done % args.log_every == 0 or done == args.max_steps, done % args.ckpt_every == 0
-        signum = stop.requested()
-        if log_now or ckpt_now or signum:                      # no checkpoint of non-finite weights
-            means = reduce_means(sums, count, done, args.results_dir)
-        if log_now:
-            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                        f" ot_scale {ot_scale:.4g} aug_p {args.aug_p:.3g} lr {opt_D.param_groups[0]['lr']:.3g}"
-                        f" img/s {2 * args.global_batch_size * count / (time.time() - tic):.1f}")
-            sums, count, tic = {}, 0, time.time()
-        if ckpt_now or done == args.max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger, data_rng=reader.state)
-        if signum:
-            stop.exit(signum, done, path, logger)
+        lr = opt_D.param_groups[0]["lr"]
+        done = tail(step, stats, f" ot_scale {ot_scale:.4g} aug_p {args.aug_p:.3g} lr {lr:.3g}")
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
         if evaluate_fid is not None and done % args.fid_every == 0:
             t0, steps = time.time(), default_steps(args.nfe)
             logger.info(f"step {done:07d} FID-{args.fid_samples} {evaluate_fid(EMA, steps):.4f} (EMA, {steps} steps)")
-            tic += time.time() - t0                            # keep sampling time out of img/s
+            tail.tic += time.time() - t0                       # keep sampling time out of img/s
 
     # End: every rank must hold the same weights, a cheap proof that DDP kept the players in step.
     reader.close()

@@ -14,18 +14,16 @@ Samples of small images are scored by another network, judge.py.
 import argparse
 import math
 import os
-import time
 from copy import deepcopy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import check_checkpoint_room, load_starts, restore_rng, restore_state, save_checkpoint
-from common import (StopOnSignal, check_in_sync, count, create_logger, number, per_rank_batch, positive_int,
-                    reduce_means, run, setup_distributed)
+from checkpoint import LoopTail, load_starts, start_state
+from common import (StopOnSignal, check_in_sync, count, create_logger, number, per_rank_batch, positive_int, run,
+                    setup_distributed)
 from data import LatentData, network_shape
 from loss import classifier_step, interpolate, update_ema
 from model import SIZES, Classifier
@@ -88,8 +86,6 @@ def main(args):
     config = dict(C=network_shape(args.model, data))
     max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
     starts = load_starts(args, config, max_steps, data.info)   # the same network and data, or one line
-    if dist.is_initialized():
-        dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     stop = StopOnSignal()
 
     # Model, EMA and AdamW, the same initial weights on every rank.
@@ -105,29 +101,17 @@ def main(args):
     logger.info(f"classifier {sum(p.numel() for p in C.parameters()):,} parameters")
 
     # Resume: weights, optimizer moments, this command's lr, every rank's RNG.
-    start = restore_state(state, starts, args, logger, data.info)
-    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
-    restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    start, _ = start_state(state, starts, args, logger, data.info, device)   # batches from the global RNG
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size)
     C_train = DDP(C, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else C
 
     # The loop: cross-entropy of C(x_t, t) against the label, the EMA; logs and checkpoints every so many steps.
     logger.info(f"training classifier {args.model} on {world} x {device.type}, batch {batch_size}/rank, "
                 f"{max_steps} steps ({max_steps * args.global_batch_size / len(data.labels):.1f} epochs), lr {args.lr}")
-    sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
         stats = classifier_step(C_train, opt, *classifier_batch(data, batch_size, args.augment_p, device), GRAD_CLIP)
         update_ema(EMA, C, args.ema_decay)
-        sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
-        if done % args.log_every == 0 or done == max_steps:
-            means = reduce_means(sums, count, done, args.results_dir)
-            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" lr {opt.param_groups[0]['lr']:.3g}"
-                        f" img/s {args.global_batch_size * count / (time.time() - tic):.1f}")
-            sums, count, tic = {}, 0, time.time()
-        signum = stop.requested()
-        if done % args.ckpt_every == 0 or done == max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger)
-        if signum:
-            stop.exit(signum, done, path, logger)
+        tail(step, stats, f" lr {opt.param_groups[0]['lr']:.3g}")
     check_in_sync([C], device, world, logger)
     logger.info("done")
 

@@ -22,17 +22,15 @@ tutorials/mnist: main.py and methodes.py), with the values below. Where this dif
 import argparse
 import math
 import os
-import time
 from copy import deepcopy
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import check_checkpoint_room, load_starts, restore_rng, restore_state, save_checkpoint
-from common import (StopOnSignal, check_in_sync, count, create_logger, number, per_rank_batch, positive_int,
-                    reduce_means, run, setup_distributed)
+from checkpoint import LoopTail, load_starts, start_state
+from common import (StopOnSignal, check_in_sync, count, create_logger, number, per_rank_batch, positive_int, run,
+                    setup_distributed)
 from data import BatchReader, LatentData, make_grid_writer, network_shape
 from loss import TWINFLOW_TERMS, twinflow_batch, twinflow_ema_decay, twinflow_losses, update_ema
 from model import SIZES, Generator, mode_flags
@@ -72,8 +70,6 @@ def main(args):
     config = dict(F=dict(network_shape(args.model, data), **flags), nfe="any", terms=list(args.terms))
     max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
     starts = load_starts(args, config, max_steps, data.info)
-    if dist.is_initialized():
-        dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     write_grids = make_grid_writer(args, data, device, steps=1) if args.sample_every else None
 
     # The network F, its EMA (the consistency target) and Adam, the same initial weights on every rank.
@@ -88,10 +84,9 @@ def main(args):
     logger.info(f"F {sum(p.numel() for p in G.parameters()):,} parameters")
 
     # Start: fresh, or the exact continuation of a run; the EMA's warm-up is a function of the step.
-    start = restore_state(state, starts, args, logger, data.info)
-    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
-    data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    start, data_rng = start_state(state, starts, args, logger, data.info, device)
     reader = BatchReader(data, batch_size, twinflow_batch, data_rng, device)
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size, reader)
     decay = 0.0
     for _ in range(start):
         decay = twinflow_ema_decay(decay, args.ema_decay)
@@ -103,7 +98,6 @@ def main(args):
                 f"{batch_size}/rank, {max_steps} steps "
                 f"({max_steps * args.global_batch_size / len(data.labels):.1f} epochs), lr {args.lr}, "
                 f"CFG ratio {args.cfg_ratio}")
-    sums, count, tic = {}, 0, time.time()
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
         losses = objective(EMA, reader.next(), args.cfg_ratio, args.terms)
         sum(losses.values()).backward()
@@ -111,20 +105,7 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         decay = twinflow_ema_decay(decay, args.ema_decay)     # warm-up (methodes.py:215): 0, 0.495, 0.62, ...
         update_ema(EMA, G, decay)
-        stats = {k: v.detach() for k, v in losses.items()}
-        sums, count, done = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}, count + 1, step + 1
-        log_now, ckpt_now = done % args.log_every == 0 or done == max_steps, done % args.ckpt_every == 0
-        signum = stop.requested()
-        if log_now or ckpt_now or signum:                      # no checkpoint of non-finite weights
-            means = reduce_means(sums, count, done, args.results_dir)
-        if log_now:
-            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                        f" ema_decay {decay:.4f} img/s {args.global_batch_size * count / (time.time() - tic):.1f}")
-            sums, count, tic = {}, 0, time.time()
-        if ckpt_now or done == max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger, data_rng=reader.state)
-        if signum:
-            stop.exit(signum, done, path, logger)
+        done = tail(step, {k: v.detach() for k, v in losses.items()}, f" ema_decay {decay:.4f}")
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
     reader.close()
