@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import check_input, check_output, check_room, claim, fail, save_atomic
+from common import check_in_sync, check_input, check_output, check_room, claim, fail, save_atomic
 from data import IDENTITY, data_differences
 from model import SIZES, Classifier, Generator, default_steps, mode_flags
 from vae import SCALE
@@ -128,10 +128,13 @@ def restore_state(state, starts, args, logger, data_info=None, init_from="EMA"):
 
 
 def start_state(state, starts, args, logger, data_info, device):
-    """A trainer's start: the starting checkpoints loaded into `state` (restore_state), the disk checked for room for
-    a checkpoint of it (a run that could not save fails before it trains), every rank's RNG streams set (restore_rng).
+    """A trainer's start: the starting checkpoints loaded into `state` (restore_state), RESULTS/checkpoints made and
+    its disk checked for room for a checkpoint (a run that could not save fails before it trains), every rank's RNG
+    streams set (restore_rng).
     Returns the step to start from and the generator of the batch reader's draws."""
     start = restore_state(state, starts, args, logger, data_info)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
     check_checkpoint_room(state, args.results_dir)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return start, restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
@@ -245,6 +248,13 @@ class LoopTail:
         if signum:
             self.stop.exit(signum, done, path, self.logger)
         return done
+
+    def finish(self, models):
+        """The end of the run: the reader stopped, and every rank must hold the same weights of `models`."""
+        if self.reader is not None:
+            self.reader.close()
+        check_in_sync(models, self.device, dist.get_world_size() if dist.is_initialized() else 1, self.logger)
+        self.logger.info("done")
 
     def finite_means(self, step):
         """The statistics averaged over the steps since the last log line and over the ranks; a non-finite one stops

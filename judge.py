@@ -14,8 +14,6 @@ separate network judges.
 """
 import argparse
 import math
-import os
-from copy import deepcopy
 
 import numpy as np
 import torch
@@ -25,10 +23,10 @@ from tqdm import tqdm
 
 import fid
 from checkpoint import LoopTail, load_checkpoint, load_starts, load_weights, start_state
-from common import (StopOnSignal, check_in_sync, check_input, count, create_logger, fail, number, per_rank_batch,
-                    positive_int, run, setup_distributed)
+from common import (StopOnSignal, check_input, count, create_logger, fail, number, per_rank_batch, positive_int, run,
+                    setup_distributed)
 from data import SPACE, LatentData, data_differences
-from loss import classifier_step, update_ema
+from loss import classifier_state, classifier_step, update_ema
 
 EPOCHS = 10              # above 0.91 on Fashion-MNIST's test images after 10 epochs, with its cosine lr
 GRAD_CLIP = 50.0         # as the guidance classifier (official train_adversarial_flow_classifier.py)
@@ -202,16 +200,11 @@ def main(args):
     starts = load_starts(args, config, max_steps, data.info)   # the same network and data, or one line
     stop = StopOnSignal()
 
-    # The judge, its EMA and AdamW, the same initial weights on every rank.
-    if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
+    # The judge, its EMA and AdamW as the classifier's (the same initial weights on every rank), and the start.
     logger = create_logger(args.results_dir if rank == 0 else None)
     torch.manual_seed(args.global_seed)
-    J = Judge(**config["J"]).to(device)
-    EMA = deepcopy(J).requires_grad_(False)
-    adamw = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")  # as the classifier
-    opt = torch.optim.AdamW(J.parameters(), lr=args.lr, **adamw)
-    state = dict(model=J, EMA=EMA, opt=opt)                    # what a checkpoint holds (the classifier's names)
+    state = classifier_state(Judge(**config["J"]).to(device), args.lr, device)
+    J, EMA, opt = state["model"], state["EMA"], state["opt"]
     logger.info(f"judge {sum(p.numel() for p in J.parameters()):,} parameters")
     start, _ = start_state(state, starts, args, logger, data.info, device)   # batches from the global RNG
     tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size)
@@ -225,8 +218,7 @@ def main(args):
         stats = classifier_step(J_train, opt, *judge_batch(data, batch_size, device), GRAD_CLIP)
         update_ema(EMA, J, args.ema_decay)
         tail(step, stats, f" lr {opt.param_groups[0]['lr']:.3g}")
-    check_in_sync([J], device, world, logger)
-    logger.info("done")
+    tail.finish([J])
 
 
 def make_parser():

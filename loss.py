@@ -9,6 +9,7 @@ only: model.py + loss.py are the method, and can be copied together into another
     EMA and the lambda_ot schedule -> TwinFlow's terms
 """
 import math
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -200,6 +201,13 @@ def guidance_loss(C, x_fake, y, t, lo, hi):
     else:
         t_cg, x_cg, guided = t, x_fake, ((t >= lo) & (t <= hi)).float()
     return (F.cross_entropy(C(x_cg, t_cg).float(), y, reduction="none") * guided).mean()
+
+
+def classifier_state(C, lr, device):
+    """What a checkpoint of a classifier's training holds: C, its EMA, and AdamW as the official recipe
+    (configs/train/afm/train_afm_classifier.yaml: betas (0.9, 0.95), eps 1e-8, weight decay 0.01)."""
+    adamw = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")
+    return dict(model=C, EMA=deepcopy(C).requires_grad_(False), opt=torch.optim.AdamW(C.parameters(), lr=lr, **adamw))
 
 
 def classifier_step(C, opt, x_t, t, y, grad_clip):

@@ -11,7 +11,6 @@ a generator G and a discriminator D, one D step then one G step per iteration (t
 Flags left unset take the paper's value for the chosen size and mode from DEFAULTS below (each row cites its source).
 """
 import argparse
-import os
 import resource
 import time
 from copy import deepcopy
@@ -23,8 +22,8 @@ from tqdm import tqdm
 
 import fid
 from checkpoint import LoopTail, load_classifier, load_starts, start_state
-from common import (StopOnSignal, check_in_sync, check_input, count, create_logger, fail, number, parse_nfe,
-                    per_rank_batch, positive_int, rgb, run, setup_distributed)
+from common import (StopOnSignal, check_input, count, create_logger, fail, number, parse_nfe, per_rank_batch,
+                    positive_int, rgb, run, setup_distributed)
 from data import SPACE, BatchReader, LatentData, data_differences, make_decoder, make_grid_writer, network_shape
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
 from model import (SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample,
@@ -316,8 +315,6 @@ def main(args):
                    else None)
 
     # Models and start: fresh, the exact continuation of a run (--resume), or a new stage of one (--init, --init-d).
-    if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
     logger = create_logger(args.results_dir if rank == 0 else None)
     state, d_step, g_step = make_players(args, config, device, world, guidance)
     G, D, EMA, opt_D = state["G"], state["D"], state["EMA"], state["opt_D"]
@@ -352,9 +349,7 @@ def main(args):
             tail.tic += time.time() - t0                       # keep sampling time out of img/s
 
     # End: every rank must hold the same weights, a cheap proof that DDP kept the players in step.
-    reader.close()
-    check_in_sync([G, D], device, world, logger)
-    logger.info("done")
+    tail.finish([G, D])
 
 
 if __name__ == "__main__":

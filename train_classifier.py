@@ -13,8 +13,6 @@ Samples of small images are scored by another network, judge.py.
 """
 import argparse
 import math
-import os
-from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +20,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import LoopTail, load_starts, start_state
-from common import (StopOnSignal, check_in_sync, count, create_logger, number, per_rank_batch, positive_int, run,
-                    setup_distributed)
+from common import StopOnSignal, count, create_logger, number, per_rank_batch, positive_int, run, setup_distributed
 from data import LatentData, network_shape
-from loss import classifier_step, interpolate, update_ema
+from loss import classifier_state, classifier_step, interpolate, update_ema
 from model import SIZES, Classifier
 
 EPOCHS = 30              # the paper, §4.1: "trained from scratch ... using the cross-entropy objective for 30 epochs"
@@ -88,16 +85,11 @@ def main(args):
     starts = load_starts(args, config, max_steps, data.info)   # the same network and data, or one line
     stop = StopOnSignal()
 
-    # Model, EMA and AdamW, the same initial weights on every rank.
-    if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
+    # Model, EMA and AdamW (the official yaml's), the same initial weights on every rank.
     logger = create_logger(args.results_dir if rank == 0 else None)
     torch.manual_seed(args.global_seed)
-    C = Classifier(**config["C"]).to(device)
-    EMA = deepcopy(C).requires_grad_(False)
-    adamw = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, fused=device.type == "cuda")  # official yaml
-    opt = torch.optim.AdamW(C.parameters(), lr=args.lr, **adamw)
-    state = dict(model=C, EMA=EMA, opt=opt)                    # what a checkpoint holds
+    state = classifier_state(Classifier(**config["C"]).to(device), args.lr, device)   # what a checkpoint holds
+    C, EMA, opt = state["model"], state["EMA"], state["opt"]
     logger.info(f"classifier {sum(p.numel() for p in C.parameters()):,} parameters")
 
     # Resume: weights, optimizer moments, this command's lr, every rank's RNG.
@@ -112,8 +104,7 @@ def main(args):
         stats = classifier_step(C_train, opt, *classifier_batch(data, batch_size, args.augment_p, device), GRAD_CLIP)
         update_ema(EMA, C, args.ema_decay)
         tail(step, stats, f" lr {opt.param_groups[0]['lr']:.3g}")
-    check_in_sync([C], device, world, logger)
-    logger.info("done")
+    tail.finish([C])
 
 
 def make_parser():

@@ -21,7 +21,6 @@ tutorials/mnist: main.py and methodes.py), with the values below. Where this dif
 """
 import argparse
 import math
-import os
 from copy import deepcopy
 
 import torch
@@ -29,8 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import LoopTail, load_starts, start_state
-from common import (StopOnSignal, check_in_sync, count, create_logger, number, per_rank_batch, positive_int, run,
-                    setup_distributed)
+from common import StopOnSignal, count, create_logger, number, per_rank_batch, positive_int, run, setup_distributed
 from data import BatchReader, LatentData, make_grid_writer, network_shape
 from loss import TWINFLOW_TERMS, twinflow_batch, twinflow_ema_decay, twinflow_losses, update_ema
 from model import SIZES, Generator, mode_flags
@@ -73,8 +71,6 @@ def main(args):
     write_grids = make_grid_writer(args, data, device, steps=1) if args.sample_every else None
 
     # The network F, its EMA (the consistency target) and Adam, the same initial weights on every rank.
-    if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
     logger = create_logger(args.results_dir if rank == 0 else None)
     torch.manual_seed(args.global_seed)
     G = Generator(**config["F"]).to(device)
@@ -108,9 +104,7 @@ def main(args):
         done = tail(step, {k: v.detach() for k, v in losses.items()}, f" ema_decay {decay:.4f}")
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
-    reader.close()
-    check_in_sync([G], device, world, logger)
-    logger.info("done")
+    tail.finish([G])
 
 
 if __name__ == "__main__":
