@@ -166,7 +166,7 @@ def open_staging(args, steps, shape, rank):
     return np.load(rows, mmap_mode="r+"), np.load(done, mmap_mode="r+")
 
 
-if __name__ == "__main__":
+def make_parser():
     parser = argparse.ArgumentParser(description="Sample from an adversarial flow model.")
     parser.add_argument("--ckpt", type=str, nargs="+", required=True, help="training checkpoint or official release "
                         ".pth; several: a grid with a column per checkpoint, the same noise and label along each row")
@@ -190,5 +190,10 @@ if __name__ == "__main__":
     parser.add_argument("--num-samples", type=positive_int, default=50_000)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--device", type=str, default=None)
+    return parser
+
+
+if __name__ == "__main__":
+    parser = make_parser()
     args = parser.parse_args()
     run(main, args, "run the same command again to resume" if args.npz else "nothing was written")

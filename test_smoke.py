@@ -7,17 +7,17 @@ The test suite: CPU only, tiny models, a few minutes on 2 cores.
 Reference vectors live in fixtures/ (see fixtures/README.md for how each was made); the networks' weights are
 rebuilt from (key, shape) lists by fill() below, so the fixtures stay small.
 """
-import argparse
 import ast
 import atexit
+import contextlib
 import errno
 import functools
 import glob
 import gzip
 import importlib
+import io
 import json
 import math
-import multiprocessing
 import os
 import re
 import runpy
@@ -51,7 +51,13 @@ import vae
 from data import LatentData, first_bad_row, make_decoder
 from judge import load_judge, npz_images
 
+
+#################################################################################
+#                          Shared helpers and constants                         #
+#################################################################################
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+
 FIXTURES = os.path.join(HERE, "fixtures")
 
 
@@ -78,21 +84,45 @@ def fill(keys_shapes, seed=0):
 
 
 def run_script(script, *argv):
-    """Runs a script's __main__ in this process (no interpreter start-up), as `python script argv...` would."""
-    old = sys.argv
+    """Runs a script's __main__ in this process (no interpreter start-up), as `python script argv...` would; torch's
+    thread count is given back afterwards (scripts may pin it to one)."""
+    old, threads = sys.argv, torch.get_num_threads()
     sys.argv = [script, *map(str, argv)]
     try:
         runpy.run_path(os.path.join(HERE, script), run_name="__main__")
     finally:
         sys.argv = old
+        torch.set_num_threads(threads)
 
 
-def expect_error(script, *argv, match):
-    """The script must end with one clear `error: ...` line, not a traceback."""
-    with pytest.raises(SystemExit) as e:
+def cli_error(script, *argv, match=""):
+    """A user error: the script, run in this process, must end with one line `error: ...` holding `match` and a
+    non-zero exit, not a traceback (the exit message of common.fail; for fid.py, which stands alone, the line it
+    prints to stderr before exit status 1). Returns the line."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(stderr):
         run_script(script, *argv)
-    message = str(e.value.code)
+    message = stderr.getvalue().removesuffix("\n") if e.value.code == 1 else str(e.value.code)
     assert message.startswith("error:") and "\n" not in message and match in message, message
+    return message
+
+
+def launch(script, *argv, node=None):
+    """The one way these tests start two processes: `torchrun --standalone --nproc_per_node=2 script argv...`, or with
+    node=(rank, port) one of two nodes of one process each that meet at 127.0.0.1:port, as two machines would. One
+    thread per process (two ranks on a busy machine would otherwise oversubscribe 2 cores). Returns the Popen."""
+    nodes = (["--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node[0]), "--master-addr", "127.0.0.1",
+              "--master-port", str(node[1])] if node else ["--standalone", "--nproc_per_node=2"])
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *nodes, script, *map(str, argv)], cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def torchrun(script, *argv):
+    """launch, waited for: the CompletedProcess (returncode, stdout, stderr)."""
+    proc = launch(script, *argv)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def make_data(path, n=24, num_classes=5, size=8, channels=3, std=False, seed=0):
@@ -117,9 +147,21 @@ def data(tmp_path_factory):
 
 TRAIN = ["--model", "T/2", "--device", "cpu", "--global-batch-size", 8, "--log-every", 2]
 
+TWIN = ["--model", "T/2", "--device", "cpu", "--global-batch-size", 8, "--log-every", 2, "--lr", 0.02]  # F moves
+
+CLS = ["--model", "T/2", "--device", "cpu", "--log-every", 2, "--lr", 1e-3]
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
 
 #################################################################################
-#                                     Layout                                    #
+#                          Layout: imports flow one way                         #
 #################################################################################
 
 SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "*.py")) if "test_" not in p)
@@ -164,10 +206,11 @@ def test_imports_flow_one_way():
 
 
 #################################################################################
-#                          Networks: reference vectors                          #
+#                             model.py: the networks                            #
 #################################################################################
 
 REF = torch.load(os.path.join(FIXTURES, "models.pt"), weights_only=True)
+
 TINY = dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
 
@@ -230,7 +273,7 @@ def test_repetition_runs_the_same_blocks_R_times():
 
 
 #################################################################################
-#                                  The losses                                   #
+#                            loss.py: the objectives                            #
 #################################################################################
 
 class LinearD(torch.nn.Module):
@@ -308,27 +351,6 @@ def test_ot_scale_schedule():
     assert {loss.ot_scale_at(s, 0.001, 0.001, 101) for s in (0, 50, 10**6)} == {0.001}   # a constant stage
 
 
-def test_defaults_table():
-    """Flags left unset take the paper's per-size and per-mode values, from one table."""
-    pick = train.paper_default
-    assert pick("ot_scale", "XL/2", "1", 1) == 0.2 and pick("ot_scale", "XL/2", "2", 1) == 0.25
-    assert pick("ot_scale", "XL/2", "any", 1) == 0.25
-    assert pick("ot_scale_end", "B/2", "1", 1) == 0.01 and pick("ot_scale_end", "L/2", "1", 1) == 0.005
-    assert pick("ot_constant", "B/2", "1", 1) == 0.001
-    assert [pick("grad_clip", "XL/2", n, r) for n, r in (("1", 1), ("2", 1), ("1", 2), ("1", 4))] == [50, 5, 5, 5]
-    def lr_g(model, repeat):                                   # a depth-repeated G's lr: the size's ratio / R
-        args = argparse.Namespace(model=model, nfe="1", repeat=repeat, ot_schedule="decay", classifier=None, **{
-            f: None for f in ("global_batch_size", "max_steps", "lr", "lr_g", "ema_decay", "ot_decay_steps",
-                              "grad_clip", "cg_scale", "ot_scale", "ot_scale_end", "cg_time", "aug_p")})
-        train.fill_defaults(args)
-        return args.lr_g / args.lr
-    assert [lr_g("XL/2", r) for r in (1, 2, 4)] == [1.0, 0.5, 0.25] and [lr_g("XS/7", r) for r in (1, 2)] == [2.0, 1.0]
-    assert pick("lr", "B/2", "1", 1) == 1e-4 and pick("lr", "XS/7", "1", 1) == 3e-4      # small images: their own row
-    assert [pick(f, "XS/7", "1", 1) for f in ("global_batch_size", "ema_decay", "g_lr_ratio")] == [64, 0.995, 2.0]
-    assert pick("global_batch_size", "XL/2", "1", 1) == 256 and pick("ema_decay", "XL/2", "1", 1) == 0.9999
-    assert all(len(row) == 5 and row[4] for row in train.DEFAULTS)          # every row cites its source
-
-
 def test_batches_share_the_image_not_the_noise(data):
     torch.manual_seed(0)
     d = LatentData(data)
@@ -342,10 +364,6 @@ def test_batches_share_the_image_not_the_noise(data):
     rows = np.load(os.path.join(data, "latents.npy")).astype(np.float32)
     assert any(np.allclose(b["x_tgt"][0].numpy(), rows[i, v]) for i in range(len(rows)) for v in range(2))
 
-
-#################################################################################
-#                              Steps and the loop                               #
-#################################################################################
 
 def batch(data, n, nfe):
     return loss.afm_batch(*data.sample(n), nfe)
@@ -397,153 +415,6 @@ def test_d_step_changes_only_d_and_g_step_only_g(data):
     torch.testing.assert_close(EMA.x_embedder.proj.bias, 0.9 * e0["x_embedder.proj.bias"] + 0.1 * G.x_embedder.proj.bias)
 
 
-@pytest.mark.parametrize("mode", [["--nfe", "1"], ["--nfe", "2"], ["--nfe", "4"], ["--nfe", "any"], ["--repeat", "2"]])
-def test_every_mode_trains(data, tmp_path, mode):
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 3, *mode)
-    log = open(tmp_path / "log.txt").read()
-    step = [line for line in log.splitlines() if "step 0000002" in line][0]
-    values = dict(zip(step.split()[4::2], step.split()[5::2]))
-    for key in ("loss_d", "loss_g", "r1", "r2", "cp", "ot", "logits_real", "logits_fake", "g_logits_real",
-                "g_logits_fake", "grad_norm_d", "grad_norm_g", "ot_scale", "lr", "img/s"):
-        assert math.isfinite(float(values[key])), key
-    ckpt = torch.load(tmp_path / "checkpoints" / "0000003.pt", weights_only=True)
-    assert ckpt["step"] == 3 and ckpt["args"]["model"] == "T/2" and ckpt["grad_norm"]["square_avg"] > 0
-    repeat = 2 if "--repeat" in mode else 1
-    assert ckpt["opt_G"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / repeat)
-    assert ckpt["args"]["grad_clip"] == (50.0 if mode == ["--nfe", "1"] else 5.0)
-
-
-def test_sample_grids_during_training(data, tmp_path):
-    """--sample-every writes grids of the EMA and of G on fixed noise: a row of 8 per class, up to 10 classes."""
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, "--sample-every", 2)
-    ema, g = (np.asarray(Image.open(tmp_path / "samples" / f"0000002_{name}.png")) for name in ("ema", "g"))
-    assert ema.shape == g.shape == (2 + 5 * 10, 2 + 8 * 10, 3)              # 5 classes x 8 samples of 8 x 8 pixels
-    # A fresh generator outputs zeros (DiT's zero-initialised output layer): its EMA after 2 steps at 0.9999 is a
-    # grey grid, while the online G has moved; the log says why the EMA grid is grey.
-    assert (ema[2:10, 2:10] == 127).all() and g[2:10, 2:10].std() > 0
-    assert "the EMA is still 100% its initialisation" in open(tmp_path / "log.txt").read()
-
-
-def test_resume_is_bit_identical(data, tmp_path):
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "a", *TRAIN, "--max-steps", 4)
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", 2)
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", 4,
-               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
-    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
-    for key in ("G", "D", "EMA", "grad_norm"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
-    assert torch.equal(a["opt_G"]["state"][1]["exp_avg_sq"], b["opt_G"]["state"][1]["exp_avg_sq"])
-
-
-def test_resume_takes_this_commands_hyperparameters(data, tmp_path):
-    """A later stage resumes with a new lr and a constant lambda_ot, which defaults to Table 11's 0.001."""
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, "--lr", 5e-4,
-               "--ot-schedule", "constant", "--resume", tmp_path / "checkpoints" / "0000001.pt")
-    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
-    assert ckpt["opt_G"]["param_groups"][0]["lr"] == ckpt["opt_D"]["param_groups"][0]["lr"] == 5e-4
-    assert ckpt["args"]["ot_scale"] == ckpt["args"]["ot_scale_end"] == 0.001
-    assert "ot_scale 0.001" in open(tmp_path / "log.txt").read().splitlines()[-3]
-
-
-def test_train_checkpoint_sample_end_to_end(data, tmp_path):
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, "--nfe", "2")
-    ckpt = tmp_path / "checkpoints" / "0000002.pt"
-    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 6, "--nrow", 3)
-    grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (2 + 2 * 10, 2 + 3 * 10, 3) and grid[2:10, 2:10].std() > 0
-    # The same samples come out of the EMA weights by hand: sample i from noise seeded by (seed 0, i), two v-steps.
-    state = torch.load(ckpt, weights_only=True)
-    G = model.Generator(**state["config"]["G"])
-    G.load_state_dict(state["EMA"])
-    z = torch.from_numpy(np.random.default_rng([0, 4]).standard_normal((1, 3, 8, 8), dtype=np.float32))
-    x = model.sample(G.eval(), z, torch.tensor([4]), steps=2)          # grid cell (1, 1), label 4 % 5
-    expect = ((x[0].clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.abs(grid[12:20, 12:20].astype(int) - expect.astype(int)).max() <= 1
-    # The evaluation npz: class-balanced, shuffled by a fixed permutation, labels alongside.
-    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 20, "--batch-size", 3)
-    with np.load(tmp_path / "s.npz") as f:
-        assert f["arr_0"].shape == (20, 8, 8, 3) and f["arr_0"].dtype == np.uint8
-        assert np.bincount(f["labels"]).tolist() == [4] * 5 and f["labels"].tolist() != sorted(f["labels"])
-        first = int(np.where(np.random.RandomState(42).permutation(20) == 4)[0][0])
-        assert np.abs(f["arr_0"][first].astype(int) - expect.astype(int)).max() <= 1
-    assert not os.path.exists(tmp_path / "s.npz.staging.npy")
-    # A generator alone samples the same grid.
-    run_script("sample.py", "--ckpt", ckpt, "--save-generator", tmp_path / "G.pt")
-    assert set(torch.load(tmp_path / "G.pt", weights_only=True)) == {"EMA", "config", "args", "data_info", "step"}
-    run_script("sample.py", "--ckpt", tmp_path / "G.pt", "--out", tmp_path / "grid2.png", "--num-images", 6, "--nrow", 3)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid2.png")), grid)
-    expect_error("sample.py", "--ckpt", tmp_path / "G.pt", "--weights", "G", match="holds no G generator")
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--nfe", "2", "--resume",
-                 tmp_path / "G.pt", match="holds a generator alone")
-    expect_error("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", match="already exists")
-
-
-def test_a_grid_sets_checkpoints_side_by_side_on_the_same_noise(data, tmp_path):
-    for seed in (0, 1):
-        run_script("train.py", "--data-path", data, "--results-dir", tmp_path / f"s{seed}", *TRAIN, "--max-steps", 1,
-                   "--nfe", 2, "--global-seed", seed)
-    ckpts = [tmp_path / f"s{seed}" / "checkpoints" / "0000001.pt" for seed in (0, 1)]
-    for i, ckpt in enumerate(ckpts):
-        run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / f"one{i}.png", "--num-images", 3, "--nrow", 1)
-    run_script("sample.py", "--ckpt", *ckpts, "--out", tmp_path / "both.png", "--num-images", 3)
-    both, one = np.asarray(Image.open(tmp_path / "both.png")), [np.asarray(Image.open(tmp_path / f"one{i}.png")) for i in (0, 1)]
-    assert both.shape == (2 + 3 * 10, 2 + 2 * 10, 3)                          # 3 rows of noise, a column per checkpoint
-    assert np.array_equal(both[:, 2:12], one[0][:, 2:12]) and np.array_equal(both[:, 12:22], one[1][:, 2:12])
-    expect_error("sample.py", "--ckpt", *ckpts, "--npz", tmp_path / "x.npz", match="--npz takes one --ckpt")
-
-
-def test_two_processes_under_torchrun(data, tmp_path):
-    """DDP with gloo: the two ranks split the batch, stay in sync, and sample.py shards the same samples."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    out = subprocess.run(torchrun + ["train.py", "--data-path", data, "--results-dir", tmp_path,
-                                     *map(str, TRAIN), "--max-steps", "3"], cwd=HERE, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
-    ckpt = tmp_path / "checkpoints" / "0000003.pt"
-    assert len(torch.load(ckpt, weights_only=True)["rng"]) == 2
-    out = subprocess.run(torchrun + ["sample.py", "--ckpt", str(ckpt), "--npz", str(tmp_path / "two.npz"),
-                                     "--num-samples", "10", "--batch-size", "2"], cwd=HERE, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "drew 10 in" in out.stdout                          # both ranks' samples counted in the throughput
-    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "one.npz", "--num-samples", 10, "--batch-size", 4)
-    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
-        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
-    out = subprocess.run(torchrun + ["train.py", "--data-path", data, "--results-dir", tmp_path / "odd",
-                                     *map(str, TRAIN[:-4]), "--global-batch-size", "7"], cwd=HERE, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "error: --global-batch-size 7 must be divisible by the world size 2" in out.stderr
-
-
-def test_two_nodes_give_the_checkpoint_of_one_node_with_two_processes(data, tmp_path):
-    """Two torchrun launches of one process each, as two machines would run them (--nnodes 2, --node-rank, one
-    rendezvous endpoint), train exactly what one launch of two processes does: global ranks 0 and 1 either way."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    argv = ["train.py", "--data-path", data, *map(str, TRAIN), "--max-steps", "2"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               *argv, "--results-dir", str(tmp_path / "nodes")], cwd=HERE, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outs = [node.communicate(timeout=300) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
-    assert "weights identical on all 2 ranks" in outs[0][0] and not outs[1][0].strip()   # rank 1 logs nothing
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv,
-                          "--results-dir", str(tmp_path / "one")], cwd=HERE, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    a, b = (torch.load(tmp_path / d / "checkpoints" / "0000002.pt", weights_only=True) for d in ("nodes", "one"))
-    for key in ("G", "D", "EMA"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-
-
 class _AutocastSpy(torch.nn.Module):
     """A linear G (x, y, t_src, t_tgt) or D (x, y, t: summed to one logit) that records whether CPU autocast was on."""
     def __init__(self, discriminator=False):
@@ -564,38 +435,6 @@ def test_bf16_runs_g_under_autocast_and_d_in_fp32():
     loss.GStep(G, D, opt_G, loss.GradNorm(), velocity=False, d_time=False, bf16=True)(batch, 0.1)
     assert G.seen == [True, True] and len(D.seen) == 3 and not any(D.seen)
 
-
-def test_bf16_and_compile_run_on_cpu_close_to_fp32(data, tmp_path):
-    """--precision bf16 (CPU autocast) and --compile train a tiny model for two steps with finite losses close to
-    fp32's; fused AdamW is what every run uses."""
-    logs = {}
-    for name, flags in (("fp32", []), ("bf16", ["--precision", "bf16"]), ("compile", ["--compile"])):
-        run_script("train.py", "--data-path", data, "--results-dir", tmp_path / name, *TRAIN, "--max-steps", 2, *flags)
-        line = [l for l in open(tmp_path / name / "log.txt") if "step 0000002 " in l][0]
-        logs[name] = {k: float(v) for k, v in re.findall(r" (loss_d|loss_g|ot|grad_norm_g) (-?[0-9.]+)", line)}
-    assert len(logs["fp32"]) == 4 and all(math.isfinite(v) for log in logs.values() for v in log.values())
-    for k, v in logs["fp32"].items():
-        assert abs(logs["bf16"][k] - v) < 0.02 * max(1, abs(v)) and abs(logs["compile"][k] - v) < 1e-3, k
-
-
-def test_benchmark_prints_throughput_mfu_and_memory(data, capsys):
-    for size, extra in (("T/2", ["--inception", _fid_weights_file()]), ("B/2", [])):
-        run_script("train.py", "--benchmark", 1, "--model", size, "--data-path", data, "--device", "cpu",
-                   "--global-batch-size", 2, *extra)
-        out = capsys.readouterr().out
-        assert bool(re.search(r"; Inception [0-9.]+ images/s", out)) == bool(extra), out
-        numbers = re.search(r"training ([0-9.]+) images/s \(([0-9.]+) it/s\), MFU ([0-9.]+)% of a measured fp32 "
-                            r"2048\^3 matmul on CPU, peak memory ([0-9.]+) GiB \(RSS\); sampling ([0-9.]+) images/s", out)
-        assert numbers, out
-        images, its, mfu, peak, sampling = map(float, numbers.groups())
-        assert images == pytest.approx(4 * its, rel=0.01) and 0 < mfu < 100 and peak > 0.1 and sampling > 0
-    assert train.forward_macs(**model.SIZES["B/2"], input_size=32, in_channels=4) == pytest.approx(23e9, rel=0.01)
-    assert train.forward_macs(**model.SIZES["XL/2"], input_size=32, in_channels=4) == pytest.approx(119e9, rel=0.01)
-
-
-#################################################################################
-#                 Later stages: reloads, guidance, augmentation                 #
-#################################################################################
 
 def test_augment_shares_parameters_and_moves_whole_pixels():
     torch.manual_seed(0)
@@ -682,6 +521,715 @@ def test_guided_g_step_trains_g_only(data):
     assert all(p.grad is None for p in C.parameters())
 
 
+class _ToyVelocity(torch.nn.Module):
+    """F(x, y, t, t_tgt) = a x + b t + c t_tgt + d + e x t + f x t_tgt (+ g_y with labels), elementwise in float64:
+    smooth enough to work out by hand, with x, both times and the label interacting so that no input can be mixed up
+    unnoticed. x may be (N, 1) (the toy) or (N, C, H, W) (images); times are (N,)."""
+    def __init__(self, a, b, c, d, e, f, g=(0.0, 0.0, 0.0)):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([a, b, c, d, e, f], dtype=torch.float64))
+        self.g = torch.nn.Parameter(torch.tensor(g, dtype=torch.float64))
+
+    def forward(self, x, y, t_src, t_tgt):
+        out = (self.w * self.features(x, t_src, t_tgt)).sum(-1)
+        return out if y is None else out + self.g[y].view(-1, *[1] * (x.dim() - 1))
+
+    @staticmethod
+    def features(x, t, tt):                                   # dF/dw, (*x.shape, 6)
+        x = torch.as_tensor(x, dtype=torch.float64)
+        t, tt = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, *[1] * (x.dim() - 1)).expand_as(x) for v in (t, tt))
+        return torch.stack([x, t, tt, torch.ones_like(x), x * t, x * tt], -1)
+
+
+@pytest.mark.parametrize("shape, cfg", [((1,), 0.0), ((1, 2, 2), 0.5)])
+def test_twinflow_loss_terms_by_hand(shape, cfg):
+    """loss.twinflow_losses, which toy.py (1-D, no labels) and twinflow.py (images, labels, the CFG-enhanced target)
+    both train with, against the tutorial's arithmetic written out per element in plain floats. Three samples: an RCGM
+    roll-out, a t_tgt within DELTA of t (flow matching) and one whose residual is clipped."""
+    P = math.prod(shape)
+    per_pixel = lambda *v: torch.tensor(v, dtype=torch.float64).view(-1, 1) + torch.linspace(0, 0.2, P, dtype=torch.float64)
+    x, z, z2 = per_pixel(0.5, -1.0, 1.5), per_pixel(1.0, 0.3, -0.7), per_pixel(0.2, -0.4, 0.9)   # (3, P)
+    t, t_tgt, t2 = torch.tensor([0.8, 0.5, 0.3]), torch.tensor([0.2, 0.495, 0.0]), torch.tensor([0.6, 0.1, 0.9])
+    t, t_tgt, t2 = (v.double() for v in (t, t_tgt, t2))
+    y, y_cfg = (torch.tensor([0, 2, 1]), torch.tensor([1, 2, 0])) if cfg else (None, None)
+    # A nearly constant field and an EMA close to it, so that the roll-out's residual falls inside the clip.
+    G = _ToyVelocity(3e-3, -2e-3, 4e-3, 0.8, 2e-3, -3e-3, g=(1e-3, -2e-3, 3e-3))
+    EMA = _ToyVelocity(4e-3, -1e-3, 3e-3, 0.802, 3e-3, -2e-3, g=(5e-3, 1e-3, -4e-3)).requires_grad_(False)
+    image = lambda v: v.view(3, *shape)
+    losses = loss.twinflow_losses(G, EMA, image(x), y, image(z), t, t_tgt, image(z2), t2, y_cfg=y_cfg, cfg_ratio=cfg)
+    assert list(losses) == ["base", "real", "fake", "rectify", "base_one_step"]
+
+    # The tutorial's arithmetic (methodes.py), written out per element in plain floats.
+    g, ema = G.w.tolist(), EMA.w.tolist()
+    Fw = lambda w, b, x, t, tt: sum(wi * fi for wi, fi in zip(w, _ToyVelocity.features([x], [t], [tt]).view(-1).tolist())) + b
+
+    def rcgm(F_th, xt, v, t, tt, b_ema):                      # get_rcgm_target's residual before the clip
+        if t < tt + 0.01:                                     # cof_l = 1; the roll-out from tt to tt adds nothing
+            return F_th - v
+        ts = [(t - 0.01) * (1 - i / 2) + tt * i / 2 for i in range(3)]
+        xs, pred = xt - 0.01 * v, 0.0
+        for tc, tn in zip(ts, ts[1:]):
+            step = Fw(ema, b_ema, xs, tc, tn) * (tc - tn)
+            xs, pred = xs - step, pred + step
+        return 100 * (t - tt) * F_th - 100 * pred - v         # cof_l = 100 (t - tt), cof_r = 100
+
+    clip = lambda r: min(max(r, -1.0), 1.0)
+    want = {k: [0.0, np.zeros(6), np.zeros(3)] for k in losses}  # value, gradients with respect to G.w and G.g
+    M = 3 * P
+
+    def add(name, residual, feats, label):                    # mean of residual^2; gradient 2 residual dF/dw
+        want[name][0] += residual ** 2 / M
+        want[name][1] += 2 * residual * np.array(feats) / M
+        if label is not None:
+            want[name][2][label] += 2 * residual / M
+    for i in range(3):
+        ti, tti, t2i = float(t[i]), float(t_tgt[i]), float(t2[i])
+        yi = None if y is None else int(y[i])
+        b, b_ema = (0.0, 0.0) if y is None else (G.g[yi].item(), EMA.g[yi].item())
+        guide = 0.0 if y is None else cfg * (EMA.g[yi].item() - EMA.g[int(y_cfg[i])].item())  # the CFG-enhanced v
+        feats = lambda a, c, d: _ToyVelocity.features([a], [c], [d]).view(-1).numpy()
+        for j in range(P):
+            xi, zi, z2i = float(x[i, j]), float(z[i, j]), float(z2[i, j])
+            vi, xti = zi - xi + guide, ti * zi + (1 - ti) * xi
+            r = rcgm(Fw(g, b, xti, ti, tti), xti, vi, ti, tti, b_ema)
+            add("base", clip(r), feats(xti, ti, tti), yi)
+            add("real", Fw(g, b, xti, ti, ti) - vi, feats(xti, ti, ti), yi)
+            x_fake = zi - Fw(g, b, zi, 1.0, 0.0)
+            xf = ti * zi + (1 - ti) * x_fake
+            add("fake", Fw(g, b, xf, -ti, -ti) - (zi - x_fake), feats(xf, -ti, -ti), yi)
+            x2 = t2i * z2i + (1 - t2i) * x_fake
+            add("rectify", Fw(g, b, x2, -t2i, -t2i) - Fw(g, b, x2, t2i, t2i), feats(zi, 1.0, 0.0), yi)
+            r1 = rcgm(Fw(g, b, zi, 1.0, 0.0), zi, vi, 1.0, 0.0, b_ema)
+            add("base_one_step", clip(r1), feats(zi, 1.0, 0.0), yi)
+            if i == 0:                                        # the roll-out, in range; the third sample clipped
+                assert 0.05 < abs(r) < 1
+            if i == 2:
+                assert abs(r) > 1 and abs(r1) > 1
+    for name, term in losses.items():
+        G.zero_grad()
+        term.backward(retain_graph=True)
+        assert term.item() == pytest.approx(want[name][0], rel=1e-12), name
+        np.testing.assert_allclose(G.w.grad.numpy(), want[name][1], rtol=1e-10, atol=1e-14, err_msg=name)
+        g_grad = np.zeros(3) if G.g.grad is None else G.g.grad.numpy()   # without labels, no gradient reaches g
+        np.testing.assert_allclose(g_grad, want[name][2], rtol=1e-10, atol=1e-14, err_msg=name)
+    assert EMA.w.grad is None
+
+
+#################################################################################
+#                 common.py: errors, processes, signals, outputs                #
+#################################################################################
+
+def test_errors_are_one_line_on_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--data-path", str(tmp_path), "--device", "cpu"], cwd=HERE,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:")
+
+
+def test_bad_flags_devices_and_outputs_fail_before_any_work(data, tmp_path):
+    for flag, value in (("--ema-decay", "2"), ("--gp-ratio", "-1"), ("--lr", "nan"), ("--lr", "0"), ("--aug-p", "1.5"),
+                        ("--gp-eps", "0"), ("--global-seed", "-1"), ("--fid-every", "-3"), ("--cg-time", "0.5")):
+        with pytest.raises(SystemExit) as e:
+            run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "never", flag, value)
+        assert e.value.code == 2, flag                         # argparse names the flag and the rule
+    with pytest.raises(SystemExit) as e:
+        run_script("train.py", "--data-path", data, "--cg-time", "0.5", "0.1")
+    assert e.value.code == 2
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN[2:], "--device", "gpu0",
+                 match="--device gpu0 is not a device")
+    if not torch.cuda.is_available():
+        cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN[2:], "--device",
+                     "cuda", match="no GPU is visible")
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN, "--fid-every", 1,
+                 "--fid-samples", 3, "--fid-ref", "x.npz", "--inception", "w.pth", match="--fid-samples 3 must be")
+    assert not (tmp_path / "never").exists()
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
+    os.makedirs(tmp_path / "folder.npz")
+    for out, words in ((["--npz", tmp_path / "folder.npz"], "is a folder"), (["--out", tmp_path], "is a folder"),
+                       (["--out", tmp_path / "no" / "s.png"], "does not exist"), (["--out", tmp_path / "s.xyz"],
+                       "name an image file"), (["--npz", tmp_path / "s.zip"], "must end in .npz")):
+        cli_error("sample.py", "--ckpt", ckpt, *out, match=words)
+    assert sorted(os.listdir(tmp_path)) == ["folder.npz", "run"]   # nothing written, no temporary file
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "s.jpg", "--num-images", 4)
+    assert Image.open(tmp_path / "s.jpg").format == "JPEG"
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full_disk(obj, path):
+        open(path, "wb").write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(SystemExit) as e, common.save_atomic(str(tmp_path / "ckpt.pt")) as tmp:
+        assert tmp == str(tmp_path / "ckpt.tmp.pt")            # the extension kept: np.save and Image.save use it
+        full_disk(None, tmp)
+    assert str(e.value.code) == f"error: cannot write {tmp_path / 'ckpt.pt'}: No space left on device"
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: full_disk(None, "/dev/null"))
+    with pytest.raises(OSError, match="No space left"):
+        common.allocate_npy(str(tmp_path / "big.npy"), (10, 10), np.uint8)
+    assert os.listdir(tmp_path) == []
+
+
+HOLDER = """import fcntl, os, sys
+held = [os.open(path, os.O_CREAT | os.O_RDWR) for path in sys.argv[1:]]
+for fd in held:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_two_jobs_on_one_output_one_runs_and_the_other_refuses_in_one_line(data, tmp_path, capsys):
+    """Every script that writes claims its output before any work and before it looks at what the output holds: while
+    another process holds the claim, the script refuses in one line (not with what it would say of a run or a file
+    already there); once that process is gone, the next job takes its lock file over and leaves none behind."""
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    ckpt, log = tmp_path / "run" / "checkpoints" / "0000001.pt", (tmp_path / "run" / "log.txt").read_text()
+    np.savez(tmp_path / "taken.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8), labels=np.arange(4))
+    for folder in ("twinflow", "classifier", "latents", "toy"):
+        os.makedirs(tmp_path / folder)
+    trainer = lambda script, folder: lambda: cli_error(script, "--data-path", data, "--results-dir",
+                                                          tmp_path / folder, *TRAIN, match="held by another job")
+    sample = lambda *out: lambda: cli_error("sample.py", "--ckpt", ckpt, *out, match="held by another job")
+
+    def toy_main():
+        with pytest.raises(SystemExit, match="held by another job"):
+            toy.main(steps=1, out_dir=str(tmp_path / "toy"))
+
+    def fid_stats():
+        cli_error("fid.py", tmp_path / "taken.npz", "--save-stats", tmp_path / "stats.npz", match="held by another job")
+
+    jobs = {"run/.lock": trainer("train.py", "run"),             # a run is there: the claim is checked first
+            "twinflow/.lock": trainer("twinflow.py", "twinflow"),
+            "classifier/.lock": trainer("train_classifier.py", "classifier"),
+            "taken.npz.lock": sample("--npz", tmp_path / "taken.npz"),    # the file is there: the claim comes first
+            "grid.png.lock": sample("--out", tmp_path / "grid.png"),
+            "G.pt.lock": sample("--save-generator", tmp_path / "G.pt"),
+            "latents/.lock": lambda: "held by another job" in cli_error("prepare_latents.py", 
+                "--data-path", tmp_path / "taken.npz", "--out", tmp_path / "latents", "--vae", "none"),
+            "toy/toy.png.lock": toy_main, "stats.npz.lock": fid_stats}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *(str(tmp_path / lock) for lock in jobs)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for lock, job in jobs.items():
+            assert job() is not False, lock
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert (tmp_path / "run" / "log.txt").read_text() == log and not (tmp_path / "G.pt").exists()
+    assert os.listdir(tmp_path / "latents") == [".lock"] and not (tmp_path / "stats.npz").exists()
+    # The holder ended without removing its lock files, as a crashed job would: they block nothing.
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 4)
+    cli_error("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "taken.npz", match="already exists")
+    assert (tmp_path / "grid.png").exists() and not (tmp_path / "grid.png.lock").exists()
+    assert not (tmp_path / "taken.npz.lock").exists()
+
+
+def test_full_and_read_only_disks_end_in_one_line_naming_the_path_and_the_cause(data, tmp_path, monkeypatch):
+    # torch.save onto a full disk (the temporary file is /dev/full): the cause, not torch's "unexpected pos".
+    os.makedirs(tmp_path / "full")
+    path = tmp_path / "full" / "ckpt.pt"
+    os.symlink("/dev/full", tmp_path / "full" / "ckpt.tmp.pt")
+    with pytest.raises(SystemExit) as e, common.save_atomic(str(path)) as tmp, open(tmp, "wb") as f:
+        torch.save({"x": torch.zeros(1000)}, f)
+    assert str(e.value.code) == f"error: cannot write {path}: No space left on device"
+    assert os.listdir(tmp_path / "full") == []
+    # log.txt on a full disk: one line, not logging's "--- Logging error ---" and its traceback.
+    os.symlink("/dev/full", tmp_path / "full" / "log.txt")
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.create_logger(str(tmp_path / "full")).info("a line")
+        assert str(e.value.code) == f"error: cannot write {tmp_path}/full/log.txt: No space left on device"
+    finally:
+        common.create_logger(None)
+    # No room for a checkpoint: before the run trains, and before each checkpoint, in one line that writes nothing.
+    usage, calls = shutil.disk_usage(tmp_path), []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: calls.append(p) or usage._replace(free=1000))
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "a", *TRAIN, "--max-steps", 2,
+                 match="a checkpoint of this run needs ")
+    assert "step 0000001" not in (tmp_path / "a" / "log.txt").read_text()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: calls.append(p) or usage._replace(free=1000 if len(calls) > 2
+                                                                                          else usage.free))
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", 2,
+                 "--ckpt-every", 1, match="the checkpoint of step 1 needs ")
+    assert os.listdir(tmp_path / "b" / "checkpoints") == []
+    monkeypatch.undo()
+    # A read-only folder (simulated: the tests may run as root, whom chmod does not stop) is found before any work.
+    ro = str(tmp_path / "ro")
+    os.makedirs(ro)
+    for name in ("open", "mkdir"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda p, *a, real=real, **k: real(p, *a, **k) if not str(p).startswith(ro) else
+                            (_ for _ in ()).throw(PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))))
+    for script in ("train.py", "train_classifier.py"):
+        cli_error(script, "--data-path", data, "--results-dir", f"{ro}/run", *TRAIN,
+                     match=f"cannot write --results-dir {ro}/run: Permission denied")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "c", *TRAIN, "--max-steps", 1)
+    cli_error("sample.py", "--ckpt", tmp_path / "c" / "checkpoints" / "0000001.pt", "--npz", f"{ro}/s.npz",
+                 match=f"cannot write --npz {ro}/s.npz: Permission denied")
+    with pytest.raises(SystemExit, match=f"cannot write --out-dir {ro}/toy.png: Permission denied"):
+        toy.main(out_dir=ro)                                   # before its minute of training
+    np.savez(tmp_path / "a.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(fid.UserError, match=f"cannot write {ro}/s.npz: Permission denied"):
+        fid.lock_output(f"{ro}/s.npz")
+    # Any other OSError that reaches a script's top: the file and the cause, once for every script.
+    def refused(args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), f"{ro}/x")
+    with pytest.raises(SystemExit) as e:
+        common.run(refused, None)
+    assert str(e.value.code) == f"error: {ro}/x: Permission denied"
+    assert os.listdir(ro) == []
+
+
+def test_size_flags_are_bounded_by_what_the_job_can_hold(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4))
+    argv = ["--data-path", tmp_path / "x.npz", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
+    with pytest.raises(SystemExit) as e:
+        run_script("prepare_latents.py", *argv, "--image-size", 100000)
+    assert e.value.code == 2 and "--image-size: must be an integer from 1 to 4096" in capsys.readouterr().err
+    # An output larger than the disk's free space: one line before a byte is reserved, and no folder left.
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4 * 2 * 64 * 64 * 2))   # status does not fit
+    assert "(4 images of 2 x 1 x 64 x 64) needs" in cli_error("prepare_latents.py", *argv, "--image-size", 64)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    # The encoder benchmark on a CPU says what it times before it times it, and times a small batch.
+    capsys.readouterr()
+    run_script("prepare_latents.py", "--benchmark", "--image-size", 8, "--device", "cpu")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("timing the encoder on 3 batches of 2 random 8x8 images on cpu")
+    assert printed[1].startswith("encoder: ") and printed[1].endswith("images/s (8x8, batch 2, cpu)")
+    # A grid no wider than its images, and no larger than Pillow opens.
+    ckpt = os.path.join(HERE, "docs", "fmnist_afm.pt")
+    cli_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--nrow", 1000,
+                 match="--nrow 1000 is more than the 16 images of the grid")
+    cli_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--num-images", 10 ** 6,
+                 match="more than Pillow opens")
+    assert sorted(os.listdir(tmp_path)) == ["x.npz"]
+
+
+def test_messages_name_folders_give_the_resume_command_and_a_stopping_job_ignores_signals(data, tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "dir.pt")
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--resume", tmp_path / "dir.pt",
+                 match=f"checkpoint {tmp_path}/dir.pt is a folder, not a file")
+    cli_error("sample.py", "--ckpt", tmp_path / "dir.pt", match="is a folder, not a file")
+    with pytest.raises(SystemExit, match="--vae-weights .*dir.pt is a folder, not a file"):
+        make_decoder(dict(vae="sd-vae-ft-mse", scale=0.18215), str(tmp_path / "dir.pt"), "cpu")
+    with pytest.raises(SystemExit, match="sample npz .*dir.pt is a folder, not a file"):
+        npz_images(str(tmp_path / "dir.pt"))
+    with pytest.raises(fid.UserError, match="dir.pt is a folder, not a file"):
+        fid.load_inception(str(tmp_path / "dir.pt"))
+    # The command that resumes: this one, its starting checkpoints replaced by --resume; under torchrun as launched.
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data-path", "d", "--init", "a.pt", "--init-d=b.pt", "--lr", "2",
+                                      "--resume", "c.pt"])
+    assert common.resume_command("out/0000010.pt") == "python train.py --data-path d --lr 2 --resume out/0000010.pt"
+    monkeypatch.setattr(os, "environ", dict(os.environ, RANK="0", WORLD_SIZE="16", LOCAL_WORLD_SIZE="8"))
+    assert common.resume_command("my run/1.pt") == ("torchrun --nnodes=2 --nproc_per_node=8 train.py --data-path d "
+                                                    "--lr 2 --resume 'my run/1.pt'")
+    monkeypatch.undo()
+    # A job that a signal stops ignores the next ones until it has exited (their tracebacks from the clean-up).
+    def stopped(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                                          # the handler raises at once
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.run(stopped, None)
+        assert e.value.code == 130
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)                     # ignored: the test goes on
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+#################################################################################
+#                          data.py: the data directory                          #
+#################################################################################
+
+def test_bad_data_directories(tmp_path):
+    """What cannot be latents or [-1, 1] pixels is refused in one line before the run writes anything."""
+    cli_error("train.py", "--data-path", tmp_path / "nothing", *TRAIN, match="latents.npy is missing")
+    cases = [  # (file, content, words of the error)
+        ("latents.npy", np.zeros((24, 3, 8, 8), np.float16), "must have shape (N, V, C, S, S)"),
+        ("latents.npy", np.zeros((24, 2, 3, 8, 6), np.float16), "must have shape (N, V, C, S, S)"),
+        ("latents.npy", np.zeros((24, 0, 3, 8, 8), np.float16), "must have shape (N, V, C, S, S)"),
+        ("latents.npy", np.full((24, 2, 3, 8, 8), 200, np.uint8), "holds uint8"),
+        ("latents.npy", np.full((24, 2, 3, 8, 8), 60000, np.float16), "must be 1 or 3 channels in [-1, 1]"),
+        ("latents.npy", np.zeros((24, 2, 4, 8, 8), np.float16), "must be 1 or 3 channels in [-1, 1]"),
+        ("labels.npy", np.zeros(23, np.int64), "must hold 24 integers"),
+        ("labels.npy", np.zeros(24, np.float32), "must hold 24 integers"),
+        ("labels.npy", np.array(["a"] * 24), "must hold 24 integers"),
+        ("labels.npy", np.full(24, 9, np.int64), "labels must be in [0, 5)"),
+        ("info.json", "{not json", "cannot read the data"),
+        ("info.json", '{"num_classes": 10.9, "vae": "none"}', "num_classes must be an integer"),
+        ("info.json", '{"num_classes": 1000000000000, "vae": "none"}', "num_classes must be an integer"),
+        ("info.json", '{"num_classes": 5, "vae": "sd-vae-ft-mse"}', "need a positive `scale`"),
+    ]
+    for i, (name, content, words) in enumerate(cases):
+        bad = make_data(tmp_path / str(i))
+        if isinstance(content, str):
+            open(os.path.join(bad, name), "w").write(content)
+        else:
+            np.save(os.path.join(bad, name), content)
+        cli_error("train.py", "--data-path", bad, "--results-dir", tmp_path / f"run{i}", *TRAIN, match=words)
+        assert not (tmp_path / f"run{i}").exists()
+    latents = make_data(tmp_path / "latents")
+    with open(os.path.join(latents, "info.json"), "w") as f:
+        json.dump(dict(num_classes=5, vae="sd-vae-ft-mse", scale=0.18215), f)
+    np.save(os.path.join(latents, "latents.npy"), np.full((24, 2, 4, 8, 8), 6e4, np.float16))
+    cli_error("train.py", "--data-path", latents, *TRAIN, match="cannot be scaled VAE latents")
+
+
+def test_the_data_check_reads_every_row_and_scores_say_what_they_rest_on(data, tmp_path, capsys):
+    """Rows that a sample of 256 of 1000 rows misses, and a chunk boundary; NaN and inf told apart from values out of
+    range; a std that is not one; a statistics file whose sigma is not a covariance (-I gave FID 0); a judge whose
+    features do not vary (its Frechet distances are 0 for any images)."""
+    path = make_data(tmp_path / "d", n=1000, size=2, channels=1, std=True)
+    x, std = np.load(f"{path}/latents.npy"), np.load(f"{path}/std.npy")
+    for row, value, words in ((1, np.nan, f"{path}/latents.npy holds NaN or inf values (first at row 1)"),
+                              (998, -np.inf, f"{path}/latents.npy holds NaN or inf values (first at row 998)"),
+                              (500, 3.0, "must be 1 or 3 channels in [-1, 1], row 500 holds values in [")):
+        bad = x.copy()
+        bad[row, 1, 0, 1, 1] = value
+        np.save(f"{path}/latents.npy", bad)
+        with pytest.raises(SystemExit) as e:
+            LatentData(path)
+        assert words in str(e.value.code), e.value.code
+        assert first_bad_row(bad, -1, 1, chunk_bytes=7 * bad[:1].nbytes)[0] == row   # across 7-row chunks
+    np.save(f"{path}/latents.npy", x)
+    std[700, 0, 0, 0, 0] = -0.5
+    np.save(f"{path}/std.npy", std)
+    with pytest.raises(SystemExit, match="std.npy: a posterior std must be in .0, 1000., row 700 holds values in .-0.5"):
+        LatentData(path)
+    os.remove(f"{path}/std.npy")
+    assert LatentData(path).latents.shape == (1000, 2, 1, 2, 2)
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((3, 16))
+    for sigma, words in ((-np.eye(16), "sigma is not a covariance: it has the eigenvalue -1"),
+                         (np.triu(np.ones((16, 16))), "sigma is not a covariance: it is not symmetric"),
+                         (np.eye(4), "sigma must be a 16 x 16 matrix")):
+        np.savez(tmp_path / "s.npz", mu=np.zeros(16), sigma=sigma)
+        capsys.readouterr()
+        cli_error("fid.py", tmp_path / "s.npz", tmp_path / "s.npz", "--metrics", "fid", match=words)
+        assert capsys.readouterr().out == ""
+    np.savez(tmp_path / "s.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))   # rank 2 of 16: fine
+    assert fid.open_input(str(tmp_path / "s.npz"))[0]["sigma"].shape == (16, 16)
+    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
+               "--global-batch-size", 8, "--max-steps", 1)
+    judge = torch.load(tmp_path / "j" / "checkpoints" / "0000001.pt", weights_only=True)
+    judge["EMA"]["hidden.0.bias"].fill_(-1e6)                  # every hidden ReLU off: the features are all zero
+    torch.save(judge, tmp_path / "dead.pt")
+    np.savez(tmp_path / "images.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), labels=np.arange(6) % 5)
+    capsys.readouterr()
+    run_script("judge.py", "--evaluate", tmp_path / "images.npz", "--judge", tmp_path / "dead.pt",
+               "--data-path", data)
+    assert "features of the held-out images are degenerate" in capsys.readouterr().out
+
+
+#################################################################################
+#              checkpoint.py: checkpoints, starts, the loop's tail              #
+#################################################################################
+
+def test_bad_flags_and_checkpoints(data, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_script("train.py", "--data-path", data, "--model", "Q/2")
+    assert e.value.code == 2                                   # argparse: "invalid choice: 'Q/2'"
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
+    ckpt = tmp_path / "checkpoints" / "0000001.pt"
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN,
+                 "--resume", tmp_path / "missing.pt", match="does not exist")
+    assert not (tmp_path / "never").exists()                   # a run that fails on its inputs writes nothing
+    cli_error("train.py", "--data-path", data, *TRAIN, "--nfe", "2", "--resume", ckpt,
+                 match="holds another network than this run asks for: D.use_t False (asked: True)")
+    cli_error("train.py", "--data-path", data, "--model", "S/2", *TRAIN[2:], "--resume", ckpt,
+                 match="G.depth 2 (asked: 12)")
+    cli_error("sample.py", "--ckpt", ckpt, "--nfe", "2", match="holds a --nfe 1 model")
+    cli_error("sample.py", "--ckpt", ckpt, "--steps", "2", match="samples in one step")
+    for flag in ("--log-every", "--global-batch-size", "--ckpt-every"):
+        with pytest.raises(SystemExit) as e:
+            run_script("train.py", "--data-path", data, flag, "0")
+        assert e.value.code == 2                               # argparse: "must be a positive integer"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:5000])
+    cli_error("train.py", "--data-path", data, *TRAIN, "--resume", truncated, match="corrupt, truncated")
+    cli_error("sample.py", "--ckpt", truncated, match="corrupt, truncated")
+    # A pickle that would run code is refused, not executed: every load uses weights_only=True.
+    marker = tmp_path / "ran"
+    torch.save({"G": Exploit(str(marker))}, tmp_path / "evil.pt")
+    cli_error("sample.py", "--ckpt", tmp_path / "evil.pt", match="corrupt, truncated")
+    assert not marker.exists()
+    # An official-style bare state dict needs --model, and must fit it.
+    G = model.Generator(**dict(TINY, in_channels=4, num_classes=1000, input_size=32))
+    torch.save(G.state_dict(), tmp_path / "bare.pth")
+    cli_error("sample.py", "--ckpt", tmp_path / "bare.pth", match="say which network it is with --model")
+    cli_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", match="does not load into this Generator")
+    cli_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", "--nfe", "2", "--repeat", "2",
+                 match="depth repetition is for one-step generators")
+
+
+def test_a_run_never_overwrites_another(data, tmp_path):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2)
+    before = (tmp_path / "log.txt").read_text()
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 4,
+                 match="already holds a run: continue it with --resume")
+    other = tmp_path / "other"
+    run_script("train.py", "--data-path", data, "--results-dir", other, *TRAIN, "--max-steps", 2)
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 4,
+                 "--resume", other / "checkpoints" / "0000002.pt", match="already holds a run")
+    assert (tmp_path / "log.txt").read_text() == before and os.listdir(tmp_path / "checkpoints") == ["0000002.pt"]
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2,
+                 "--resume", tmp_path / "checkpoints" / "0000002.pt", match="already at --max-steps 2")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 3,
+               "--resume", tmp_path / "checkpoints" / "0000002.pt")         # a resume of this run is welcome
+    (tmp_path / "file").write_text("")
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "file", *TRAIN, match="is a file")
+
+
+def with_source(path, sha):
+    info = json.load(open(os.path.join(path, "info.json")))
+    json.dump(dict(info, num_images=24, source=dict(files_sha1=sha)), open(os.path.join(path, "info.json"), "w"))
+    return path
+
+
+def test_resume_refuses_a_checkpoint_of_other_data_and_init_says_so(tmp_path):
+    """Two data sets of one shape and size (prepare_latents.py's info.json names their source's sha1): a run resumes
+    only on its own; a new stage may start on other data, with a note in the log."""
+    a, b = with_source(make_data(tmp_path / "a"), "a1" * 20), with_source(make_data(tmp_path / "b"), "b2" * 20)
+    run_script("train.py", "--data-path", a, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
+    cli_error("train.py", "--data-path", b, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2, "--resume",
+                 ckpt, match=f"--resume {ckpt} was trained on other data than --data-path {b}: files_sha1 "
+                             f"'{'a1' * 20}' vs '{'b2' * 20}'; a new stage on other data starts with --init")
+    run_script("train.py", "--data-path", b, "--results-dir", tmp_path / "stage", *TRAIN, "--max-steps", 2, "--init", ckpt)
+    assert f"--init {ckpt} (step 1); note: trained on other data than --data-path (files_sha1" in \
+        (tmp_path / "stage" / "log.txt").read_text()
+    run_script("train_classifier.py", "--data-path", a, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size", 8,
+               "--max-steps", 1)
+    cli_error("train_classifier.py", "--data-path", b, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size",
+                 8, "--max-steps", 2, "--resume", tmp_path / "cls" / "checkpoints" / "0000001.pt",
+                 match="was trained on other data than --data-path")
+
+
+def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_path):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
+
+    def fresh_state():
+        G, D = model.Generator(**ckpt["config"]["G"]), model.Discriminator(**ckpt["config"]["D"])
+        return dict(G=G, D=D, EMA=model.Generator(**ckpt["config"]["G"]), grad_norm=loss.GradNorm(),
+                    opt_G=torch.optim.AdamW(G.parameters(), lr=7e-5), opt_D=torch.optim.AdamW(D.parameters(), lr=6e-5))
+    train_args = lambda *argv: train.make_parser().parse_args(["--data-path", data, *argv])
+    logger, state = common.create_logger(None), fresh_state()
+    assert checkpoint.restore_state(state, {"init": ckpt}, train_args("--init", "s1.pt"), logger) == 2
+    for key, source in (("G", "EMA"), ("EMA", "EMA"), ("D", "D")):
+        assert all(torch.equal(v, ckpt[source][k]) for k, v in state[key].state_dict().items()), key
+    assert state["grad_norm"].square_avg == ckpt["grad_norm"]["square_avg"] > 0
+    assert torch.equal(state["opt_D"].state_dict()["state"][1]["exp_avg_sq"], ckpt["opt_D"]["state"][1]["exp_avg_sq"])
+    assert [state[k].param_groups[0]["lr"] for k in ("opt_G", "opt_D")] == [7e-5, 6e-5]    # this command's lr
+    # --init-d then takes D and its optimizer from an earlier checkpoint, and leaves the rest as --init put it.
+    earlier = dict(ckpt, D={k: v + 1 for k, v in ckpt["D"].items()})
+    state = fresh_state()
+    checkpoint.restore_state(state, {"init": ckpt, "init_d": earlier}, train_args("--init", "s1.pt", "--init-d", "s0.pt"),
+                             logger)
+    assert all(torch.equal(v, earlier["D"][k]) for k, v in state["D"].state_dict().items())
+    assert all(torch.equal(v, ckpt["EMA"][k]) for k, v in state["G"].state_dict().items())
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2,
+               "--ckpt-every", 2)
+    # An absurd lr makes the weights, and then the losses, non-finite within a step or two.
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 6,
+                 "--ckpt-every", 2, "--lr", 1e30, "--resume", tmp_path / "run" / "checkpoints" / "0000002.pt",
+                 match="the last good checkpoint is " + str(tmp_path / "run" / "checkpoints" / "0000002.pt"))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000002.pt"]
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "fresh", *TRAIN, "--max-steps", 6,
+                 "--lr", 1e30, match="no checkpoint was written before it")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "fresh", *TRAIN, "--max-steps", 2)
+    assert os.listdir(tmp_path / "fresh" / "checkpoints") == ["0000002.pt"]  # a run with no checkpoint may be redone
+
+
+@pytest.mark.parametrize("script", ["train.py", "twinflow.py", "train_classifier.py", "judge.py"])
+def test_every_trainer_checks_its_losses_before_every_checkpoint(script, data, tmp_path):
+    """The shared loop tail: a run that would log only at its end, blown up by an absurd lr, stops at the first
+    checkpoint's step in one line, and writes no checkpoint of non-finite weights."""
+    model = ["--model", "T/2"] if script != "judge.py" else []
+    cli_error(script, "--data-path", data, "--results-dir", tmp_path, *model, "--device", "cpu", "--global-batch-size",
+                 8, "--max-steps", 6, "--log-every", 6, "--ckpt-every", 2, "--lr", 1e30,
+                 match="non-finite loss at step 2 (")
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+#################################################################################
+#                             train.py: AFM training                            #
+#################################################################################
+
+def test_defaults_table():
+    """Flags left unset take the paper's per-size and per-mode values, from one table."""
+    pick = train.paper_default
+    assert pick("ot_scale", "XL/2", "1", 1) == 0.2 and pick("ot_scale", "XL/2", "2", 1) == 0.25
+    assert pick("ot_scale", "XL/2", "any", 1) == 0.25
+    assert pick("ot_scale_end", "B/2", "1", 1) == 0.01 and pick("ot_scale_end", "L/2", "1", 1) == 0.005
+    assert pick("ot_constant", "B/2", "1", 1) == 0.001
+    assert [pick("grad_clip", "XL/2", n, r) for n, r in (("1", 1), ("2", 1), ("1", 2), ("1", 4))] == [50, 5, 5, 5]
+    def lr_g(model, repeat):                                   # a depth-repeated G's lr: the size's ratio / R
+        args = train.make_parser().parse_args(["--model", model, "--repeat", str(repeat)])     # every default unset
+        train.fill_defaults(args)
+        return args.lr_g / args.lr
+    assert [lr_g("XL/2", r) for r in (1, 2, 4)] == [1.0, 0.5, 0.25] and [lr_g("XS/7", r) for r in (1, 2)] == [2.0, 1.0]
+    assert pick("lr", "B/2", "1", 1) == 1e-4 and pick("lr", "XS/7", "1", 1) == 3e-4      # small images: their own row
+    assert [pick(f, "XS/7", "1", 1) for f in ("global_batch_size", "ema_decay", "g_lr_ratio")] == [64, 0.995, 2.0]
+    assert pick("global_batch_size", "XL/2", "1", 1) == 256 and pick("ema_decay", "XL/2", "1", 1) == 0.9999
+    assert all(len(row) == 5 and row[4] for row in train.DEFAULTS)          # every row cites its source
+
+
+@pytest.mark.parametrize("mode", [["--nfe", "1"], ["--nfe", "2"], ["--nfe", "4"], ["--nfe", "any"], ["--repeat", "2"]])
+def test_every_mode_trains(data, tmp_path, mode):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 3, *mode)
+    log = open(tmp_path / "log.txt").read()
+    step = [line for line in log.splitlines() if "step 0000002" in line][0]
+    values = dict(zip(step.split()[4::2], step.split()[5::2]))
+    for key in ("loss_d", "loss_g", "r1", "r2", "cp", "ot", "logits_real", "logits_fake", "g_logits_real",
+                "g_logits_fake", "grad_norm_d", "grad_norm_g", "ot_scale", "lr", "img/s"):
+        assert math.isfinite(float(values[key])), key
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000003.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["args"]["model"] == "T/2" and ckpt["grad_norm"]["square_avg"] > 0
+    repeat = 2 if "--repeat" in mode else 1
+    assert ckpt["opt_G"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / repeat)
+    assert ckpt["args"]["grad_clip"] == (50.0 if mode == ["--nfe", "1"] else 5.0)
+
+
+def test_sample_grids_during_training(data, tmp_path):
+    """--sample-every writes grids of the EMA and of G on fixed noise: a row of 8 per class, up to 10 classes."""
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, "--sample-every", 2)
+    ema, g = (np.asarray(Image.open(tmp_path / "samples" / f"0000002_{name}.png")) for name in ("ema", "g"))
+    assert ema.shape == g.shape == (2 + 5 * 10, 2 + 8 * 10, 3)              # 5 classes x 8 samples of 8 x 8 pixels
+    # A fresh generator outputs zeros (DiT's zero-initialised output layer): its EMA after 2 steps at 0.9999 is a
+    # grey grid, while the online G has moved; the log says why the EMA grid is grey.
+    assert (ema[2:10, 2:10] == 127).all() and g[2:10, 2:10].std() > 0
+    assert "the EMA is still 100% its initialisation" in open(tmp_path / "log.txt").read()
+
+
+def test_resume_is_bit_identical(data, tmp_path):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "a", *TRAIN, "--max-steps", 4)
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", 2)
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", 4,
+               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
+    for key in ("G", "D", "EMA", "grad_norm"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert torch.equal(a["opt_G"]["state"][1]["exp_avg_sq"], b["opt_G"]["state"][1]["exp_avg_sq"])
+
+
+def test_resume_takes_this_commands_hyperparameters(data, tmp_path):
+    """A later stage resumes with a new lr and a constant lambda_ot, which defaults to Table 11's 0.001."""
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, "--lr", 5e-4,
+               "--ot-schedule", "constant", "--resume", tmp_path / "checkpoints" / "0000001.pt")
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
+    assert ckpt["opt_G"]["param_groups"][0]["lr"] == ckpt["opt_D"]["param_groups"][0]["lr"] == 5e-4
+    assert ckpt["args"]["ot_scale"] == ckpt["args"]["ot_scale_end"] == 0.001
+    assert "ot_scale 0.001" in open(tmp_path / "log.txt").read().splitlines()[-3]
+
+
+def test_train_checkpoint_sample_end_to_end(data, tmp_path):
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, "--nfe", "2")
+    ckpt = tmp_path / "checkpoints" / "0000002.pt"
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 6, "--nrow", 3)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 + 2 * 10, 2 + 3 * 10, 3) and grid[2:10, 2:10].std() > 0
+    # The same samples come out of the EMA weights by hand: sample i from noise seeded by (seed 0, i), two v-steps.
+    state = torch.load(ckpt, weights_only=True)
+    G = model.Generator(**state["config"]["G"])
+    G.load_state_dict(state["EMA"])
+    z = torch.from_numpy(np.random.default_rng([0, 4]).standard_normal((1, 3, 8, 8), dtype=np.float32))
+    x = model.sample(G.eval(), z, torch.tensor([4]), steps=2)          # grid cell (1, 1), label 4 % 5
+    expect = ((x[0].clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.abs(grid[12:20, 12:20].astype(int) - expect.astype(int)).max() <= 1
+    # The evaluation npz: class-balanced, shuffled by a fixed permutation, labels alongside.
+    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 20, "--batch-size", 3)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (20, 8, 8, 3) and f["arr_0"].dtype == np.uint8
+        assert np.bincount(f["labels"]).tolist() == [4] * 5 and f["labels"].tolist() != sorted(f["labels"])
+        first = int(np.where(np.random.RandomState(42).permutation(20) == 4)[0][0])
+        assert np.abs(f["arr_0"][first].astype(int) - expect.astype(int)).max() <= 1
+    assert not os.path.exists(tmp_path / "s.npz.staging.npy")
+    # A generator alone samples the same grid.
+    run_script("sample.py", "--ckpt", ckpt, "--save-generator", tmp_path / "G.pt")
+    assert set(torch.load(tmp_path / "G.pt", weights_only=True)) == {"EMA", "config", "args", "data_info", "step"}
+    run_script("sample.py", "--ckpt", tmp_path / "G.pt", "--out", tmp_path / "grid2.png", "--num-images", 6, "--nrow", 3)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid2.png")), grid)
+    cli_error("sample.py", "--ckpt", tmp_path / "G.pt", "--weights", "G", match="holds no G generator")
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--nfe", "2", "--resume",
+                 tmp_path / "G.pt", match="holds a generator alone")
+    cli_error("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", match="already exists")
+
+
+def test_two_processes_under_torchrun(data, tmp_path):
+    """DDP with gloo: the two ranks split the batch, stay in sync, and sample.py shards the same samples."""
+    out = torchrun("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 3)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
+    ckpt = tmp_path / "checkpoints" / "0000003.pt"
+    assert len(torch.load(ckpt, weights_only=True)["rng"]) == 2
+    out = torchrun("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "two.npz", "--num-samples", 10, "--batch-size", 2)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "drew 10 in" in out.stdout                          # both ranks' samples counted in the throughput
+    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "one.npz", "--num-samples", 10, "--batch-size", 4)
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+    out = torchrun("train.py", "--data-path", data, "--results-dir", tmp_path / "odd", *TRAIN[:-4], "--global-batch-size", 7)
+    assert out.returncode != 0 and "error: --global-batch-size 7 must be divisible by the world size 2" in out.stderr
+
+
+def test_two_nodes_give_the_checkpoint_of_one_node_with_two_processes(data, tmp_path):
+    """Two torchrun launches of one process each, as two machines would run them (--nnodes 2, --node-rank, one
+    rendezvous endpoint), train exactly what one launch of two processes does: global ranks 0 and 1 either way."""
+    argv = ["train.py", "--data-path", data, *TRAIN, "--max-steps", 2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [launch(*argv, "--results-dir", tmp_path / "nodes", node=(rank, port)) for rank in (0, 1)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "weights identical on all 2 ranks" in outs[0][0] and not outs[1][0].strip()   # rank 1 logs nothing
+    out = torchrun(*argv, "--results-dir", tmp_path / "one")
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "0000002.pt", weights_only=True) for d in ("nodes", "one"))
+    for key in ("G", "D", "EMA"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_bf16_and_compile_run_on_cpu_close_to_fp32(data, tmp_path):
+    """--precision bf16 (CPU autocast) and --compile train a tiny model for two steps with finite losses close to
+    fp32's; fused AdamW is what every run uses."""
+    logs = {}
+    for name, flags in (("fp32", []), ("bf16", ["--precision", "bf16"]), ("compile", ["--compile"])):
+        run_script("train.py", "--data-path", data, "--results-dir", tmp_path / name, *TRAIN, "--max-steps", 2, *flags)
+        line = [l for l in open(tmp_path / name / "log.txt") if "step 0000002 " in l][0]
+        logs[name] = {k: float(v) for k, v in re.findall(r" (loss_d|loss_g|ot|grad_norm_g) (-?[0-9.]+)", line)}
+    assert len(logs["fp32"]) == 4 and all(math.isfinite(v) for log in logs.values() for v in log.values())
+    for k, v in logs["fp32"].items():
+        assert abs(logs["bf16"][k] - v) < 0.02 * max(1, abs(v)) and abs(logs["compile"][k] - v) < 1e-3, k
+
+
+def test_benchmark_prints_throughput_mfu_and_memory(data, capsys):
+    for size, extra in (("T/2", ["--inception", _fid_weights_file()]), ("B/2", [])):
+        run_script("train.py", "--benchmark", 1, "--model", size, "--data-path", data, "--device", "cpu",
+                   "--global-batch-size", 2, *extra)
+        out = capsys.readouterr().out
+        assert bool(re.search(r"; Inception [0-9.]+ images/s", out)) == bool(extra), out
+        numbers = re.search(r"training ([0-9.]+) images/s \(([0-9.]+) it/s\), MFU ([0-9.]+)% of a measured fp32 "
+                            r"2048\^3 matmul on CPU, peak memory ([0-9.]+) GiB \(RSS\); sampling ([0-9.]+) images/s", out)
+        assert numbers, out
+        images, its, mfu, peak, sampling = map(float, numbers.groups())
+        assert images == pytest.approx(4 * its, rel=0.01) and 0 < mfu < 100 and peak > 0.1 and sampling > 0
+    assert train.forward_macs(**model.SIZES["B/2"], input_size=32, in_channels=4) == pytest.approx(23e9, rel=0.01)
+    assert train.forward_macs(**model.SIZES["XL/2"], input_size=32, in_channels=4) == pytest.approx(119e9, rel=0.01)
+
+
 def test_ema_reload_and_a_four_stage_chain(data, tmp_path):
     """decay -> constant + EMA reload -> D reload -> guidance + augmentation, each stage from the last (Table 11)."""
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "s1", *TRAIN, "--max-steps", 2)
@@ -708,134 +1256,18 @@ def test_ema_reload_and_a_four_stage_chain(data, tmp_path):
     assert s4["args"]["cg_scale"] == 0.003 and tuple(s4["args"]["cg_time"]) == (0.0, 0.1)
     log = open(tmp_path / "s4" / "log.txt").read()
     assert " cg " in log and "aug_p 0.4" in log and "--init " in log
-    expect_error("train.py", "--data-path", data, *TRAIN, "--resume", s1, "--init", s1, match="give one or the other")
+    cli_error("train.py", "--data-path", data, *TRAIN, "--resume", s1, "--init", s1, match="give one or the other")
     seven = dict(TINY, in_channels=3, num_classes=7)
     torch.save(dict(EMA=model.Classifier(**seven).state_dict(), config=dict(C=seven)), tmp_path / "cls7.pt")
     torch.save(dict(EMA=classifier.state_dict(), config=dict(C=seven)), tmp_path / "mixed.pt")
-    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "cls7.pt", match="of 7 classes")
-    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", s1, match="not a classifier checkpoint")
-    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "mixed.pt", match="does not load")
-    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "no.pt", match="does not exist")
+    cli_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "cls7.pt", match="of 7 classes")
+    cli_error("train.py", "--data-path", data, *TRAIN, "--classifier", s1, match="not a classifier checkpoint")
+    cli_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "mixed.pt", match="does not load")
+    cli_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "no.pt", match="does not exist")
     official = model.Classifier(**model.SIZES["T/2"], input_size=32, in_channels=4, num_classes=1000)
     torch.save(official.state_dict(), tmp_path / "classifier.pth")        # the release's bare B/2 state dict ...
-    expect_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "classifier.pth",
+    cli_error("train.py", "--data-path", data, *TRAIN, "--classifier", tmp_path / "classifier.pth",
                  match="does not load")                                    # ... is read as B/2, which T/2 is not
-
-
-def test_a_new_stage_starts_from_the_ema_with_d_and_grad_norm_carried(data, tmp_path):
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2)
-    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
-
-    def fresh_state():
-        G, D = model.Generator(**ckpt["config"]["G"]), model.Discriminator(**ckpt["config"]["D"])
-        return dict(G=G, D=D, EMA=model.Generator(**ckpt["config"]["G"]), grad_norm=loss.GradNorm(),
-                    opt_G=torch.optim.AdamW(G.parameters(), lr=7e-5), opt_D=torch.optim.AdamW(D.parameters(), lr=6e-5))
-    logger, state = common.create_logger(None), fresh_state()
-    assert checkpoint.restore_state(state, {"init": ckpt}, type("Paths", (), dict(init="s1.pt")), logger) == 2
-    for key, source in (("G", "EMA"), ("EMA", "EMA"), ("D", "D")):
-        assert all(torch.equal(v, ckpt[source][k]) for k, v in state[key].state_dict().items()), key
-    assert state["grad_norm"].square_avg == ckpt["grad_norm"]["square_avg"] > 0
-    assert torch.equal(state["opt_D"].state_dict()["state"][1]["exp_avg_sq"], ckpt["opt_D"]["state"][1]["exp_avg_sq"])
-    assert [state[k].param_groups[0]["lr"] for k in ("opt_G", "opt_D")] == [7e-5, 6e-5]    # this command's lr
-    # --init-d then takes D and its optimizer from an earlier checkpoint, and leaves the rest as --init put it.
-    earlier = dict(ckpt, D={k: v + 1 for k, v in ckpt["D"].items()})
-    state = fresh_state()
-    checkpoint.restore_state(state, {"init": ckpt, "init_d": earlier}, type("Paths", (), dict(init="s1.pt", init_d="s0.pt")), logger)
-    assert all(torch.equal(v, earlier["D"][k]) for k, v in state["D"].state_dict().items())
-    assert all(torch.equal(v, ckpt["EMA"][k]) for k, v in state["G"].state_dict().items())
-
-
-#################################################################################
-#                                   Bad input                                   #
-#################################################################################
-
-def test_bad_data_directories(tmp_path):
-    """What cannot be latents or [-1, 1] pixels is refused in one line before the run writes anything."""
-    expect_error("train.py", "--data-path", tmp_path / "nothing", *TRAIN, match="latents.npy is missing")
-    cases = [  # (file, content, words of the error)
-        ("latents.npy", np.zeros((24, 3, 8, 8), np.float16), "must have shape (N, V, C, S, S)"),
-        ("latents.npy", np.zeros((24, 2, 3, 8, 6), np.float16), "must have shape (N, V, C, S, S)"),
-        ("latents.npy", np.zeros((24, 0, 3, 8, 8), np.float16), "must have shape (N, V, C, S, S)"),
-        ("latents.npy", np.full((24, 2, 3, 8, 8), 200, np.uint8), "holds uint8"),
-        ("latents.npy", np.full((24, 2, 3, 8, 8), 60000, np.float16), "must be 1 or 3 channels in [-1, 1]"),
-        ("latents.npy", np.zeros((24, 2, 4, 8, 8), np.float16), "must be 1 or 3 channels in [-1, 1]"),
-        ("labels.npy", np.zeros(23, np.int64), "must hold 24 integers"),
-        ("labels.npy", np.zeros(24, np.float32), "must hold 24 integers"),
-        ("labels.npy", np.array(["a"] * 24), "must hold 24 integers"),
-        ("labels.npy", np.full(24, 9, np.int64), "labels must be in [0, 5)"),
-        ("info.json", "{not json", "cannot read the data"),
-        ("info.json", '{"num_classes": 10.9, "vae": "none"}', "num_classes must be an integer"),
-        ("info.json", '{"num_classes": 1000000000000, "vae": "none"}', "num_classes must be an integer"),
-        ("info.json", '{"num_classes": 5, "vae": "sd-vae-ft-mse"}', "need a positive `scale`"),
-    ]
-    for i, (name, content, words) in enumerate(cases):
-        bad = make_data(tmp_path / str(i))
-        if isinstance(content, str):
-            open(os.path.join(bad, name), "w").write(content)
-        else:
-            np.save(os.path.join(bad, name), content)
-        expect_error("train.py", "--data-path", bad, "--results-dir", tmp_path / f"run{i}", *TRAIN, match=words)
-        assert not (tmp_path / f"run{i}").exists()
-    latents = make_data(tmp_path / "latents")
-    with open(os.path.join(latents, "info.json"), "w") as f:
-        json.dump(dict(num_classes=5, vae="sd-vae-ft-mse", scale=0.18215), f)
-    np.save(os.path.join(latents, "latents.npy"), np.full((24, 2, 4, 8, 8), 6e4, np.float16))
-    expect_error("train.py", "--data-path", latents, *TRAIN, match="cannot be scaled VAE latents")
-
-
-def test_bad_flags_and_checkpoints(data, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        run_script("train.py", "--data-path", data, "--model", "Q/2")
-    assert e.value.code == 2                                   # argparse: "invalid choice: 'Q/2'"
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
-    ckpt = tmp_path / "checkpoints" / "0000001.pt"
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN,
-                 "--resume", tmp_path / "missing.pt", match="does not exist")
-    assert not (tmp_path / "never").exists()                   # a run that fails on its inputs writes nothing
-    expect_error("train.py", "--data-path", data, *TRAIN, "--nfe", "2", "--resume", ckpt,
-                 match="holds another network than this run asks for: D.use_t False (asked: True)")
-    expect_error("train.py", "--data-path", data, "--model", "S/2", *TRAIN[2:], "--resume", ckpt,
-                 match="G.depth 2 (asked: 12)")
-    expect_error("sample.py", "--ckpt", ckpt, "--nfe", "2", match="holds a --nfe 1 model")
-    expect_error("sample.py", "--ckpt", ckpt, "--steps", "2", match="samples in one step")
-    for flag in ("--log-every", "--global-batch-size", "--ckpt-every"):
-        with pytest.raises(SystemExit) as e:
-            run_script("train.py", "--data-path", data, flag, "0")
-        assert e.value.code == 2                               # argparse: "must be a positive integer"
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(ckpt.read_bytes()[:5000])
-    expect_error("train.py", "--data-path", data, *TRAIN, "--resume", truncated, match="corrupt, truncated")
-    expect_error("sample.py", "--ckpt", truncated, match="corrupt, truncated")
-    # A pickle that would run code is refused, not executed: every load uses weights_only=True.
-    marker = tmp_path / "ran"
-    torch.save({"G": Exploit(str(marker))}, tmp_path / "evil.pt")
-    expect_error("sample.py", "--ckpt", tmp_path / "evil.pt", match="corrupt, truncated")
-    assert not marker.exists()
-    # An official-style bare state dict needs --model, and must fit it.
-    G = model.Generator(**dict(TINY, in_channels=4, num_classes=1000, input_size=32))
-    torch.save(G.state_dict(), tmp_path / "bare.pth")
-    expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", match="say which network it is with --model")
-    expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", match="does not load into this Generator")
-    expect_error("sample.py", "--ckpt", tmp_path / "bare.pth", "--model", "S/2", "--nfe", "2", "--repeat", "2",
-                 match="depth repetition is for one-step generators")
-
-
-def test_a_run_never_overwrites_another(data, tmp_path):
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2)
-    before = (tmp_path / "log.txt").read_text()
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 4,
-                 match="already holds a run: continue it with --resume")
-    other = tmp_path / "other"
-    run_script("train.py", "--data-path", data, "--results-dir", other, *TRAIN, "--max-steps", 2)
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 4,
-                 "--resume", other / "checkpoints" / "0000002.pt", match="already holds a run")
-    assert (tmp_path / "log.txt").read_text() == before and os.listdir(tmp_path / "checkpoints") == ["0000002.pt"]
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2,
-                 "--resume", tmp_path / "checkpoints" / "0000002.pt", match="already at --max-steps 2")
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 3,
-               "--resume", tmp_path / "checkpoints" / "0000002.pt")         # a resume of this run is welcome
-    (tmp_path / "file").write_text("")
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "file", *TRAIN, match="is a file")
 
 
 def test_sigterm_checkpoints_and_the_run_resumes_exactly(data, tmp_path):
@@ -872,48 +1304,322 @@ def test_sigterm_checkpoints_and_the_run_resumes_exactly(data, tmp_path):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    def full_disk(obj, path):
-        open(path, "wb").write(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(SystemExit) as e, common.save_atomic(str(tmp_path / "ckpt.pt")) as tmp:
-        assert tmp == str(tmp_path / "ckpt.tmp.pt")            # the extension kept: np.save and Image.save use it
-        full_disk(None, tmp)
-    assert str(e.value.code) == f"error: cannot write {tmp_path / 'ckpt.pt'}: No space left on device"
-    assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: full_disk(None, "/dev/null"))
-    with pytest.raises(OSError, match="No space left"):
-        common.allocate_npy(str(tmp_path / "big.npy"), (10, 10), np.uint8)
-    assert os.listdir(tmp_path) == []
-
-
-def test_bad_flags_devices_and_outputs_fail_before_any_work(data, tmp_path):
-    for flag, value in (("--ema-decay", "2"), ("--gp-ratio", "-1"), ("--lr", "nan"), ("--lr", "0"), ("--aug-p", "1.5"),
-                        ("--gp-eps", "0"), ("--global-seed", "-1"), ("--fid-every", "-3"), ("--cg-time", "0.5")):
+def test_accepted_flags_do_what_they_say_and_the_others_are_refused(data, tmp_path):
+    run_script("sample.py", "--ckpt", os.path.join(HERE, "docs", "fmnist_afm.pt"), "--npz", tmp_path / "s.npz",
+               "--num-samples", 6, "--class-labels", 7, 3)
+    with np.load(tmp_path / "s.npz") as f:
+        assert sorted(f["labels"].tolist()) == [3, 3, 3, 7, 7, 7]              # balanced over the labels asked for
+    for argv in (["--ot-schedule", "constant", "--ot-scale-end", 0.1], ["--repeat", 3]):
         with pytest.raises(SystemExit) as e:
-            run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "never", flag, value)
-        assert e.value.code == 2, flag                         # argparse names the flag and the rule
-    with pytest.raises(SystemExit) as e:
-        run_script("train.py", "--data-path", data, "--cg-time", "0.5", "0.1")
-    assert e.value.code == 2
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN[2:], "--device", "gpu0",
-                 match="--device gpu0 is not a device")
-    if not torch.cuda.is_available():
-        expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN[2:], "--device",
-                     "cuda", match="no GPU is visible")
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN, "--fid-every", 1,
-                 "--fid-samples", 3, "--fid-ref", "x.npz", "--inception", "w.pth", match="--fid-samples 3 must be")
+            run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN, *argv)
+        assert e.value.code == 2, argv
+    # --classifier: Table 11's augmentation unless --aug-p says otherwise, and a classifier of this data's space only.
+    run_script("train_classifier.py", "--data-path", data, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size",
+               8, "--max-steps", 1)
+    guide = ["--classifier", tmp_path / "cls" / "checkpoints" / "0000001.pt"]
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "g", *TRAIN, "--max-steps", 1, *guide,
+               "--gp-ratio", 0.05)
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "g0", *TRAIN, "--max-steps", 1, *guide,
+               "--aug-p", 0)
+    aug_p = lambda run: torch.load(tmp_path / run / "checkpoints" / "0000001.pt", weights_only=True)["args"]["aug_p"]
+    assert (aug_p("g"), aug_p("g0")) == (0.4, 0.0) and train.paper_default("aug_p", "B/2", "1", 1) == 0.4
+    log = (tmp_path / "g" / "log.txt").read_text()
+    assert "--aug-p 0.4: D's augmentation of the guided stage (Table 11)" in log
+    assert "note: R1/R2 see 1 row of each rank's batch of 8 (--gp-ratio 0.05 of it is less than one)" in log
+    other = make_data(tmp_path / "other")
+    json.dump(dict(json.load(open(f"{other}/info.json")), image_size=16), open(f"{other}/info.json", "w"))
+    cli_error("train.py", "--data-path", other, "--results-dir", tmp_path / "never", *TRAIN, *guide,
+                 match=f"was trained on other data than --data-path {other}: image_size 8 vs 16")
     assert not (tmp_path / "never").exists()
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
-    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
-    os.makedirs(tmp_path / "folder.npz")
-    for out, words in ((["--npz", tmp_path / "folder.npz"], "is a folder"), (["--out", tmp_path], "is a folder"),
-                       (["--out", tmp_path / "no" / "s.png"], "does not exist"), (["--out", tmp_path / "s.xyz"],
-                       "name an image file"), (["--npz", tmp_path / "s.zip"], "must end in .npz")):
-        expect_error("sample.py", "--ckpt", ckpt, *out, match=words)
-    assert sorted(os.listdir(tmp_path)) == ["folder.npz", "run"]   # nothing written, no temporary file
-    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "s.jpg", "--num-images", 4)
-    assert Image.open(tmp_path / "s.jpg").format == "JPEG"
+
+
+def test_fid_during_training_of_grey_images_takes_the_sampling_path(tmp_path, monkeypatch):
+    """1-channel pixels reach Inception as RGB during training, as sample.py --npz writes them: the same statistics
+    (so the same FID; the 2048-dim Frechet distance itself is left out, slow on 2 cores), and what cannot be scored
+    (statistics of another feature size) fails before the run trains."""
+    grey, weights, ref = make_data(tmp_path / "grey", num_classes=2, channels=1), _fid_weights_file(), tmp_path / "r.npz"
+    np.savez(ref, arr_0=_fid_images(3, seed=5, size=8))
+    np.savez(tmp_path / "small.npz", mu=np.zeros(16), sigma=np.eye(16))
+    fid_flags = lambda ref: ["--fid-every", 2, "--fid-samples", 2, "--fid-ref", ref, "--inception", weights]
+    cli_error("train.py", "--data-path", grey, "--results-dir", tmp_path / "never", *TRAIN, *fid_flags(
+        tmp_path / "small.npz"), match="holds statistics of 16 features; Inception gives 2048")
+    assert not (tmp_path / "never").exists()
+    scored = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda mu, sigma, *ref: scored.append((mu, sigma)) or 0.0)
+    run_script("train.py", "--data-path", grey, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, *fid_flags(ref))
+    run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "0000002.pt", "--npz", tmp_path / "s.npz",
+               "--num-samples", 2)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3) and (f["arr_0"] == f["arr_0"][..., :1]).all()    # grey as RGB
+    mu, sigma = fid.compute_stats(str(tmp_path / "s.npz"), fid.load_inception(weights))
+    assert len(scored) == 1 and "FID-2 0.0000" in (tmp_path / "log.txt").read_text()
+    np.testing.assert_allclose(scored[0][0], mu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scored[0][1], sigma, rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
+
+
+#################################################################################
+#                         twinflow.py: TwinFlow training                        #
+#################################################################################
+
+def test_twinflow_trains_resumes_exactly_and_samples_in_1_and_2_steps(data, tmp_path):
+    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "a", *TWIN, "--max-steps", 4,
+               "--sample-every", 4)
+    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "b", *TWIN, "--max-steps", 2)
+    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "b", *TWIN, "--max-steps", 4,
+               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
+    assert set(a) >= {"G", "EMA", "opt", "config", "rng"} and a["config"]["F"]["use_t_tgt"]
+    for key in ("G", "EMA"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key        # the EMA's warm-up included
+    assert not all(torch.equal(a["G"][k], a["EMA"][k]) for k in a["G"])
+    log = open(tmp_path / "a" / "log.txt").read()
+    assert all(f" {term} " in log for term in ("base", "real", "fake", "rectify", "base_one_step"))
+    assert os.path.exists(tmp_path / "a" / "samples" / "0000004_ema.png")
+    # Sampling: x <- x - (t - t') F(x, y, t, t') from the EMA, one step by default, 1, 2 or 4 on request.
+    ckpt = tmp_path / "a" / "checkpoints" / "0000004.pt"
+    G = model.Generator(**a["config"]["F"])
+    G.load_state_dict(a["EMA"])
+    z = torch.from_numpy(np.random.default_rng([0, 1]).standard_normal((1, 3, 8, 8), dtype=np.float32))
+    y = torch.tensor([1])
+    with torch.no_grad():
+        one = z - G(z, y, torch.ones(1), torch.zeros(1))
+        half = z - 0.5 * G(z, y, torch.ones(1), torch.full((1,), 0.5))
+        two = half - 0.5 * G(half, y, torch.full((1,), 0.5), torch.zeros(1))
+    for steps, x in ((None, one), (2, two)):
+        out = tmp_path / f"grid{steps}.png"
+        run_script("sample.py", "--ckpt", ckpt, "--out", out, "--num-images", 2, "--nrow", 2,
+                   *(["--steps", steps] if steps else []))
+        expect = model.to_uint8(x)[0].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(np.asarray(Image.open(out))[2:10, 12:20].astype(int) - expect).max() <= 1, steps
+    assert not np.array_equal(model.to_uint8(one), model.to_uint8(two))
+    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 10, "--steps", 2)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (10, 8, 8, 3) and np.bincount(f["labels"]).tolist() == [2] * 5
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "c", *TRAIN, "--resume", ckpt,
+                 match="holds a TwinFlow network")
+    cli_error("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "a", *TWIN, "--max-steps", 6,
+                 match="already holds a run")
+
+
+def test_twinflow_real_term_alone_is_flow_matching_sampled_by_euler_steps(data, tmp_path):
+    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path, *TWIN, "--max-steps", 2,
+               "--terms", "real", "--cfg-ratio", 0)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
+    assert not ckpt["config"]["F"]["use_t_tgt"] and ckpt["config"]["terms"] == ["real"]
+    assert "training TwinFlow (real)" in open(tmp_path / "log.txt").read() and " fake " not in open(tmp_path / "log.txt").read()
+    G, steps, _ = checkpoint.load_generator(tmp_path / "checkpoints" / "0000002.pt")
+    z, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    with torch.no_grad():                                     # one Euler step of the velocity: x = z - F(z, y, 1)
+        assert steps == 1 and torch.equal(model.sample(G, z, y, 1), z - G(z, y, torch.ones(2)))
+    # The loss is flow matching's by hand: |F(x_t, y, t) - (z - x)|^2 with the batch's draws.
+    g = torch.Generator().manual_seed(0)
+    batch = {k: v[:3] for k, v in loss.twinflow_batch(*LatentData(data).sample(8, g), g).items()}
+    F_net = model.Generator(**ckpt["config"]["F"]).requires_grad_(False)
+    terms = loss.twinflow_losses(F_net, None, **batch, terms=("real",))
+    x_t = loss.interpolate(batch["x"], batch["z"], batch["t"])
+    want = (F_net(x_t, batch["y"], batch["t"]) - (batch["z"] - batch["x"])).square().mean()
+    assert list(terms) == ["real"] and torch.allclose(terms["real"], want)
+
+
+def test_twinflow_under_torchrun(data, tmp_path):
+    """Two ranks split the batch and end with the same weights: the five terms are one DDP forward."""
+    out = torchrun("twinflow.py", "--data-path", data, "--results-dir", tmp_path, *TWIN, "--max-steps", 2)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
+
+
+#################################################################################
+#                  train_classifier.py: the guidance classifier                 #
+#################################################################################
+
+def logged(path):
+    """The values of every `step ...` line of a log.txt, as dicts."""
+    rows = [line.split()[4:] for line in open(path).read().splitlines() if " step " in line]
+    return [{k: float(v) for k, v in zip(row[::2], row[1::2])} for row in rows]
+
+
+def test_classifier_trains_30_epochs_and_load_classifier_reads_it(data, tmp_path):
+    run_script("train_classifier.py", "--data-path", data, "--results-dir", tmp_path, *CLS, "--global-batch-size", 24)
+    assert "30 steps (30.0 epochs)" in open(tmp_path / "log.txt").read()   # default: 30 epochs of 24 images
+    for row in logged(tmp_path / "log.txt"):
+        assert 0 <= row["acc"] <= 1 and all(math.isfinite(row[k]) for k in ("loss", "grad_norm", "lr", "img/s"))
+    path = tmp_path / "checkpoints" / "0000030.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["config"] == dict(C=dict(model.SIZES["T/2"], input_size=8, in_channels=3,
+                                                                num_classes=5))
+    assert ckpt["opt"]["param_groups"][0]["betas"] == (0.9, 0.95) and ckpt["opt"]["param_groups"][0]["lr"] == 1e-3
+    assert ckpt["data_info"]["num_classes"] == 5 and len(ckpt["rng"]) == 1 and ckpt["args"]["ema_decay"] == 0.9995
+    C, info = checkpoint.load_classifier(path)
+    assert info == ckpt["data_info"]
+    torch.manual_seed(0)
+    init = model.Classifier(**ckpt["config"]["C"])                        # the run's initial weights (seed 0)
+    for name, p in C.state_dict().items():
+        assert torch.equal(p, ckpt["EMA"][name])
+        if name != "pos_embed":
+            assert not torch.equal(p, init.state_dict()[name]) and not torch.equal(p, ckpt["model"][name]), name
+
+
+def test_classifier_resume_is_bit_identical(data, tmp_path):
+    run = ["--data-path", data, *CLS, "--global-batch-size", 8]
+    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "a", "--max-steps", 4)
+    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "b", "--max-steps", 2)
+    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "b", "--max-steps", 4,
+               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
+    for key in ("model", "EMA"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert torch.equal(a["opt"]["state"][1]["exp_avg_sq"], b["opt"]["state"][1]["exp_avg_sq"])
+
+
+def test_classifier_loss_falls_on_a_learnable_set(tmp_path):
+    """Two classes that differ by a constant offset: the loss must fall well below ln 2 within a few dozen steps."""
+    path = make_data(tmp_path / "offset", n=32, num_classes=2)
+    labels = np.load(os.path.join(path, "labels.npy"))
+    x = (labels - 0.5)[:, None, None, None, None] + 0.1 * np.random.default_rng(0).standard_normal((32, 2, 3, 8, 8))
+    np.save(os.path.join(path, "latents.npy"), x.astype(np.float16))
+    run_script("train_classifier.py", "--data-path", path, "--results-dir", tmp_path, *CLS, "--global-batch-size", 16,
+               "--max-steps", 40, "--log-every", 5)
+    losses = [row["loss"] for row in logged(tmp_path / "log.txt")]
+    assert losses[0] > 0.5 and max(losses[-2:]) < 0.35, losses
+
+
+def test_classifier_random_affine():
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(train_classifier.random_affine(x, p=0), x)
+    identity = train_classifier.random_affine(x, p=1, degrees=0, translate=0, scale=(1, 1))
+    torch.testing.assert_close(identity, x, atol=1e-5, rtol=0)
+    # 2 px right and 1 px up: the content moves, the vacated band mirrors the edge (reflection about it).
+    out = train_classifier.affine(x, torch.zeros(4), torch.tensor([[0.25, -0.125]]).repeat(4, 1), torch.ones(4))
+    torch.testing.assert_close(out[..., :7, 2:], x[..., 1:, :6], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[..., :7, :2], x[..., 1:, [1, 0]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[..., 7, 2:], x[..., 7, :6], atol=1e-5, rtol=0)
+    # 90 degrees about the image centre, counter-clockwise like kornia; a 2x zoom about the centre (3.5, 3.5).
+    out = train_classifier.affine(x, torch.full((4,), 90.0), torch.zeros(4, 2), torch.ones(4))
+    torch.testing.assert_close(out, torch.rot90(x, 1, (2, 3)), atol=1e-5, rtol=0)
+    ramp = torch.arange(8.0).expand(1, 1, 8, 8)
+    out = train_classifier.affine(ramp, torch.zeros(1), torch.zeros(1, 2), torch.full((1,), 2.0))
+    torch.testing.assert_close(out[0, 0, 0, 2:6], torch.tensor([2.75, 3.25, 3.75, 4.25]))
+    # Each image on its own: p = 0.8 leaves about a fifth unchanged, and the ranges are respected.
+    x = torch.randn(2000, 1, 4, 4)
+    torch.manual_seed(0)
+    unchanged = (train_classifier.random_affine(x) == x).flatten(1).all(1).float().mean()
+    assert 0.17 < unchanged < 0.23
+
+
+def test_classifier_under_torchrun(data, tmp_path):
+    """Two ranks split the batch and stay in sync."""
+    out = torchrun("train_classifier.py", "--data-path", data, "--results-dir", tmp_path, *CLS, "--global-batch-size", 8,
+                   "--max-steps", 4)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
+
+
+#################################################################################
+#                   judge.py: the judge of small-image samples                  #
+#################################################################################
+
+def test_judge_trains_and_scores_samples_against_the_real_floor(data, tmp_path, capsys):
+    held_out = make_data(tmp_path / "held_out", seed=1)
+    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "judge", "--device",
+               "cpu", "--global-batch-size", 8, "--max-steps", 6, "--log-every", 3)
+    judge = tmp_path / "judge" / "checkpoints" / "0000006.pt"
+    assert "training the judge on 1 x cpu" in open(tmp_path / "judge" / "log.txt").read()
+    # Two steps of a 2-step model: samples near their noise, which the judge's features tell apart.
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 2, "--nfe", 2)
+    g_path = tmp_path / "afm" / "checkpoints" / "0000002.pt"
+    for name in ("a", "b"):
+        run_script("sample.py", "--ckpt", g_path, "--npz", tmp_path / f"{name}.npz", "--num-samples", 20)
+    capsys.readouterr()
+    run_script("judge.py", "--evaluate", tmp_path / "a.npz", "--judge", judge, "--data-path", held_out,
+               "--real-data", data, "--compare", tmp_path / "a.npz", tmp_path / "b.npz")
+    printed = capsys.readouterr().out.splitlines()
+    # By hand: the judge's EMA on the held-out images (view 0), the real training images and the samples' pixels.
+    J, _ = load_judge(judge)
+    ref, real = LatentData(held_out), LatentData(data)
+    view0 = lambda d, rows=slice(None): torch.from_numpy(d.latents[rows, 0].astype(np.float32))
+    subset = np.sort(np.random.RandomState(0).permutation(24)[:20])    # as many real images as samples, at random
+    with np.load(tmp_path / "a.npz") as f:
+        x_fake = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y_fake = torch.from_numpy(f["labels"])
+    with torch.no_grad():
+        f_ref, f_real, f_fake = (J.features(x).double() for x in (view0(ref), view0(real, subset), x_fake))
+        acc = lambda x, y: (J(x).argmax(1) == y).double().mean().item()
+    stats = lambda f: (f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False))
+    floor, fake = (fid.frechet_distance(*stats(f), *stats(f_ref)) for f in (f_real, f_fake))
+    assert printed[0].endswith(f"class accuracy {acc(view0(ref), torch.from_numpy(ref.labels)):.4f} on the 24 "
+                               f"held-out images of {held_out}")
+    assert printed[1].startswith(f"real {data} (20): class accuracy") and f"Frechet distance {floor:.4f}" in printed[1]
+    assert printed[3].startswith(f"{tmp_path / 'a.npz'} (20): class accuracy {acc(x_fake, y_fake):.4f}")
+    assert f"Frechet distance {fake:.4f} ({fake / floor:.1f}x the real floor)" in printed[3]
+    precision, recall = fid.precision_recall(f_ref, f_fake)
+    assert f"precision {precision:.4f}  recall {recall:.4f}" in printed[3] and printed[4].startswith("    per class")
+    assert len(printed[4].split()) == 2 + 5
+    # The same checkpoint and seed give the same images: no difference, the same classes; unrelated real pairs differ.
+    assert printed[5].endswith("mean squared difference 0.0000, same judged class 1.0000 (20 pairs)")
+    assert printed[6].startswith("real pairs of one class (reference): mean squared difference 0.")
+    # Two steps of a one-step model: a G that still outputs nearly one image, which the report warns of.
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "one", *TRAIN, "--max-steps", 2)
+    run_script("sample.py", "--ckpt", tmp_path / "one" / "checkpoints" / "0000002.pt", "--npz", tmp_path / "c.npz",
+               "--num-samples", 20)
+    capsys.readouterr()
+    run_script("judge.py", "--evaluate", tmp_path / "c.npz", "--judge", judge, "--data-path", held_out)
+    assert "features of these 20 images are degenerate" in capsys.readouterr().out
+
+
+def test_classifier_and_judge_bad_inputs(data, tmp_path):
+    run = ["--results-dir", tmp_path / "cls", *CLS, "--global-batch-size", 8]
+    cli_error("train_classifier.py", "--data-path", tmp_path / "nothing", *run, match="latents.npy is missing")
+    odd = make_data(tmp_path / "odd", size=7)
+    cli_error("train_classifier.py", "--data-path", odd, *run, match="inputs of size 7 do not split into patches")
+    run_script("train_classifier.py", "--data-path", data, *run, "--max-steps", 1)
+    c_path = tmp_path / "cls" / "checkpoints" / "0000001.pt"
+    cli_error("train_classifier.py", "--data-path", data, *run, "--max-steps", 2, match="already holds a run")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 1)
+    g_path = tmp_path / "afm" / "checkpoints" / "0000001.pt"
+    cli_error("train_classifier.py", "--data-path", data, *run[:2], "--model", "S/2", *run[4:], "--resume", c_path,
+                 match="holds another network than this run asks for: C.depth 2 (asked: 12)")
+    cli_error("train_classifier.py", "--data-path", data, *run, "--resume", g_path,
+                 match="holds a generator and a discriminator, and this run trains a classifier")
+    run_script("sample.py", "--ckpt", g_path, "--npz", tmp_path / "s.npz", "--num-samples", 10)
+    evaluate = ["--evaluate", tmp_path / "s.npz", "--device", "cpu"]
+    cli_error("judge.py", *evaluate, "--judge", c_path, "--data-path", data, match="not a judge checkpoint")
+    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
+               "--global-batch-size", 8, "--max-steps", 1)
+    judge = tmp_path / "j" / "checkpoints" / "0000001.pt"
+    latents = make_data(tmp_path / "latents")
+    json.dump(dict(num_classes=5, image_size=8, scale=0.18215, vae="sd-vae-ft-mse"),
+              open(os.path.join(latents, "info.json"), "w"))
+    cli_error("judge.py", *evaluate, "--judge", judge, "--data-path", latents,
+                 match="vae 'none' vs 'sd-vae-ft-mse'")
+    cli_error("judge.py", "--data-path", latents, "--results-dir", tmp_path / "j2",
+                 "--device", "cpu", match="the judge is for small pixel images")
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    cli_error("judge.py", "--evaluate", tmp_path / "bad.npz", "--judge", judge, "--data-path", data,
+                 match="cannot read")
+    with pytest.raises(SystemExit) as e:
+        run_script("judge.py", *evaluate, "--data-path", data)
+    assert e.value.code == 2                                   # argparse: "--evaluate needs --judge"
+
+
+#################################################################################
+#                         sample.py: grids and npz files                        #
+#################################################################################
+
+def test_a_grid_sets_checkpoints_side_by_side_on_the_same_noise(data, tmp_path):
+    for seed in (0, 1):
+        run_script("train.py", "--data-path", data, "--results-dir", tmp_path / f"s{seed}", *TRAIN, "--max-steps", 1,
+                   "--nfe", 2, "--global-seed", seed)
+    ckpts = [tmp_path / f"s{seed}" / "checkpoints" / "0000001.pt" for seed in (0, 1)]
+    for i, ckpt in enumerate(ckpts):
+        run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / f"one{i}.png", "--num-images", 3, "--nrow", 1)
+    run_script("sample.py", "--ckpt", *ckpts, "--out", tmp_path / "both.png", "--num-images", 3)
+    both, one = np.asarray(Image.open(tmp_path / "both.png")), [np.asarray(Image.open(tmp_path / f"one{i}.png")) for i in (0, 1)]
+    assert both.shape == (2 + 3 * 10, 2 + 2 * 10, 3)                          # 3 rows of noise, a column per checkpoint
+    assert np.array_equal(both[:, 2:12], one[0][:, 2:12]) and np.array_equal(both[:, 12:22], one[1][:, 2:12])
+    cli_error("sample.py", "--ckpt", *ckpts, "--npz", tmp_path / "x.npz", match="--npz takes one --ckpt")
 
 
 @pytest.mark.parametrize("name, steps", [("fmnist_afm.pt", 1), ("fmnist_twinflow.pt", 1), ("fmnist_twinflow.pt", 2)])
@@ -962,858 +1668,6 @@ def test_noise_seeds_are_unrelated_and_an_interrupted_npz_resumes(data, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "log.txt", "part.npz", "whole.npz"]
 
 
-class Exploit:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_errors_are_one_line_on_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "train.py", "--data-path", str(tmp_path), "--device", "cpu"], cwd=HERE,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:")
-
-
-def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path):
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2,
-               "--ckpt-every", 2)
-    # An absurd lr makes the weights, and then the losses, non-finite within a step or two.
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 6,
-                 "--ckpt-every", 2, "--lr", 1e30, "--resume", tmp_path / "run" / "checkpoints" / "0000002.pt",
-                 match="the last good checkpoint is " + str(tmp_path / "run" / "checkpoints" / "0000002.pt"))
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000002.pt"]
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "fresh", *TRAIN, "--max-steps", 6,
-                 "--lr", 1e30, match="no checkpoint was written before it")
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "fresh", *TRAIN, "--max-steps", 2)
-    assert os.listdir(tmp_path / "fresh" / "checkpoints") == ["0000002.pt"]  # a run with no checkpoint may be redone
-
-
-@pytest.mark.parametrize("script", ["train.py", "twinflow.py", "train_classifier.py", "judge.py"])
-def test_every_trainer_checks_its_losses_before_every_checkpoint(script, data, tmp_path):
-    """The shared loop tail: a run that would log only at its end, blown up by an absurd lr, stops at the first
-    checkpoint's step in one line, and writes no checkpoint of non-finite weights."""
-    model = ["--model", "T/2"] if script != "judge.py" else []
-    expect_error(script, "--data-path", data, "--results-dir", tmp_path, *model, "--device", "cpu", "--global-batch-size",
-                 8, "--max-steps", 6, "--log-every", 6, "--ckpt-every", 2, "--lr", 1e30,
-                 match="non-finite loss at step 2 (")
-    assert os.listdir(tmp_path / "checkpoints") == []
-
-
-#################################################################################
-#            Shared outputs, full and read-only disks, sizes, signals           #
-#################################################################################
-
-HOLDER = """import fcntl, os, sys
-held = [os.open(path, os.O_CREAT | os.O_RDWR) for path in sys.argv[1:]]
-for fd in held:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
-def test_two_jobs_on_one_output_one_runs_and_the_other_refuses_in_one_line(data, tmp_path, capsys):
-    """Every script that writes claims its output before any work and before it looks at what the output holds: while
-    another process holds the claim, the script refuses in one line (not with what it would say of a run or a file
-    already there); once that process is gone, the next job takes its lock file over and leaves none behind."""
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
-    ckpt, log = tmp_path / "run" / "checkpoints" / "0000001.pt", (tmp_path / "run" / "log.txt").read_text()
-    np.savez(tmp_path / "taken.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8), labels=np.arange(4))
-    for folder in ("twinflow", "classifier", "latents", "toy"):
-        os.makedirs(tmp_path / folder)
-    trainer = lambda script, folder: lambda: expect_error(script, "--data-path", data, "--results-dir",
-                                                          tmp_path / folder, *TRAIN, match="held by another job")
-    sample = lambda *out: lambda: expect_error("sample.py", "--ckpt", ckpt, *out, match="held by another job")
-
-    def toy_main():
-        with pytest.raises(SystemExit, match="held by another job"):
-            toy.main(steps=1, out_dir=str(tmp_path / "toy"))
-
-    def fid_stats():
-        code, out, err = _fid_in_process(capsys, tmp_path / "taken.npz", "--save-stats", tmp_path / "stats.npz")
-        assert code == 1 and err.startswith("error:") and err.count("\n") == 1 and "held by another job" in err, err
-
-    jobs = {"run/.lock": trainer("train.py", "run"),             # a run is there: the claim is checked first
-            "twinflow/.lock": trainer("twinflow.py", "twinflow"),
-            "classifier/.lock": trainer("train_classifier.py", "classifier"),
-            "taken.npz.lock": sample("--npz", tmp_path / "taken.npz"),    # the file is there: the claim comes first
-            "grid.png.lock": sample("--out", tmp_path / "grid.png"),
-            "G.pt.lock": sample("--save-generator", tmp_path / "G.pt"),
-            "latents/.lock": lambda: "held by another job" in error_of(
-                "--data-path", tmp_path / "taken.npz", "--out", tmp_path / "latents", "--vae", "none"),
-            "toy/toy.png.lock": toy_main, "stats.npz.lock": fid_stats}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *(str(tmp_path / lock) for lock in jobs)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        for lock, job in jobs.items():
-            assert job() is not False, lock
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=60)
-    assert (tmp_path / "run" / "log.txt").read_text() == log and not (tmp_path / "G.pt").exists()
-    assert os.listdir(tmp_path / "latents") == [".lock"] and not (tmp_path / "stats.npz").exists()
-    # The holder ended without removing its lock files, as a crashed job would: they block nothing.
-    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--num-images", 4)
-    expect_error("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "taken.npz", match="already exists")
-    assert (tmp_path / "grid.png").exists() and not (tmp_path / "grid.png.lock").exists()
-    assert not (tmp_path / "taken.npz.lock").exists()
-
-
-def test_full_and_read_only_disks_end_in_one_line_naming_the_path_and_the_cause(data, tmp_path, monkeypatch):
-    # torch.save onto a full disk (the temporary file is /dev/full): the cause, not torch's "unexpected pos".
-    os.makedirs(tmp_path / "full")
-    path = tmp_path / "full" / "ckpt.pt"
-    os.symlink("/dev/full", tmp_path / "full" / "ckpt.tmp.pt")
-    with pytest.raises(SystemExit) as e, common.save_atomic(str(path)) as tmp, open(tmp, "wb") as f:
-        torch.save({"x": torch.zeros(1000)}, f)
-    assert str(e.value.code) == f"error: cannot write {path}: No space left on device"
-    assert os.listdir(tmp_path / "full") == []
-    # log.txt on a full disk: one line, not logging's "--- Logging error ---" and its traceback.
-    os.symlink("/dev/full", tmp_path / "full" / "log.txt")
-    try:
-        with pytest.raises(SystemExit) as e:
-            common.create_logger(str(tmp_path / "full")).info("a line")
-        assert str(e.value.code) == f"error: cannot write {tmp_path}/full/log.txt: No space left on device"
-    finally:
-        common.create_logger(None)
-    # No room for a checkpoint: before the run trains, and before each checkpoint, in one line that writes nothing.
-    usage, calls = shutil.disk_usage(tmp_path), []
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: calls.append(p) or usage._replace(free=1000))
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "a", *TRAIN, "--max-steps", 2,
-                 match="a checkpoint of this run needs ")
-    assert "step 0000001" not in (tmp_path / "a" / "log.txt").read_text()
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: calls.append(p) or usage._replace(free=1000 if len(calls) > 2
-                                                                                          else usage.free))
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "b", *TRAIN, "--max-steps", 2,
-                 "--ckpt-every", 1, match="the checkpoint of step 1 needs ")
-    assert os.listdir(tmp_path / "b" / "checkpoints") == []
-    monkeypatch.undo()
-    # A read-only folder (simulated: the tests may run as root, whom chmod does not stop) is found before any work.
-    ro = str(tmp_path / "ro")
-    os.makedirs(ro)
-    for name in ("open", "mkdir"):
-        real = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda p, *a, real=real, **k: real(p, *a, **k) if not str(p).startswith(ro) else
-                            (_ for _ in ()).throw(PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))))
-    for script in ("train.py", "train_classifier.py"):
-        expect_error(script, "--data-path", data, "--results-dir", f"{ro}/run", *TRAIN,
-                     match=f"cannot write --results-dir {ro}/run: Permission denied")
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "c", *TRAIN, "--max-steps", 1)
-    expect_error("sample.py", "--ckpt", tmp_path / "c" / "checkpoints" / "0000001.pt", "--npz", f"{ro}/s.npz",
-                 match=f"cannot write --npz {ro}/s.npz: Permission denied")
-    with pytest.raises(SystemExit, match=f"cannot write --out-dir {ro}/toy.png: Permission denied"):
-        toy.main(out_dir=ro)                                   # before its minute of training
-    np.savez(tmp_path / "a.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(fid.UserError, match=f"cannot write {ro}/s.npz: Permission denied"):
-        fid.lock_output(f"{ro}/s.npz")
-    # Any other OSError that reaches a script's top: the file and the cause, once for every script.
-    def refused(args):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), f"{ro}/x")
-    with pytest.raises(SystemExit) as e:
-        common.run(refused, None)
-    assert str(e.value.code) == f"error: {ro}/x: Permission denied"
-    assert os.listdir(ro) == []
-
-
-def test_size_flags_are_bounded_by_what_the_job_can_hold(tmp_path, monkeypatch, capsys):
-    np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4))
-    argv = ["--data-path", tmp_path / "x.npz", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
-    with pytest.raises(SystemExit) as e:
-        run_prepare(*argv, "--image-size", 100000)
-    assert e.value.code == 2 and "--image-size: must be an integer from 1 to 4096" in capsys.readouterr().err
-    # An output larger than the disk's free space: one line before a byte is reserved, and no folder left.
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4 * 2 * 64 * 64 * 2))   # status does not fit
-    assert "(4 images of 2 x 1 x 64 x 64) needs" in error_of(*argv, "--image-size", 64)
-    assert not (tmp_path / "out").exists()
-    monkeypatch.undo()
-    # The encoder benchmark on a CPU says what it times before it times it, and times a small batch.
-    capsys.readouterr()
-    run_prepare("--benchmark", "--image-size", 8, "--device", "cpu")
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("timing the encoder on 3 batches of 2 random 8x8 images on cpu")
-    assert printed[1].startswith("encoder: ") and printed[1].endswith("images/s (8x8, batch 2, cpu)")
-    # A grid no wider than its images, and no larger than Pillow opens.
-    ckpt = os.path.join(HERE, "docs", "fmnist_afm.pt")
-    expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--nrow", 1000,
-                 match="--nrow 1000 is more than the 16 images of the grid")
-    expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--num-images", 10 ** 6,
-                 match="more than Pillow opens")
-    assert sorted(os.listdir(tmp_path)) == ["x.npz"]
-
-
-def test_the_data_check_reads_every_row_and_scores_say_what_they_rest_on(data, tmp_path, capsys):
-    """Rows that a sample of 256 of 1000 rows misses, and a chunk boundary; NaN and inf told apart from values out of
-    range; a std that is not one; a statistics file whose sigma is not a covariance (-I gave FID 0); a judge whose
-    features do not vary (its Frechet distances are 0 for any images)."""
-    path = make_data(tmp_path / "d", n=1000, size=2, channels=1, std=True)
-    x, std = np.load(f"{path}/latents.npy"), np.load(f"{path}/std.npy")
-    for row, value, words in ((1, np.nan, f"{path}/latents.npy holds NaN or inf values (first at row 1)"),
-                              (998, -np.inf, f"{path}/latents.npy holds NaN or inf values (first at row 998)"),
-                              (500, 3.0, "must be 1 or 3 channels in [-1, 1], row 500 holds values in [")):
-        bad = x.copy()
-        bad[row, 1, 0, 1, 1] = value
-        np.save(f"{path}/latents.npy", bad)
-        with pytest.raises(SystemExit) as e:
-            LatentData(path)
-        assert words in str(e.value.code), e.value.code
-        assert first_bad_row(bad, -1, 1, chunk_bytes=7 * bad[:1].nbytes)[0] == row   # across 7-row chunks
-    np.save(f"{path}/latents.npy", x)
-    std[700, 0, 0, 0, 0] = -0.5
-    np.save(f"{path}/std.npy", std)
-    with pytest.raises(SystemExit, match="std.npy: a posterior std must be in .0, 1000., row 700 holds values in .-0.5"):
-        LatentData(path)
-    os.remove(f"{path}/std.npy")
-    assert LatentData(path).latents.shape == (1000, 2, 1, 2, 2)
-    rng = np.random.default_rng(0)
-    features = rng.standard_normal((3, 16))
-    for sigma, words in ((-np.eye(16), "sigma is not a covariance: it has the eigenvalue -1"),
-                         (np.triu(np.ones((16, 16))), "sigma is not a covariance: it is not symmetric"),
-                         (np.eye(4), "sigma must be a 16 x 16 matrix")):
-        np.savez(tmp_path / "s.npz", mu=np.zeros(16), sigma=sigma)
-        code, out, err = _fid_in_process(capsys, tmp_path / "s.npz", tmp_path / "s.npz", "--metrics", "fid")
-        assert code == 1 and out == "" and words in err and err.count("\n") == 1, err
-    np.savez(tmp_path / "s.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))   # rank 2 of 16: fine
-    assert fid.open_input(str(tmp_path / "s.npz"))[0]["sigma"].shape == (16, 16)
-    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
-               "--global-batch-size", 8, "--max-steps", 1)
-    judge = torch.load(tmp_path / "j" / "checkpoints" / "0000001.pt", weights_only=True)
-    judge["EMA"]["hidden.0.bias"].fill_(-1e6)                  # every hidden ReLU off: the features are all zero
-    torch.save(judge, tmp_path / "dead.pt")
-    np.savez(tmp_path / "images.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), labels=np.arange(6) % 5)
-    capsys.readouterr()
-    run_script("judge.py", "--evaluate", tmp_path / "images.npz", "--judge", tmp_path / "dead.pt",
-               "--data-path", data)
-    assert "features of the held-out images are degenerate" in capsys.readouterr().out
-
-
-def with_source(path, sha):
-    info = json.load(open(os.path.join(path, "info.json")))
-    json.dump(dict(info, num_images=24, source=dict(files_sha1=sha)), open(os.path.join(path, "info.json"), "w"))
-    return path
-
-
-def test_resume_refuses_a_checkpoint_of_other_data_and_init_says_so(tmp_path):
-    """Two data sets of one shape and size (prepare_latents.py's info.json names their source's sha1): a run resumes
-    only on its own; a new stage may start on other data, with a note in the log."""
-    a, b = with_source(make_data(tmp_path / "a"), "a1" * 20), with_source(make_data(tmp_path / "b"), "b2" * 20)
-    run_script("train.py", "--data-path", a, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
-    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
-    expect_error("train.py", "--data-path", b, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2, "--resume",
-                 ckpt, match=f"--resume {ckpt} was trained on other data than --data-path {b}: files_sha1 "
-                             f"'{'a1' * 20}' vs '{'b2' * 20}'; a new stage on other data starts with --init")
-    run_script("train.py", "--data-path", b, "--results-dir", tmp_path / "stage", *TRAIN, "--max-steps", 2, "--init", ckpt)
-    assert f"--init {ckpt} (step 1); note: trained on other data than --data-path (files_sha1" in \
-        (tmp_path / "stage" / "log.txt").read_text()
-    run_script("train_classifier.py", "--data-path", a, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size", 8,
-               "--max-steps", 1)
-    expect_error("train_classifier.py", "--data-path", b, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size",
-                 8, "--max-steps", 2, "--resume", tmp_path / "cls" / "checkpoints" / "0000001.pt",
-                 match="was trained on other data than --data-path")
-
-
-def test_accepted_flags_do_what_they_say_and_the_others_are_refused(data, tmp_path):
-    run_script("sample.py", "--ckpt", os.path.join(HERE, "docs", "fmnist_afm.pt"), "--npz", tmp_path / "s.npz",
-               "--num-samples", 6, "--class-labels", 7, 3)
-    with np.load(tmp_path / "s.npz") as f:
-        assert sorted(f["labels"].tolist()) == [3, 3, 3, 7, 7, 7]              # balanced over the labels asked for
-    for argv in (["--ot-schedule", "constant", "--ot-scale-end", 0.1], ["--repeat", 3]):
-        with pytest.raises(SystemExit) as e:
-            run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "never", *TRAIN, *argv)
-        assert e.value.code == 2, argv
-    # --classifier: Table 11's augmentation unless --aug-p says otherwise, and a classifier of this data's space only.
-    run_script("train_classifier.py", "--data-path", data, "--results-dir", tmp_path / "cls", *CLS, "--global-batch-size",
-               8, "--max-steps", 1)
-    guide = ["--classifier", tmp_path / "cls" / "checkpoints" / "0000001.pt"]
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "g", *TRAIN, "--max-steps", 1, *guide,
-               "--gp-ratio", 0.05)
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "g0", *TRAIN, "--max-steps", 1, *guide,
-               "--aug-p", 0)
-    aug_p = lambda run: torch.load(tmp_path / run / "checkpoints" / "0000001.pt", weights_only=True)["args"]["aug_p"]
-    assert (aug_p("g"), aug_p("g0")) == (0.4, 0.0) and train.paper_default("aug_p", "B/2", "1", 1) == 0.4
-    log = (tmp_path / "g" / "log.txt").read_text()
-    assert "--aug-p 0.4: D's augmentation of the guided stage (Table 11)" in log
-    assert "note: R1/R2 see 1 row of each rank's batch of 8 (--gp-ratio 0.05 of it is less than one)" in log
-    other = make_data(tmp_path / "other")
-    json.dump(dict(json.load(open(f"{other}/info.json")), image_size=16), open(f"{other}/info.json", "w"))
-    expect_error("train.py", "--data-path", other, "--results-dir", tmp_path / "never", *TRAIN, *guide,
-                 match=f"was trained on other data than --data-path {other}: image_size 8 vs 16")
-    assert not (tmp_path / "never").exists()
-
-
-def test_fid_during_training_of_grey_images_takes_the_sampling_path(tmp_path, monkeypatch):
-    """1-channel pixels reach Inception as RGB during training, as sample.py --npz writes them: the same statistics
-    (so the same FID; the 2048-dim Frechet distance itself is left out, slow on 2 cores), and what cannot be scored
-    (statistics of another feature size) fails before the run trains."""
-    grey, weights, ref = make_data(tmp_path / "grey", num_classes=2, channels=1), _fid_weights_file(), tmp_path / "r.npz"
-    np.savez(ref, arr_0=_fid_images(3, seed=5, size=8))
-    np.savez(tmp_path / "small.npz", mu=np.zeros(16), sigma=np.eye(16))
-    fid_flags = lambda ref: ["--fid-every", 2, "--fid-samples", 2, "--fid-ref", ref, "--inception", weights]
-    expect_error("train.py", "--data-path", grey, "--results-dir", tmp_path / "never", *TRAIN, *fid_flags(
-        tmp_path / "small.npz"), match="holds statistics of 16 features; Inception gives 2048")
-    assert not (tmp_path / "never").exists()
-    scored = []
-    monkeypatch.setattr(fid, "frechet_distance", lambda mu, sigma, *ref: scored.append((mu, sigma)) or 0.0)
-    run_script("train.py", "--data-path", grey, "--results-dir", tmp_path, *TRAIN, "--max-steps", 2, *fid_flags(ref))
-    run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "0000002.pt", "--npz", tmp_path / "s.npz",
-               "--num-samples", 2)
-    with np.load(tmp_path / "s.npz") as f:
-        assert f["arr_0"].shape == (2, 8, 8, 3) and (f["arr_0"] == f["arr_0"][..., :1]).all()    # grey as RGB
-    mu, sigma = fid.compute_stats(str(tmp_path / "s.npz"), fid.load_inception(weights))
-    assert len(scored) == 1 and "FID-2 0.0000" in (tmp_path / "log.txt").read_text()
-    np.testing.assert_allclose(scored[0][0], mu, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(scored[0][1], sigma, rtol=1e-4, atol=1e-4 * np.abs(sigma).max())
-
-
-def test_messages_name_folders_give_the_resume_command_and_a_stopping_job_ignores_signals(data, tmp_path, monkeypatch):
-    os.makedirs(tmp_path / "dir.pt")
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--resume", tmp_path / "dir.pt",
-                 match=f"checkpoint {tmp_path}/dir.pt is a folder, not a file")
-    expect_error("sample.py", "--ckpt", tmp_path / "dir.pt", match="is a folder, not a file")
-    with pytest.raises(SystemExit, match="--vae-weights .*dir.pt is a folder, not a file"):
-        make_decoder(dict(vae="sd-vae-ft-mse", scale=0.18215), str(tmp_path / "dir.pt"), "cpu")
-    with pytest.raises(SystemExit, match="sample npz .*dir.pt is a folder, not a file"):
-        npz_images(str(tmp_path / "dir.pt"))
-    with pytest.raises(fid.UserError, match="dir.pt is a folder, not a file"):
-        fid.load_inception(str(tmp_path / "dir.pt"))
-    # The command that resumes: this one, its starting checkpoints replaced by --resume; under torchrun as launched.
-    monkeypatch.setattr(sys, "argv", ["train.py", "--data-path", "d", "--init", "a.pt", "--init-d=b.pt", "--lr", "2",
-                                      "--resume", "c.pt"])
-    assert common.resume_command("out/0000010.pt") == "python train.py --data-path d --lr 2 --resume out/0000010.pt"
-    monkeypatch.setattr(os, "environ", dict(os.environ, RANK="0", WORLD_SIZE="16", LOCAL_WORLD_SIZE="8"))
-    assert common.resume_command("my run/1.pt") == ("torchrun --nnodes=2 --nproc_per_node=8 train.py --data-path d "
-                                                    "--lr 2 --resume 'my run/1.pt'")
-    monkeypatch.undo()
-    # A job that a signal stops ignores the next ones until it has exited (their tracebacks from the clean-up).
-    def stopped(args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)                                          # the handler raises at once
-    try:
-        with pytest.raises(SystemExit) as e:
-            common.run(stopped, None)
-        assert e.value.code == 130
-        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-        os.kill(os.getpid(), signal.SIGINT)                     # ignored: the test goes on
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-#################################################################################
-#                             vae.py: the autoencoder                           #
-#################################################################################
-
-def tiny_vae(seed=0):
-    torch.manual_seed(seed)
-    return vae.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4).eval()
-
-
-@torch.no_grad()
-def test_vae_matches_reference_vectors_with_both_key_namings():
-    ref = torch.load(os.path.join(HERE, "fixtures", "vae.pt"), weights_only=True)
-    with torch.device("meta"):  # skip the default init of 84M parameters; the weights come from fill()
-        model, model_old = vae.AutoencoderKL().eval(), vae.AutoencoderKL().eval()
-    assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == [(k, list(s)) for k, s in ref["keys"]]
-    weights = fill(ref["keys"], ref["seed"])
-    model.load_state_dict(weights, assign=True)
-    torch.testing.assert_close(model.decode(ref["z"]), ref["decoded"], atol=1e-4, rtol=1e-4)
-    for x, mean, logvar in [("x", "mean", "logvar"), ("x2", "mean2", "logvar2")]:
-        m, lv = model.encode(ref[x])
-        torch.testing.assert_close(m, ref[mean], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(lv, ref[logvar], atol=1e-4, rtol=1e-4)
-
-    # The same weights under the older names (query/key/value/proj_attn), also with 1x1-conv attention kernels.
-    old = {old_key: weights[key] for (key, _), (old_key, _) in zip(ref["keys"], ref["old_style_keys"])}
-    assert any(".query." in k for k in old) and not any(".to_q." in k for k in old)
-    model_old.load_state_dict(old, assign=True)
-    torch.testing.assert_close(model_old.encode(ref["x2"])[0], ref["mean2"], atol=1e-4, rtol=1e-4)
-    old_conv = {k: v[:, :, None, None] if v.dim() == 2 else v for k, v in old.items()}
-    model_old.load_state_dict(old_conv)
-    assert all(torch.equal(a, b) for a, b in zip(model_old.state_dict().values(), model.state_dict().values()))
-
-
-@torch.no_grad()
-def test_vae_logvar_is_clamped():
-    model = tiny_vae()
-    x = torch.rand(1, 3, 16, 16) * 2 - 1
-    for shift, bound in ((1e4, 20.0), (-1e4, -30.0)):
-        model.quant_conv.bias.data[4:] += shift
-        assert torch.all(model.encode(x)[1] == bound)
-        model.quant_conv.bias.data[4:] -= shift
-
-
-def write_safetensors(path, state_dict, dtype):
-    """A .safetensors file written by hand from the format's spec (header length, JSON header, raw data)."""
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for k, v in state_dict.items():
-        raw = v.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
-        header[k] = {"dtype": names[dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
-
-
-@torch.no_grad()
-def test_load_vae_reads_safetensors_bin_and_wrapped_pth(tmp_path):
-    model = tiny_vae()
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    expected = model.encode(x)[0]
-    sd = model.state_dict()
-    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
-           for k, v in sd.items()}
-    torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
-    torch.save({"state_dict": {"module." + k: v for k, v in old.items()}}, tmp_path / "wrapped.pth")
-    torch.save({"vae." + k: v for k, v in old.items()}, tmp_path / "prefixed.pth")
-    write_safetensors(tmp_path / "f32.safetensors", sd, torch.float32)
-    for name in ("diffusion_pytorch_model.bin", "wrapped.pth", "prefixed.pth", "f32.safetensors"):
-        loaded = vae.load_vae(str(tmp_path / name))
-        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-        assert torch.equal(loaded.encode(x)[0], expected), name
-    for dtype in (torch.float16, torch.bfloat16):
-        write_safetensors(tmp_path / "half.safetensors", sd, dtype)
-        loaded = vae.load_vae(str(tmp_path / "half.safetensors")).state_dict()
-        assert all(torch.equal(loaded[k], v.to(dtype).float()) for k, v in sd.items())
-
-
-def test_load_vae_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="huggingface.co/stabilityai/sd-vae-ft-mse"):
-        vae.load_vae(str(tmp_path / "nope.pth"))
-    torch.save({"net.weight": torch.zeros(3), **{k: v for k, v in tiny_vae().state_dict().items()
-                                                 if not k.startswith("decoder.")}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match=r"missing keys \[decoder\.conv_in\.weight.*more\).*unexpected keys \[net\.weight\]"):
-        vae.load_vae(str(tmp_path / "other.pth"))
-    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
-    with pytest.raises(ValueError):
-        vae.load_vae(str(tmp_path / "junk.safetensors"))
-
-
-#################################################################################
-#                          prepare_latents.py: images to latents                #
-#################################################################################
-
-def make_image_folder(root):
-    """Three classes covering the odd cases; returns the expected (relative path, label) of the good images."""
-    rng = np.random.default_rng(0)
-    rgb = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    for c in ("ant", "bee", "cow"):
-        os.makedirs(root / c)
-    os.makedirs(root / "cow" / "more")
-    rgb(300, 200).save(root / "ant" / "b.JPG")
-    rgb(1200, 900).save(root / "ant" / "a_large.png")
-    rgb(10, 7).save(root / "ant" / "c_tiny.png")
-    Image.fromarray(rng.integers(0, 256, (80, 90), dtype=np.uint8), "L").save(root / "bee" / "gray.png")
-    rgb(70, 64).convert("CMYK").save(root / "bee" / "cmyk.jpg")
-    rgb(64, 70).convert("P").save(root / "bee" / "palette.png")
-    rgba = np.concatenate([np.full((50, 60, 3), (255, 0, 0), np.uint8), np.zeros((50, 60, 1), np.uint8)], 2)
-    rgba[:, :20, 3] = 255  # left third opaque red, the rest fully transparent red
-    Image.fromarray(rgba, "RGBA").save(root / "cow" / "alpha.png")
-    (root / "bee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")  # mid-list: labels shift if mishandled
-    (root / "cow" / "notes.txt").write_text("not an image, ignored")
-    rgb(40, 40).save(root / "cow" / "more" / "nested.webp", lossless=True)
-    return [("ant/a_large.png", 0), ("ant/b.JPG", 0), ("ant/c_tiny.png", 0), ("bee/cmyk.jpg", 1),
-            ("bee/gray.png", 1), ("bee/palette.png", 1), ("cow/alpha.png", 2), ("cow/more/nested.webp", 2)]
-
-
-def reference_crop(path, size):
-    """ADM's centre crop, written out again independently, after the RGB conversion the script documents."""
-    img = Image.open(path)
-    if img.mode == "RGBA":
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
-    img = img.convert("RGB")
-    while min(img.size) >= 2 * size:
-        img = img.resize((img.width // 2, img.height // 2), Image.BOX)
-    s = size / min(img.size)
-    img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)))
-
-
-def run_prepare(*argv):
-    threads = torch.get_num_threads()  # prepare_latents pins CPU runs to one thread; give the rest of the suite its own
-    try:
-        common.run(prepare_latents.main, prepare_latents.parse_args([str(a) for a in argv]))  # as its __main__ does
-    finally:
-        torch.set_num_threads(threads)
-
-
-def error_of(*argv):
-    with pytest.raises(SystemExit) as e:
-        run_prepare(*argv)
-    message = str(e.value.code)
-    assert message.startswith("error:") and "\n" not in message, message
-    return message
-
-
-def test_prepare_latents_pixels_crop_flip_labels_and_skips(tmp_path):
-    expected = make_image_folder(tmp_path / "images")
-    run_prepare("--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none",
-                "--image-size", 32, "--batch-size", 3, "--num-workers", 2)
-    out = tmp_path / "out"
-    info = json.loads((out / "info.json").read_text())
-    assert info["classes"] == ["ant", "bee", "cow"] and info["num_classes"] == 3 and info["image_size"] == 32
-    assert info["num_images"] == len(expected) and info["vae"] == "none" and info["scale"] == 1.0
-    assert not (out / "std.npy").exists() and not any(f.name.endswith(".partial.npy") or ".tmp" in f.name for f in out.iterdir())
-    latents, labels = np.load(out / "latents.npy"), np.load(out / "labels.npy")
-    assert latents.dtype == np.float16 and latents.shape == (len(expected), 2, 3, 32, 32)
-    assert labels.dtype == np.int64 and labels.tolist() == [label for _, label in expected]
-    assert (out / "skipped.txt").read_text().startswith("bee/broken.jpg\t")
-    pixels = np.round((latents.astype(np.float32) + 1) * 127.5).astype(np.uint8).transpose(0, 1, 3, 4, 2)
-    for i, (path, _) in enumerate(expected):  # every row is the right image, in order, with its mirror
-        ref = reference_crop(tmp_path / "images" / path, 32)
-        assert np.array_equal(pixels[i, 0], ref), path
-        assert np.array_equal(pixels[i, 1], ref[:, ::-1]), path
-    gray = pixels[[p for p, _ in expected].index("bee/gray.png"), 0]
-    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
-    alpha = pixels[[p for p, _ in expected].index("cow/alpha.png"), 0]
-    assert alpha[16, 0].tolist() == [255, 0, 0] and alpha[16, -1].tolist() == [255, 255, 255]  # transparent -> white
-    # train.py trains from this output as it is (pixel space here: in_channels 3, 32 x 32, 3 classes).
-    run_script("train.py", "--data-path", out, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
-    config = torch.load(tmp_path / "run" / "checkpoints" / "0000001.pt", weights_only=True)["config"]["G"]
-    assert (config["input_size"], config["in_channels"], config["num_classes"]) == (32, 3, 3)
-
-
-def prepare_rank(rank, port, argv):
-    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    prepare_latents.main(prepare_latents.parse_args(argv))
-    torch.distributed.destroy_process_group()
-
-
-def run_two_processes(argv):
-    """What torchrun --nproc_per_node=2 does, with fork so the children need not import torch again."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [multiprocessing.get_context("fork").Process(target=prepare_rank, args=(r, port, argv)) for r in range(2)]
-    [p.start() for p in procs]
-    [p.join(120) for p in procs]
-    [p.kill() for p in procs if p.is_alive()]
-    return [p.exitcode for p in procs]
-
-
-def test_prepare_latents_vae_one_vs_two_processes_and_resume(tmp_path, capsys):
-    make_image_folder(tmp_path / "images")
-    torch.save(tiny_vae().state_dict(), tmp_path / "tiny.pth")
-    args = lambda out, *more: ["--data-path", str(tmp_path / "images"), "--out", str(tmp_path / out),
-                               "--vae-weights", str(tmp_path / "tiny.pth"), "--image-size", "32", "--num-workers", "0",
-                               *more]
-    run_prepare(*args("one", "--batch-size", 2))
-    names = ["latents.npy", "std.npy", "labels.npy", "info.json", "skipped.txt"]
-    one = {n: (tmp_path / "one" / n).read_bytes() for n in names}
-
-    # The values: mean and std of the tiny VAE's posterior, times the scale, for both views.
-    latents, std = np.load(tmp_path / "one" / "latents.npy"), np.load(tmp_path / "one" / "std.npy")
-    assert latents.shape == std.shape == (8, 2, 4, 16, 16) and json.loads(one["info.json"])["scale"] == vae.SCALE
-    x = torch.tensor(reference_crop(tmp_path / "images" / "bee" / "gray.png", 32)).permute(2, 0, 1)[None]
-    x = x.float() / 127.5 - 1
-    with torch.no_grad():
-        mean, logvar = tiny_vae().encode(torch.cat([x, x.flip(3)]))
-    np.testing.assert_allclose(latents[4], (mean * vae.SCALE).numpy(), rtol=2e-3, atol=1e-4)
-    np.testing.assert_allclose(std[4], (torch.exp(0.5 * logvar) * vae.SCALE).numpy(), rtol=2e-3, atol=1e-4)
-
-    # Two processes (gloo). Each stops after its first chunk: rank 0 owns chunks 0-1, rank 1 chunks 2-4 (of 5).
-    assert run_two_processes(args("two", "--batch-size", "2", "--stop-after-chunks", "1")) == [1, 1]
-    assert np.load(tmp_path / "two" / "status.partial.npy").nonzero()[0].tolist() == [0, 1, 4, 5]
-    assert run_two_processes(args("two", "--batch-size", "2")) == [0, 0]  # resumed: the same bytes as one process
-    assert {n: (tmp_path / "two" / n).read_bytes() for n in names} == one
-
-    # Interrupted after 2 of 5 chunks, then resumed (with another --batch-size, which must not change the chunks).
-    with pytest.raises(SystemExit, match="stopped after 2 chunks"):
-        run_prepare(*args("resumed", "--batch-size", 2, "--stop-after-chunks", 2))
-    status = np.load(tmp_path / "resumed" / "status.partial.npy")
-    assert (status[:4] > 0).all() and (status[4:] == 0).all() and not (tmp_path / "resumed" / "info.json").exists()
-    assert "different unfinished run (differs in image_size" in error_of(*args("resumed", "--image-size", 64))
-    capsys.readouterr()
-    run_prepare(*args("resumed", "--batch-size", 3))
-    assert "this run read 5 images" in capsys.readouterr().out  # only chunks 2-4 (rows 4-8) were left
-    assert {n: (tmp_path / "resumed" / n).read_bytes() for n in names} == one
-    assert sorted(os.listdir(tmp_path / "resumed")) == sorted(names)
-
-
-def write_idx(path, array):
-    """An IDX file of uint8 values, as the MNIST family ships them (gzip when the name ends in .gz)."""
-    raw = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
-        f.write(raw)
-
-
-def test_prepare_latents_small_image_files(tmp_path):
-    """MNIST-family IDX files (gzip or not) and ADM-style npz files, at their own size, padded or resized."""
-    rng = np.random.default_rng(0)
-    images, labels = rng.integers(0, 256, (7, 6, 6), dtype=np.uint8), np.array([3, 0, 1, 3, 2, 0, 1])
-    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
-    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
-    run_prepare("--data-path", tmp_path / "train-images-idx3-ubyte.gz", "--out", tmp_path / "own", "--vae", "none",
-                "--num-workers", 0, "--batch-size", 3)
-    latents = np.load(tmp_path / "own" / "latents.npy")
-    assert latents.shape == (7, 2, 1, 6, 6) and np.load(tmp_path / "own" / "labels.npy").tolist() == labels.tolist()
-    pixels = np.round((latents.astype(np.float32) + 1) * 127.5)
-    assert np.array_equal(pixels[:, 0, 0], images) and np.array_equal(pixels[:, 1, 0], images[:, :, ::-1])
-    info = json.loads((tmp_path / "own" / "info.json").read_text())
-    assert info["num_classes"] == 4 and info["image_size"] == 6 and info["shape"] == [2, 1, 6, 6]
-    # Padded to 10 (zeros, i.e. -1, around the centred image), uncompressed IDX gives the same.
-    write_idx(tmp_path / "raw-images-idx3-ubyte", images)
-    write_idx(tmp_path / "raw-labels-idx1-ubyte", labels)
-    run_prepare("--data-path", tmp_path / "raw-images-idx3-ubyte", "--out", tmp_path / "pad", "--vae", "none",
-                "--image-size", 10, "--num-workers", 0)
-    padded = np.load(tmp_path / "pad" / "latents.npy")[:, 0, 0]
-    assert padded.shape == (7, 10, 10) and np.array_equal(padded[:, 2:8, 2:8], latents[:, 0, 0])
-    assert (padded[:, :2] == -1).all() and (padded[:, :, 8:] == -1).all()
-    # An npz of RGB images with labels, resized down as ADM crops (3 channels kept).
-    rgb = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
-    np.savez(tmp_path / "rgb.npz", arr_0=rgb, labels=np.arange(5))
-    run_prepare("--data-path", tmp_path / "rgb.npz", "--out", tmp_path / "npz", "--vae", "none", "--image-size", 6,
-                "--num-workers", 0)
-    small = np.round((np.load(tmp_path / "npz" / "latents.npy")[:, 0].astype(np.float32) + 1) * 127.5)
-    expect = [prepare_latents.center_crop_arr(Image.fromarray(im), 6) for im in rgb]
-    assert small.shape == (5, 3, 6, 6) and np.array_equal(small.transpose(0, 2, 3, 1), np.stack(expect))
-    # train.py trains on one channel at its own size.
-    run_script("train.py", "--data-path", tmp_path / "own", "--results-dir", tmp_path / "run", "--model", "T/2",
-               "--device", "cpu", "--global-batch-size", 4, "--max-steps", 1)
-    config = torch.load(tmp_path / "run" / "checkpoints" / "0000001.pt", weights_only=True)["config"]["G"]
-    assert (config["input_size"], config["in_channels"], config["num_classes"]) == (6, 1, 4)
-    # Bad small-image files: one line each.
-    write_idx(tmp_path / "lonely-images-idx3-ubyte", images)
-    assert "no labels for" in error_of("--data-path", tmp_path / "lonely-images-idx3-ubyte", "--out", tmp_path / "x",
-                                       "--vae", "none")
-    (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + b"\0" * 5)
-    write_idx(tmp_path / "bad-labels-idx1-ubyte", labels)
-    assert "not an IDX file" in error_of("--data-path", tmp_path / "bad-images-idx3-ubyte", "--out", tmp_path / "x",
-                                         "--vae", "none")
-    np.savez(tmp_path / "nolabels.npz", arr_0=rgb)
-    assert "labels" in error_of("--data-path", tmp_path / "nolabels.npz", "--out", tmp_path / "x", "--vae", "none")
-
-
-def test_prepare_latents_already_done_and_bad_inputs(tmp_path, capsys):
-    make_image_folder(tmp_path / "images")
-    base = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--image-size", 32, "--num-workers", 0]
-    run_prepare(*base, "--vae", "none")
-    run_prepare(*base, "--vae", "none")
-    assert "already done: 8 images" in capsys.readouterr().out
-    assert "different finished run" in error_of(*base, "--vae", "none", "--image-size", 64)
-    os.remove(tmp_path / "images" / "bee" / "broken.jpg")  # all good: staging arrays are renamed, not compacted
-    run_prepare(*base[:2], "--out", tmp_path / "clean", *base[4:], "--vae", "none")
-    for name in ("latents.npy", "labels.npy"):
-        assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
-    assert (tmp_path / "clean" / "skipped.txt").read_text() == ""
-    assert "--vae-weights" in error_of(*base)
-    assert "VAE weights not found" in error_of(*base, "--vae-weights", tmp_path / "missing.pth")
-    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "classifier.pth")
-    assert "unexpected keys [fc.weight]" in error_of(*base, "--vae-weights", tmp_path / "classifier.pth")
-    os.makedirs(tmp_path / "empty")
-    assert "no images" in error_of("--data-path", tmp_path / "empty", "--out", tmp_path / "o2", "--vae", "none")
-    os.makedirs(tmp_path / "flat")
-    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.png")  # images but no class folders
-    assert "no images" in error_of("--data-path", tmp_path / "flat", "--out", tmp_path / "o3", "--vae", "none")
-    os.makedirs(tmp_path / "images" / "dog")  # a class folder with nothing in it
-    assert "without images" in error_of(*base[:2], "--out", tmp_path / "o4", "--vae", "none")
-
-    # From the shell: one line on stderr, no traceback, non-zero exit.
-    result = subprocess.run([sys.executable, os.path.join(HERE, "prepare_latents.py"), "--data-path", str(tmp_path / "x"),
-                             "--out", str(tmp_path / "o5"), "--vae-weights", str(tmp_path / "missing.pth")],
-                            capture_output=True, text=True, cwd=HERE)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith("error: VAE weights not found") and len(result.stderr.strip().splitlines()) == 1
-
-
-def out_files(path):
-    return sorted(os.listdir(path)) if os.path.isdir(path) else None
-
-
-def test_prepare_latents_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    make_image_folder(tmp_path / "images")  # one broken image: the staging arrays are compacted at the end
-    argv = lambda out: ["--data-path", tmp_path / "images", "--out", tmp_path / out, "--vae", "none",
-                        "--image-size", 8, "--num-workers", 0]
-    run_prepare(*argv("clean"))
-    out, room = tmp_path / "full", [0]
-
-    def no_space(*args):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def fallocate(fd, offset, length):  # finds room for room[0] more files
-        room[0] -= 1
-        if room[0] < 0:
-            no_space()
-
-    # Creating the staging arrays (latents, then status): nothing is left behind, not even run.json or the folder.
-    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
-    room[0] = 1
-    assert error_of(*argv("full")) == f"error: cannot write {out}/status.partial.npy: No space left on device"
-    assert out_files(out) is None
-    # Compacting the staging arrays to the good rows: no temporary file is left, the run stays resumable.
-    room[0] = 2
-    assert error_of(*argv("full")) == f"error: cannot write {out}/latents.npy: No space left on device"
-    assert out_files(out) == ["latents.partial.npy", "run.json", "skipped.txt", "status.partial.npy"]
-    # A plain write (labels.npy, through np.save).
-    monkeypatch.undo()
-    monkeypatch.setattr(np, "save", no_space)
-    assert error_of(*argv("full")) == f"error: cannot write {out}/labels.npy: No space left on device"
-    assert not any(".tmp" in name for name in os.listdir(out)) and not (out / "info.json").exists()
-    monkeypatch.undo()
-    run_prepare(*argv("full"))  # room again: the same command finishes the run, as if nothing had happened
-    names = ["latents.npy", "labels.npy", "info.json", "skipped.txt"]
-    assert out_files(out) == sorted(names)
-    assert all((out / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in names)
-
-
-def test_prepare_latents_bad_flags_create_nothing(tmp_path, capsys):
-    make_image_folder(tmp_path / "images")
-    base = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
-    bad = [("--batch-size", 0), ("--batch-size", -2), ("--image-size", 0), ("--image-size", -8),
-           ("--num-workers", -1), ("--device", "gpu")] + ([] if torch.cuda.is_available() else [("--device", "cuda")])
-    for flag, value in bad:
-        with pytest.raises(SystemExit) as e:
-            run_prepare(*base, flag, value)
-        assert e.value.code == 2 and not (tmp_path / "out").exists(), (flag, value)
-        err = capsys.readouterr().err
-        assert f"error: argument {flag}" in err or f"error: {flag}" in err, err
-    assert 1 <= prepare_latents.parse_args(["--benchmark"]).num_workers <= min(8, os.cpu_count())
-    (tmp_path / "file").write_text("")
-    assert error_of(*base[:2], "--out", tmp_path / "file", "--vae", "none") == \
-        f"error: --out {tmp_path / 'file'} is a file, not a folder"
-
-
-def test_prepare_latents_damaged_records_are_one_line(tmp_path):
-    np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
-    argv = ["--data-path", tmp_path / "x.npz", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
-    run_prepare(*argv)
-    for text in ("{\"num_classes\": 4, ", "[1, 2]", "\xff\xfe"):
-        (tmp_path / "out" / "info.json").write_bytes(text.encode("latin-1"))
-        assert error_of(*argv) == f"error: {tmp_path}/out/info.json is damaged: delete it to start this run over, " \
-                                  "or use another --out"
-    os.remove(tmp_path / "out" / "info.json")
-    run_prepare(*argv)  # as the message says
-    # An unfinished run: run.json damaged, or written by a version that recorded --batch-size 0.
-    with pytest.raises(SystemExit, match="stopped after 1 chunks"):
-        run_prepare(*argv[:2], "--out", tmp_path / "part", *argv[4:], "--batch-size", 1, "--stop-after-chunks", 1)
-    run = json.loads((tmp_path / "part" / "run.json").read_text())
-    for text in ("not json", json.dumps(dict(run, chunk_size=0))):
-        (tmp_path / "part" / "run.json").write_text(text)
-        assert "part/run.json is damaged: delete it to start this run over" in \
-            error_of(*argv[:2], "--out", tmp_path / "part", *argv[4:])
-    (tmp_path / "part" / "run.json").write_text(json.dumps(run))
-    os.remove(tmp_path / "part" / "latents.partial.npy")  # a staging array deleted by hand
-    assert "delete" in error_of(*argv[:2], "--out", tmp_path / "part", *argv[4:])
-
-
-def test_prepare_latents_follows_each_directory_link_once(tmp_path, capsys):
-    """Links into the class folder itself, above it, and to a sibling folder: each real folder once, right labels."""
-    colours = iter(range(10, 250, 10))
-    image = lambda path: Image.new("RGB", (8, 8), (next(colours),) * 3).save(path)
-    for folder in ("ant/sub", "bee/more"):
-        os.makedirs(tmp_path / "images" / folder)
-    expected = ["ant/1.png", "ant/2.png", "ant/sub/3.png", "bee/4.png", "bee/again/5.png"]
-    for name in expected:
-        image(tmp_path / "images" / name.replace("again", "more"))
-    os.symlink(".", tmp_path / "images" / "ant" / "self")
-    os.symlink("..", tmp_path / "images" / "ant" / "sub" / "parent")
-    os.symlink("..", tmp_path / "images" / "ant" / "root")  # the data folder: the other classes' images
-    os.symlink("../../..", tmp_path / "images" / "bee" / "more" / "above")  # above the data folder
-    os.symlink("more", tmp_path / "images" / "bee" / "again")  # listed first, so its path is the one kept
-    classes, files, labels = prepare_latents.list_images(str(tmp_path / "images"))
-    assert (classes, files, labels) == (["ant", "bee"], expected, [0, 0, 0, 1, 1])
-    run_prepare("--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0,
-                "--image-size", 8)
-    summary = capsys.readouterr().out
-    assert "done: 5 images written" in summary and "of 5 listed" in summary
-    pixels = np.load(tmp_path / "out" / "latents.npy")[:, 0, 0, 0, 0]
-    assert np.round((pixels.astype(np.float32) + 1) * 127.5).tolist() == [10, 20, 30, 40, 50]
-    assert np.load(tmp_path / "out" / "labels.npy").tolist() == [0, 0, 0, 1, 1]
-
-
-def test_prepare_latents_nothing_decodable_is_an_error(tmp_path):
-    for name in ("a/x.png", "a/y.jpg", "b/z.png"):
-        os.makedirs(tmp_path / "images" / os.path.dirname(name), exist_ok=True)
-        (tmp_path / "images" / name).write_bytes(b"not an image")
-    argv = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0,
-            "--image-size", 8]
-    message = error_of(*argv)
-    assert message.startswith("error: none of the 3 images could be decoded (the first, a/x.png: ") and \
-        message.endswith(f"all reasons in {tmp_path}/out/skipped.txt)")
-    assert out_files(tmp_path / "out") == ["skipped.txt"]  # and the next run starts over
-    assert len((tmp_path / "out" / "skipped.txt").read_text().splitlines()) == 3
-    for name in ("a/x.png", "a/y.jpg", "b/z.png"):  # fixed: the same command starts over and decodes them
-        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
-    run_prepare(*argv)
-    assert np.load(tmp_path / "out" / "labels.npy").tolist() == [0, 0, 1]
-
-
-def test_prepare_latents_bad_small_image_files(tmp_path):
-    images, labels = np.zeros((3, 4, 4), np.uint8), np.arange(3)
-    cases = {"empty.npz": dict(arr_0=np.zeros((3, 0, 0), np.uint8), labels=labels),
-             "float.npz": dict(arr_0=images, labels=labels.astype(np.float32)),
-             "str.npz": dict(arr_0=images, labels=np.array(["a", "b", "c"])),
-             "huge.npz": dict(arr_0=images, labels=np.array([0, 1, 10 ** 6])),
-             "object.npz": dict(arr_0=images, labels=np.array([0, None, 2], dtype=object))}
-    for name, arrays in cases.items():
-        np.savez(tmp_path / name, **arrays)
-    write_idx(tmp_path / "n-images-idx3-ubyte", images)
-    write_idx(tmp_path / "n-labels-idx1-ubyte", np.arange(2))  # one label short
-    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(64))
-    (tmp_path / "random.bin").write_bytes(np.random.default_rng(1).bytes(64))
-    raw = gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 3, 4, 4) + bytes(48))
-    (tmp_path / "g-images-idx3-ubyte.gz").write_bytes(raw[:12] + bytes(b ^ 0x5A for b in raw[12:]))
-    write_idx(tmp_path / "g-labels-idx1-ubyte.gz", labels)
-    for name, match in [("empty.npz", "images must be uint8"), ("float.npz", "non-negative integers, got float32"),
-                        ("str.npz", "non-negative integers, got <U1"), ("huge.npz", "class indices 0..K-1"),
-                        ("object.npz", "cannot read"), ("n-images-idx3-ubyte", "labels must be 3 non-negative"),
-                        ("random.npz", "is not an npz file"), ("random.bin", "is neither a folder, an npz nor"),
-                        ("g-images-idx3-ubyte.gz", "cannot read"), ("missing.npz", "does not exist")]:
-        assert match in error_of("--data-path", tmp_path / name, "--out", tmp_path / "out", "--vae", "none"), name
-    assert not (tmp_path / "out").exists()
-
-
-def test_prepare_latents_interrupted_by_signals_then_resumed(tmp_path):
-    """SIGTERM (a preemption) and then Ctrl-C, each after the first chunk is on disk: exit 130, one line, no traceback;
-    the same command then finishes with the bytes of an uninterrupted run."""
-    rng = np.random.default_rng(0)
-    images, labels = rng.integers(0, 256, (200, 4, 4), dtype=np.uint8), rng.integers(0, 3, 200)
-    np.savez(tmp_path / "x.npz", arr_0=images, labels=labels)
-    argv = ["--data-path", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out"), "--vae", "none",
-            "--num-workers", "0", "--batch-size", "1"]
-    status = tmp_path / "out" / "status.partial.npy"
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        done, deadline = np.count_nonzero(np.load(status)) if status.exists() else 0, time.time() + 60
-        proc = subprocess.Popen([sys.executable, "prepare_latents.py", *argv], cwd=HERE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        while proc.poll() is None and time.time() < deadline and not (
-                status.exists() and np.count_nonzero(np.load(status)) > done):
-            time.sleep(0.005)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-        lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and "|" not in line]  # not tqdm's bar
-        assert proc.returncode == 130 and lines == ["interrupted: run the same command again to resume"], err
-        assert 0 < np.count_nonzero(np.load(status)) < 200 and not (tmp_path / "out" / "info.json").exists()
-    run_prepare(*argv)
-    run_prepare(*argv[:2], "--out", tmp_path / "ref", *argv[4:-1], 200)
-    names = ["latents.npy", "labels.npy", "info.json", "skipped.txt"]
-    assert out_files(tmp_path / "out") == sorted(names)
-    assert all((tmp_path / "out" / n).read_bytes() == (tmp_path / "ref" / n).read_bytes() for n in names)
-
-
-def test_load_vae_rejects_random_bytes_and_pickles_in_one_line(tmp_path):
-    marker = tmp_path / "ran"
-    torch.save({"encoder.conv_in.weight": Exploit(str(marker))}, tmp_path / "evil.pth")
-    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(256))
-    (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(256))
-    for name in ("evil.pth", "random.pth", "random.safetensors"):
-        with pytest.raises(ValueError) as e:
-            vae.load_vae(str(tmp_path / name))
-        message = str(e.value)
-        assert "\n" not in message and message.startswith(f"{tmp_path / name}: cannot read VAE weights") and \
-            "https://huggingface.co/stabilityai/sd-vae-ft-mse" in message, message
-    assert not marker.exists()
-    assert error_of("--benchmark", "--vae-weights", tmp_path / "evil.pth").startswith(
-        f"error: {tmp_path / 'evil.pth'}: cannot read VAE weights (corrupt, or a pickle that would run code); get ")
-
-
 #################################################################################
 #                           fid.py: FID and Inception                           #
 #################################################################################
@@ -1853,23 +1707,10 @@ def _fid_images(n, seed, size=64):
     return np.clip(images, 0, 255).astype(np.uint8)
 
 
-def _fid_cli(*args, torchrun=False):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
-    # One thread per process: two torchrun ranks, or a busy machine, would otherwise oversubscribe 2 cores.
-    return subprocess.run([sys.executable, *launcher, os.path.join(HERE, "fid.py"), *map(str, args)],
+def _fid_cli(*args):
+    # One thread: a busy machine would otherwise oversubscribe 2 cores.
+    return subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def _fid_in_process(capsys, *args):
-    """fid.py's command line in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        run_script("fid.py", *args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _fid_value(stdout, name):
@@ -2120,8 +1961,8 @@ def test_fid_cli(tmp_path, capsys):
     # torchrun shards a folder of the same images across two ranks (gloo): the summed statistics, the IS of the
     # gathered logits and the Precision/Recall of the gathered pool features against REF's are those of one process
     # only if every image counts exactly once. The whole row, FID last; the brighter images are far (sFID, FID > 1).
-    run = _fid_cli(tmp_path / "a", tmp_path / "b.npz", "--inception", weights, "--device", "cpu",
-                   "--save-stats", tmp_path / "a_folder_s.npz", torchrun=True)
+    run = torchrun("fid.py", tmp_path / "a", tmp_path / "b.npz", "--inception", weights, "--device", "cpu",
+                   "--save-stats", tmp_path / "a_folder_s.npz")
     assert run.returncode == 0, run.stderr
     assert [line.split(":")[0] for line in run.stdout.splitlines()[1:]] == ["sFID", "IS", "Precision", "Recall", "FID"]
     assert_saved_stats(tmp_path / "a_folder_s.npz")
@@ -2138,12 +1979,14 @@ def test_fid_cli(tmp_path, capsys):
         np.savez(tmp_path / name, mu=x.mean(0), sigma=np.cov(x, rowvar=False), **extra)
     s1, s2 = (fid.open_input(str(tmp_path / name))[0] for name in ("s1.npz", "s2.npz"))
     fid_line = f"FID: {fid.frechet_distance(s1['mu'], s1['sigma'], s2['mu'], s2['sigma']):.4f}"
-    assert _fid_in_process(capsys, tmp_path / "s1.npz", tmp_path / "s2.npz") == (0, "\n".join([
+    capsys.readouterr()
+    run_script("fid.py", tmp_path / "s1.npz", tmp_path / "s2.npz")
+    assert capsys.readouterr() == ("\n".join([
         f"no sFID: {tmp_path / 's1.npz'} holds statistics without mu_s/sigma_s (written before sFID)",
         f"no IS: {tmp_path / 's1.npz'} holds statistics only, no images",
         f"no Precision/Recall: {tmp_path / 's1.npz'} holds statistics only, no images", fid_line, ""]), "")
-    assert _fid_in_process(capsys, tmp_path / "s2.npz", tmp_path / "s2.npz", "--metrics", "fid") == \
-        (0, "FID: 0.0000\n", "")
+    run_script("fid.py", tmp_path / "s2.npz", tmp_path / "s2.npz", "--metrics", "fid")
+    assert capsys.readouterr() == ("FID: 0.0000\n", "")
 
 
 def test_fid_cli_user_errors(tmp_path, capsys):
@@ -2160,8 +2003,9 @@ def test_fid_cli_user_errors(tmp_path, capsys):
                         ((old, images, "--metrics", "pr", "--inception", missing), "old.npz holds statistics only"),
                         ((old, old, "--metrics", "fid,kid"), "sfid,is,pr,fid"),
                         ((old, nan), "nan.npz: sigma is not finite")):
-        code, out, err = _fid_in_process(capsys, *args)
-        assert code == 1 and out == "" and err.startswith("error:") and err.count("\n") == 1 and words in err, err
+        capsys.readouterr()
+        cli_error("fid.py", *args, match=words)                # exit status 1 and one line on stderr
+        assert capsys.readouterr().out == ""
     # Inputs the CLI turns into one "error: ..." line the same way.
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     (tmp_path / "text.npz").write_text("not a zip")
@@ -2207,11 +2051,490 @@ def test_fid_during_training_matches_the_offline_pipeline(data, tmp_path, capsys
     run_script("fid.py", tmp_path / "s.npz", ref, "--inception", weights, "--metrics", "fid")
     offline = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
     assert float(logged[0].split("FID-5")[1].split()[0]) == pytest.approx(offline, rel=1e-3)
-    expect_error("train.py", "--data-path", data, *TRAIN, "--fid-every", 2, match="needs --fid-ref")
+    cli_error("train.py", "--data-path", data, *TRAIN, "--fid-every", 2, match="needs --fid-ref")
 
 
 #################################################################################
-#                        toy.py: the 1-D quick start                            #
+#                            vae.py: the autoencoder                            #
+#################################################################################
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return vae.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4).eval()
+
+
+@torch.no_grad()
+def test_vae_matches_reference_vectors_with_both_key_namings():
+    ref = torch.load(os.path.join(HERE, "fixtures", "vae.pt"), weights_only=True)
+    with torch.device("meta"):  # skip the default init of 84M parameters; the weights come from fill()
+        model, model_old = vae.AutoencoderKL().eval(), vae.AutoencoderKL().eval()
+    assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == [(k, list(s)) for k, s in ref["keys"]]
+    weights = fill(ref["keys"], ref["seed"])
+    model.load_state_dict(weights, assign=True)
+    torch.testing.assert_close(model.decode(ref["z"]), ref["decoded"], atol=1e-4, rtol=1e-4)
+    for x, mean, logvar in [("x", "mean", "logvar"), ("x2", "mean2", "logvar2")]:
+        m, lv = model.encode(ref[x])
+        torch.testing.assert_close(m, ref[mean], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lv, ref[logvar], atol=1e-4, rtol=1e-4)
+
+    # The same weights under the older names (query/key/value/proj_attn), also with 1x1-conv attention kernels.
+    old = {old_key: weights[key] for (key, _), (old_key, _) in zip(ref["keys"], ref["old_style_keys"])}
+    assert any(".query." in k for k in old) and not any(".to_q." in k for k in old)
+    model_old.load_state_dict(old, assign=True)
+    torch.testing.assert_close(model_old.encode(ref["x2"])[0], ref["mean2"], atol=1e-4, rtol=1e-4)
+    old_conv = {k: v[:, :, None, None] if v.dim() == 2 else v for k, v in old.items()}
+    model_old.load_state_dict(old_conv)
+    assert all(torch.equal(a, b) for a, b in zip(model_old.state_dict().values(), model.state_dict().values()))
+
+
+@torch.no_grad()
+def test_vae_logvar_is_clamped():
+    model = tiny_vae()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    for shift, bound in ((1e4, 20.0), (-1e4, -30.0)):
+        model.quant_conv.bias.data[4:] += shift
+        assert torch.all(model.encode(x)[1] == bound)
+        model.quant_conv.bias.data[4:] -= shift
+
+
+def write_safetensors(path, state_dict, dtype):
+    """A .safetensors file written by hand from the format's spec (header length, JSON header, raw data)."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, v in state_dict.items():
+        raw = v.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": names[dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+
+
+@torch.no_grad()
+def test_load_vae_reads_safetensors_bin_and_wrapped_pth(tmp_path):
+    model = tiny_vae()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    expected = model.encode(x)[0]
+    sd = model.state_dict()
+    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
+           for k, v in sd.items()}
+    torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
+    torch.save({"state_dict": {"module." + k: v for k, v in old.items()}}, tmp_path / "wrapped.pth")
+    torch.save({"vae." + k: v for k, v in old.items()}, tmp_path / "prefixed.pth")
+    write_safetensors(tmp_path / "f32.safetensors", sd, torch.float32)
+    for name in ("diffusion_pytorch_model.bin", "wrapped.pth", "prefixed.pth", "f32.safetensors"):
+        loaded = vae.load_vae(str(tmp_path / name))
+        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        assert torch.equal(loaded.encode(x)[0], expected), name
+    for dtype in (torch.float16, torch.bfloat16):
+        write_safetensors(tmp_path / "half.safetensors", sd, dtype)
+        loaded = vae.load_vae(str(tmp_path / "half.safetensors")).state_dict()
+        assert all(torch.equal(loaded[k], v.to(dtype).float()) for k, v in sd.items())
+
+
+def test_load_vae_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="huggingface.co/stabilityai/sd-vae-ft-mse"):
+        vae.load_vae(str(tmp_path / "nope.pth"))
+    torch.save({"net.weight": torch.zeros(3), **{k: v for k, v in tiny_vae().state_dict().items()
+                                                 if not k.startswith("decoder.")}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"missing keys \[decoder\.conv_in\.weight.*more\).*unexpected keys \[net\.weight\]"):
+        vae.load_vae(str(tmp_path / "other.pth"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError):
+        vae.load_vae(str(tmp_path / "junk.safetensors"))
+
+
+def test_load_vae_rejects_random_bytes_and_pickles_in_one_line(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"encoder.conv_in.weight": Exploit(str(marker))}, tmp_path / "evil.pth")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(256))
+    (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(256))
+    for name in ("evil.pth", "random.pth", "random.safetensors"):
+        with pytest.raises(ValueError) as e:
+            vae.load_vae(str(tmp_path / name))
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"{tmp_path / name}: cannot read VAE weights") and \
+            "https://huggingface.co/stabilityai/sd-vae-ft-mse" in message, message
+    assert not marker.exists()
+    assert cli_error("prepare_latents.py", "--benchmark", "--vae-weights", tmp_path / "evil.pth").startswith(
+        f"error: {tmp_path / 'evil.pth'}: cannot read VAE weights (corrupt, or a pickle that would run code); get ")
+
+
+#################################################################################
+#                     prepare_latents.py: images to latents                     #
+#################################################################################
+
+def make_image_folder(root):
+    """Three classes covering the odd cases; returns the expected (relative path, label) of the good images."""
+    rng = np.random.default_rng(0)
+    rgb = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    for c in ("ant", "bee", "cow"):
+        os.makedirs(root / c)
+    os.makedirs(root / "cow" / "more")
+    rgb(300, 200).save(root / "ant" / "b.JPG")
+    rgb(1200, 900).save(root / "ant" / "a_large.png")
+    rgb(10, 7).save(root / "ant" / "c_tiny.png")
+    Image.fromarray(rng.integers(0, 256, (80, 90), dtype=np.uint8), "L").save(root / "bee" / "gray.png")
+    rgb(70, 64).convert("CMYK").save(root / "bee" / "cmyk.jpg")
+    rgb(64, 70).convert("P").save(root / "bee" / "palette.png")
+    rgba = np.concatenate([np.full((50, 60, 3), (255, 0, 0), np.uint8), np.zeros((50, 60, 1), np.uint8)], 2)
+    rgba[:, :20, 3] = 255  # left third opaque red, the rest fully transparent red
+    Image.fromarray(rgba, "RGBA").save(root / "cow" / "alpha.png")
+    (root / "bee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")  # mid-list: labels shift if mishandled
+    (root / "cow" / "notes.txt").write_text("not an image, ignored")
+    rgb(40, 40).save(root / "cow" / "more" / "nested.webp", lossless=True)
+    return [("ant/a_large.png", 0), ("ant/b.JPG", 0), ("ant/c_tiny.png", 0), ("bee/cmyk.jpg", 1),
+            ("bee/gray.png", 1), ("bee/palette.png", 1), ("cow/alpha.png", 2), ("cow/more/nested.webp", 2)]
+
+
+def reference_crop(path, size):
+    """ADM's centre crop, written out again independently, after the RGB conversion the script documents."""
+    img = Image.open(path)
+    if img.mode == "RGBA":
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    img = img.convert("RGB")
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), Image.BOX)
+    s = size / min(img.size)
+    img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def test_prepare_latents_pixels_crop_flip_labels_and_skips(tmp_path):
+    expected = make_image_folder(tmp_path / "images")
+    run_script("prepare_latents.py", "--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none",
+                "--image-size", 32, "--batch-size", 3, "--num-workers", 2)
+    out = tmp_path / "out"
+    info = json.loads((out / "info.json").read_text())
+    assert info["classes"] == ["ant", "bee", "cow"] and info["num_classes"] == 3 and info["image_size"] == 32
+    assert info["num_images"] == len(expected) and info["vae"] == "none" and info["scale"] == 1.0
+    assert not (out / "std.npy").exists() and not any(f.name.endswith(".partial.npy") or ".tmp" in f.name for f in out.iterdir())
+    latents, labels = np.load(out / "latents.npy"), np.load(out / "labels.npy")
+    assert latents.dtype == np.float16 and latents.shape == (len(expected), 2, 3, 32, 32)
+    assert labels.dtype == np.int64 and labels.tolist() == [label for _, label in expected]
+    assert (out / "skipped.txt").read_text().startswith("bee/broken.jpg\t")
+    pixels = np.round((latents.astype(np.float32) + 1) * 127.5).astype(np.uint8).transpose(0, 1, 3, 4, 2)
+    for i, (path, _) in enumerate(expected):  # every row is the right image, in order, with its mirror
+        ref = reference_crop(tmp_path / "images" / path, 32)
+        assert np.array_equal(pixels[i, 0], ref), path
+        assert np.array_equal(pixels[i, 1], ref[:, ::-1]), path
+    gray = pixels[[p for p, _ in expected].index("bee/gray.png"), 0]
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
+    alpha = pixels[[p for p, _ in expected].index("cow/alpha.png"), 0]
+    assert alpha[16, 0].tolist() == [255, 0, 0] and alpha[16, -1].tolist() == [255, 255, 255]  # transparent -> white
+    # train.py trains from this output as it is (pixel space here: in_channels 3, 32 x 32, 3 classes).
+    run_script("train.py", "--data-path", out, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    config = torch.load(tmp_path / "run" / "checkpoints" / "0000001.pt", weights_only=True)["config"]["G"]
+    assert (config["input_size"], config["in_channels"], config["num_classes"]) == (32, 3, 3)
+
+
+def test_prepare_latents_vae_one_vs_two_processes_and_resume(tmp_path, capsys):
+    make_image_folder(tmp_path / "images")
+    torch.save(tiny_vae().state_dict(), tmp_path / "tiny.pth")
+    args = lambda out, *more: ["--data-path", str(tmp_path / "images"), "--out", str(tmp_path / out),
+                               "--vae-weights", str(tmp_path / "tiny.pth"), "--image-size", "32", "--num-workers", "0",
+                               *more]
+    run_script("prepare_latents.py", *args("one", "--batch-size", 2))
+    names = ["latents.npy", "std.npy", "labels.npy", "info.json", "skipped.txt"]
+    one = {n: (tmp_path / "one" / n).read_bytes() for n in names}
+
+    # The values: mean and std of the tiny VAE's posterior, times the scale, for both views.
+    latents, std = np.load(tmp_path / "one" / "latents.npy"), np.load(tmp_path / "one" / "std.npy")
+    assert latents.shape == std.shape == (8, 2, 4, 16, 16) and json.loads(one["info.json"])["scale"] == vae.SCALE
+    x = torch.tensor(reference_crop(tmp_path / "images" / "bee" / "gray.png", 32)).permute(2, 0, 1)[None]
+    x = x.float() / 127.5 - 1
+    with torch.no_grad():
+        mean, logvar = tiny_vae().encode(torch.cat([x, x.flip(3)]))
+    np.testing.assert_allclose(latents[4], (mean * vae.SCALE).numpy(), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(std[4], (torch.exp(0.5 * logvar) * vae.SCALE).numpy(), rtol=2e-3, atol=1e-4)
+
+    # Two processes (gloo). Each stops after its first chunk: rank 0 owns chunks 0-1, rank 1 chunks 2-4 (of 5).
+    run = torchrun("prepare_latents.py", *args("two", "--batch-size", "2", "--stop-after-chunks", "1"))
+    assert run.returncode == 1 and run.stderr.count("stopped after 1 chunks (--stop-after-chunks)") == 2, run.stderr
+    assert np.load(tmp_path / "two" / "status.partial.npy").nonzero()[0].tolist() == [0, 1, 4, 5]
+    run = torchrun("prepare_latents.py", *args("two", "--batch-size", "2"))
+    assert run.returncode == 0, run.stderr                     # resumed: the same bytes as one process
+    assert {n: (tmp_path / "two" / n).read_bytes() for n in names} == one
+
+    # Interrupted after 2 of 5 chunks, then resumed (with another --batch-size, which must not change the chunks).
+    with pytest.raises(SystemExit, match="stopped after 2 chunks"):
+        run_script("prepare_latents.py", *args("resumed", "--batch-size", 2, "--stop-after-chunks", 2))
+    status = np.load(tmp_path / "resumed" / "status.partial.npy")
+    assert (status[:4] > 0).all() and (status[4:] == 0).all() and not (tmp_path / "resumed" / "info.json").exists()
+    assert "different unfinished run (differs in image_size" in cli_error("prepare_latents.py", *args("resumed", "--image-size", 64))
+    capsys.readouterr()
+    run_script("prepare_latents.py", *args("resumed", "--batch-size", 3))
+    assert "this run read 5 images" in capsys.readouterr().out  # only chunks 2-4 (rows 4-8) were left
+    assert {n: (tmp_path / "resumed" / n).read_bytes() for n in names} == one
+    assert sorted(os.listdir(tmp_path / "resumed")) == sorted(names)
+
+
+def write_idx(path, array):
+    """An IDX file of uint8 values, as the MNIST family ships them (gzip when the name ends in .gz)."""
+    raw = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def test_prepare_latents_small_image_files(tmp_path):
+    """MNIST-family IDX files (gzip or not) and ADM-style npz files, at their own size, padded or resized."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (7, 6, 6), dtype=np.uint8), np.array([3, 0, 1, 3, 2, 0, 1])
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    run_script("prepare_latents.py", "--data-path", tmp_path / "train-images-idx3-ubyte.gz", "--out", tmp_path / "own", "--vae", "none",
+                "--num-workers", 0, "--batch-size", 3)
+    latents = np.load(tmp_path / "own" / "latents.npy")
+    assert latents.shape == (7, 2, 1, 6, 6) and np.load(tmp_path / "own" / "labels.npy").tolist() == labels.tolist()
+    pixels = np.round((latents.astype(np.float32) + 1) * 127.5)
+    assert np.array_equal(pixels[:, 0, 0], images) and np.array_equal(pixels[:, 1, 0], images[:, :, ::-1])
+    info = json.loads((tmp_path / "own" / "info.json").read_text())
+    assert info["num_classes"] == 4 and info["image_size"] == 6 and info["shape"] == [2, 1, 6, 6]
+    # Padded to 10 (zeros, i.e. -1, around the centred image), uncompressed IDX gives the same.
+    write_idx(tmp_path / "raw-images-idx3-ubyte", images)
+    write_idx(tmp_path / "raw-labels-idx1-ubyte", labels)
+    run_script("prepare_latents.py", "--data-path", tmp_path / "raw-images-idx3-ubyte", "--out", tmp_path / "pad", "--vae", "none",
+                "--image-size", 10, "--num-workers", 0)
+    padded = np.load(tmp_path / "pad" / "latents.npy")[:, 0, 0]
+    assert padded.shape == (7, 10, 10) and np.array_equal(padded[:, 2:8, 2:8], latents[:, 0, 0])
+    assert (padded[:, :2] == -1).all() and (padded[:, :, 8:] == -1).all()
+    # An npz of RGB images with labels, resized down as ADM crops (3 channels kept).
+    rgb = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", arr_0=rgb, labels=np.arange(5))
+    run_script("prepare_latents.py", "--data-path", tmp_path / "rgb.npz", "--out", tmp_path / "npz", "--vae", "none", "--image-size", 6,
+                "--num-workers", 0)
+    small = np.round((np.load(tmp_path / "npz" / "latents.npy")[:, 0].astype(np.float32) + 1) * 127.5)
+    expect = [prepare_latents.center_crop_arr(Image.fromarray(im), 6) for im in rgb]
+    assert small.shape == (5, 3, 6, 6) and np.array_equal(small.transpose(0, 2, 3, 1), np.stack(expect))
+    # train.py trains on one channel at its own size.
+    run_script("train.py", "--data-path", tmp_path / "own", "--results-dir", tmp_path / "run", "--model", "T/2",
+               "--device", "cpu", "--global-batch-size", 4, "--max-steps", 1)
+    config = torch.load(tmp_path / "run" / "checkpoints" / "0000001.pt", weights_only=True)["config"]["G"]
+    assert (config["input_size"], config["in_channels"], config["num_classes"]) == (6, 1, 4)
+    # Bad small-image files: one line each.
+    write_idx(tmp_path / "lonely-images-idx3-ubyte", images)
+    assert "no labels for" in cli_error("prepare_latents.py", "--data-path", tmp_path / "lonely-images-idx3-ubyte", "--out", tmp_path / "x",
+                                       "--vae", "none")
+    (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + b"\0" * 5)
+    write_idx(tmp_path / "bad-labels-idx1-ubyte", labels)
+    assert "not an IDX file" in cli_error("prepare_latents.py", "--data-path", tmp_path / "bad-images-idx3-ubyte", "--out", tmp_path / "x",
+                                         "--vae", "none")
+    np.savez(tmp_path / "nolabels.npz", arr_0=rgb)
+    assert "labels" in cli_error("prepare_latents.py", "--data-path", tmp_path / "nolabels.npz", "--out", tmp_path / "x", "--vae", "none")
+
+
+def test_prepare_latents_already_done_and_bad_inputs(tmp_path, capsys):
+    make_image_folder(tmp_path / "images")
+    base = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--image-size", 32, "--num-workers", 0]
+    run_script("prepare_latents.py", *base, "--vae", "none")
+    run_script("prepare_latents.py", *base, "--vae", "none")
+    assert "already done: 8 images" in capsys.readouterr().out
+    assert "different finished run" in cli_error("prepare_latents.py", *base, "--vae", "none", "--image-size", 64)
+    os.remove(tmp_path / "images" / "bee" / "broken.jpg")  # all good: staging arrays are renamed, not compacted
+    run_script("prepare_latents.py", *base[:2], "--out", tmp_path / "clean", *base[4:], "--vae", "none")
+    for name in ("latents.npy", "labels.npy"):
+        assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+    assert (tmp_path / "clean" / "skipped.txt").read_text() == ""
+    assert "--vae-weights" in cli_error("prepare_latents.py", *base)
+    assert "VAE weights not found" in cli_error("prepare_latents.py", *base, "--vae-weights", tmp_path / "missing.pth")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "classifier.pth")
+    assert "unexpected keys [fc.weight]" in cli_error("prepare_latents.py", *base, "--vae-weights", tmp_path / "classifier.pth")
+    os.makedirs(tmp_path / "empty")
+    assert "no images" in cli_error("prepare_latents.py", "--data-path", tmp_path / "empty", "--out", tmp_path / "o2", "--vae", "none")
+    os.makedirs(tmp_path / "flat")
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.png")  # images but no class folders
+    assert "no images" in cli_error("prepare_latents.py", "--data-path", tmp_path / "flat", "--out", tmp_path / "o3", "--vae", "none")
+    os.makedirs(tmp_path / "images" / "dog")  # a class folder with nothing in it
+    assert "without images" in cli_error("prepare_latents.py", *base[:2], "--out", tmp_path / "o4", "--vae", "none")
+
+    # From the shell: one line on stderr, no traceback, non-zero exit.
+    result = subprocess.run([sys.executable, os.path.join(HERE, "prepare_latents.py"), "--data-path", str(tmp_path / "x"),
+                             "--out", str(tmp_path / "o5"), "--vae-weights", str(tmp_path / "missing.pth")],
+                            capture_output=True, text=True, cwd=HERE)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: VAE weights not found") and len(result.stderr.strip().splitlines()) == 1
+
+
+def out_files(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else None
+
+
+def test_prepare_latents_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "images")  # one broken image: the staging arrays are compacted at the end
+    argv = lambda out: ["--data-path", tmp_path / "images", "--out", tmp_path / out, "--vae", "none",
+                        "--image-size", 8, "--num-workers", 0]
+    run_script("prepare_latents.py", *argv("clean"))
+    out, room = tmp_path / "full", [0]
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fallocate(fd, offset, length):  # finds room for room[0] more files
+        room[0] -= 1
+        if room[0] < 0:
+            no_space()
+
+    # Creating the staging arrays (latents, then status): nothing is left behind, not even run.json or the folder.
+    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    room[0] = 1
+    assert cli_error("prepare_latents.py", *argv("full")) == f"error: cannot write {out}/status.partial.npy: No space left on device"
+    assert out_files(out) is None
+    # Compacting the staging arrays to the good rows: no temporary file is left, the run stays resumable.
+    room[0] = 2
+    assert cli_error("prepare_latents.py", *argv("full")) == f"error: cannot write {out}/latents.npy: No space left on device"
+    assert out_files(out) == ["latents.partial.npy", "run.json", "skipped.txt", "status.partial.npy"]
+    # A plain write (labels.npy, through np.save).
+    monkeypatch.undo()
+    monkeypatch.setattr(np, "save", no_space)
+    assert cli_error("prepare_latents.py", *argv("full")) == f"error: cannot write {out}/labels.npy: No space left on device"
+    assert not any(".tmp" in name for name in os.listdir(out)) and not (out / "info.json").exists()
+    monkeypatch.undo()
+    run_script("prepare_latents.py", *argv("full"))  # room again: the same command finishes the run, as if nothing had happened
+    names = ["latents.npy", "labels.npy", "info.json", "skipped.txt"]
+    assert out_files(out) == sorted(names)
+    assert all((out / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in names)
+
+
+def test_prepare_latents_bad_flags_create_nothing(tmp_path, capsys):
+    make_image_folder(tmp_path / "images")
+    base = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
+    bad = [("--batch-size", 0), ("--batch-size", -2), ("--image-size", 0), ("--image-size", -8),
+           ("--num-workers", -1), ("--device", "gpu")] + ([] if torch.cuda.is_available() else [("--device", "cuda")])
+    for flag, value in bad:
+        with pytest.raises(SystemExit) as e:
+            run_script("prepare_latents.py", *base, flag, value)
+        assert e.value.code == 2 and not (tmp_path / "out").exists(), (flag, value)
+        err = capsys.readouterr().err
+        assert f"error: argument {flag}" in err or f"error: {flag}" in err, err
+    assert 1 <= prepare_latents.parse_args(["--benchmark"]).num_workers <= min(8, os.cpu_count())
+    (tmp_path / "file").write_text("")
+    assert cli_error("prepare_latents.py", *base[:2], "--out", tmp_path / "file", "--vae", "none") == \
+        f"error: --out {tmp_path / 'file'} is a file, not a folder"
+
+
+def test_prepare_latents_damaged_records_are_one_line(tmp_path):
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
+    argv = ["--data-path", tmp_path / "x.npz", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0]
+    run_script("prepare_latents.py", *argv)
+    for text in ("{\"num_classes\": 4, ", "[1, 2]", "\xff\xfe"):
+        (tmp_path / "out" / "info.json").write_bytes(text.encode("latin-1"))
+        assert cli_error("prepare_latents.py", *argv) == f"error: {tmp_path}/out/info.json is damaged: delete it to start this run over, " \
+                                  "or use another --out"
+    os.remove(tmp_path / "out" / "info.json")
+    run_script("prepare_latents.py", *argv)  # as the message says
+    # An unfinished run: run.json damaged, or written by a version that recorded --batch-size 0.
+    with pytest.raises(SystemExit, match="stopped after 1 chunks"):
+        run_script("prepare_latents.py", *argv[:2], "--out", tmp_path / "part", *argv[4:], "--batch-size", 1, "--stop-after-chunks", 1)
+    run = json.loads((tmp_path / "part" / "run.json").read_text())
+    for text in ("not json", json.dumps(dict(run, chunk_size=0))):
+        (tmp_path / "part" / "run.json").write_text(text)
+        assert "part/run.json is damaged: delete it to start this run over" in \
+            cli_error("prepare_latents.py", *argv[:2], "--out", tmp_path / "part", *argv[4:])
+    (tmp_path / "part" / "run.json").write_text(json.dumps(run))
+    os.remove(tmp_path / "part" / "latents.partial.npy")  # a staging array deleted by hand
+    assert "delete" in cli_error("prepare_latents.py", *argv[:2], "--out", tmp_path / "part", *argv[4:])
+
+
+def test_prepare_latents_follows_each_directory_link_once(tmp_path, capsys):
+    """Links into the class folder itself, above it, and to a sibling folder: each real folder once, right labels."""
+    colours = iter(range(10, 250, 10))
+    image = lambda path: Image.new("RGB", (8, 8), (next(colours),) * 3).save(path)
+    for folder in ("ant/sub", "bee/more"):
+        os.makedirs(tmp_path / "images" / folder)
+    expected = ["ant/1.png", "ant/2.png", "ant/sub/3.png", "bee/4.png", "bee/again/5.png"]
+    for name in expected:
+        image(tmp_path / "images" / name.replace("again", "more"))
+    os.symlink(".", tmp_path / "images" / "ant" / "self")
+    os.symlink("..", tmp_path / "images" / "ant" / "sub" / "parent")
+    os.symlink("..", tmp_path / "images" / "ant" / "root")  # the data folder: the other classes' images
+    os.symlink("../../..", tmp_path / "images" / "bee" / "more" / "above")  # above the data folder
+    os.symlink("more", tmp_path / "images" / "bee" / "again")  # listed first, so its path is the one kept
+    classes, files, labels = prepare_latents.list_images(str(tmp_path / "images"))
+    assert (classes, files, labels) == (["ant", "bee"], expected, [0, 0, 0, 1, 1])
+    run_script("prepare_latents.py", "--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0,
+                "--image-size", 8)
+    summary = capsys.readouterr().out
+    assert "done: 5 images written" in summary and "of 5 listed" in summary
+    pixels = np.load(tmp_path / "out" / "latents.npy")[:, 0, 0, 0, 0]
+    assert np.round((pixels.astype(np.float32) + 1) * 127.5).tolist() == [10, 20, 30, 40, 50]
+    assert np.load(tmp_path / "out" / "labels.npy").tolist() == [0, 0, 0, 1, 1]
+
+
+def test_prepare_latents_nothing_decodable_is_an_error(tmp_path):
+    for name in ("a/x.png", "a/y.jpg", "b/z.png"):
+        os.makedirs(tmp_path / "images" / os.path.dirname(name), exist_ok=True)
+        (tmp_path / "images" / name).write_bytes(b"not an image")
+    argv = ["--data-path", tmp_path / "images", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0,
+            "--image-size", 8]
+    message = cli_error("prepare_latents.py", *argv)
+    assert message.startswith("error: none of the 3 images could be decoded (the first, a/x.png: ") and \
+        message.endswith(f"all reasons in {tmp_path}/out/skipped.txt)")
+    assert out_files(tmp_path / "out") == ["skipped.txt"]  # and the next run starts over
+    assert len((tmp_path / "out" / "skipped.txt").read_text().splitlines()) == 3
+    for name in ("a/x.png", "a/y.jpg", "b/z.png"):  # fixed: the same command starts over and decodes them
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    run_script("prepare_latents.py", *argv)
+    assert np.load(tmp_path / "out" / "labels.npy").tolist() == [0, 0, 1]
+
+
+def test_prepare_latents_bad_small_image_files(tmp_path):
+    images, labels = np.zeros((3, 4, 4), np.uint8), np.arange(3)
+    cases = {"empty.npz": dict(arr_0=np.zeros((3, 0, 0), np.uint8), labels=labels),
+             "float.npz": dict(arr_0=images, labels=labels.astype(np.float32)),
+             "str.npz": dict(arr_0=images, labels=np.array(["a", "b", "c"])),
+             "huge.npz": dict(arr_0=images, labels=np.array([0, 1, 10 ** 6])),
+             "object.npz": dict(arr_0=images, labels=np.array([0, None, 2], dtype=object))}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    write_idx(tmp_path / "n-images-idx3-ubyte", images)
+    write_idx(tmp_path / "n-labels-idx1-ubyte", np.arange(2))  # one label short
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(64))
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(1).bytes(64))
+    raw = gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 3, 4, 4) + bytes(48))
+    (tmp_path / "g-images-idx3-ubyte.gz").write_bytes(raw[:12] + bytes(b ^ 0x5A for b in raw[12:]))
+    write_idx(tmp_path / "g-labels-idx1-ubyte.gz", labels)
+    for name, match in [("empty.npz", "images must be uint8"), ("float.npz", "non-negative integers, got float32"),
+                        ("str.npz", "non-negative integers, got <U1"), ("huge.npz", "class indices 0..K-1"),
+                        ("object.npz", "cannot read"), ("n-images-idx3-ubyte", "labels must be 3 non-negative"),
+                        ("random.npz", "is not an npz file"), ("random.bin", "is neither a folder, an npz nor"),
+                        ("g-images-idx3-ubyte.gz", "cannot read"), ("missing.npz", "does not exist")]:
+        assert match in cli_error("prepare_latents.py", "--data-path", tmp_path / name, "--out", tmp_path / "out", "--vae", "none"), name
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_latents_interrupted_by_signals_then_resumed(tmp_path):
+    """SIGTERM (a preemption) and then Ctrl-C, each after the first chunk is on disk: exit 130, one line, no traceback;
+    the same command then finishes with the bytes of an uninterrupted run."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (200, 4, 4), dtype=np.uint8), rng.integers(0, 3, 200)
+    np.savez(tmp_path / "x.npz", arr_0=images, labels=labels)
+    argv = ["--data-path", str(tmp_path / "x.npz"), "--out", str(tmp_path / "out"), "--vae", "none",
+            "--num-workers", "0", "--batch-size", "1"]
+    status = tmp_path / "out" / "status.partial.npy"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        done, deadline = np.count_nonzero(np.load(status)) if status.exists() else 0, time.time() + 60
+        proc = subprocess.Popen([sys.executable, "prepare_latents.py", *argv], cwd=HERE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        while proc.poll() is None and time.time() < deadline and not (
+                status.exists() and np.count_nonzero(np.load(status)) > done):
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and "|" not in line]  # not tqdm's bar
+        assert proc.returncode == 130 and lines == ["interrupted: run the same command again to resume"], err
+        assert 0 < np.count_nonzero(np.load(status)) < 200 and not (tmp_path / "out" / "info.json").exists()
+    run_script("prepare_latents.py", *argv)
+    run_script("prepare_latents.py", *argv[:2], "--out", tmp_path / "ref", *argv[4:-1], 200)
+    names = ["latents.npy", "labels.npy", "info.json", "skipped.txt"]
+    assert out_files(tmp_path / "out") == sorted(names)
+    assert all((tmp_path / "out" / n).read_bytes() == (tmp_path / "ref" / n).read_bytes() for n in names)
+
+
+#################################################################################
+#                          toy.py: the 1-D quick start                          #
 #################################################################################
 
 def test_toy_trains_and_writes_outputs(tmp_path):
@@ -2237,7 +2560,7 @@ def test_toy_trains_and_writes_outputs(tmp_path):
 
 def test_toy_bad_flags(tmp_path):
     (tmp_path / "file").write_text("")
-    expect_error("toy.py", "--out-dir", tmp_path / "file", match="is a file, not a folder")
+    cli_error("toy.py", "--out-dir", tmp_path / "file", match="is a file, not a folder")
     with pytest.raises(SystemExit) as e:
         run_script("toy.py", "--steps", "0")
     assert e.value.code == 2
@@ -2297,100 +2620,6 @@ def test_toy_wasserstein1_and_prior_weighting():
     assert abs(toy.prior_mean_abs(z, np.zeros_like(z), z) - math.sqrt(2 / math.pi)) < 1e-3
 
 
-class _ToyVelocity(torch.nn.Module):
-    """F(x, y, t, t_tgt) = a x + b t + c t_tgt + d + e x t + f x t_tgt (+ g_y with labels), elementwise in float64:
-    smooth enough to work out by hand, with x, both times and the label interacting so that no input can be mixed up
-    unnoticed. x may be (N, 1) (the toy) or (N, C, H, W) (images); times are (N,)."""
-    def __init__(self, a, b, c, d, e, f, g=(0.0, 0.0, 0.0)):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([a, b, c, d, e, f], dtype=torch.float64))
-        self.g = torch.nn.Parameter(torch.tensor(g, dtype=torch.float64))
-
-    def forward(self, x, y, t_src, t_tgt):
-        out = (self.w * self.features(x, t_src, t_tgt)).sum(-1)
-        return out if y is None else out + self.g[y].view(-1, *[1] * (x.dim() - 1))
-
-    @staticmethod
-    def features(x, t, tt):                                   # dF/dw, (*x.shape, 6)
-        x = torch.as_tensor(x, dtype=torch.float64)
-        t, tt = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, *[1] * (x.dim() - 1)).expand_as(x) for v in (t, tt))
-        return torch.stack([x, t, tt, torch.ones_like(x), x * t, x * tt], -1)
-
-
-@pytest.mark.parametrize("shape, cfg", [((1,), 0.0), ((1, 2, 2), 0.5)])
-def test_twinflow_loss_terms_by_hand(shape, cfg):
-    """loss.twinflow_losses, which toy.py (1-D, no labels) and twinflow.py (images, labels, the CFG-enhanced target)
-    both train with, against the tutorial's arithmetic written out per element in plain floats. Three samples: an RCGM
-    roll-out, a t_tgt within DELTA of t (flow matching) and one whose residual is clipped."""
-    P = math.prod(shape)
-    per_pixel = lambda *v: torch.tensor(v, dtype=torch.float64).view(-1, 1) + torch.linspace(0, 0.2, P, dtype=torch.float64)
-    x, z, z2 = per_pixel(0.5, -1.0, 1.5), per_pixel(1.0, 0.3, -0.7), per_pixel(0.2, -0.4, 0.9)   # (3, P)
-    t, t_tgt, t2 = torch.tensor([0.8, 0.5, 0.3]), torch.tensor([0.2, 0.495, 0.0]), torch.tensor([0.6, 0.1, 0.9])
-    t, t_tgt, t2 = (v.double() for v in (t, t_tgt, t2))
-    y, y_cfg = (torch.tensor([0, 2, 1]), torch.tensor([1, 2, 0])) if cfg else (None, None)
-    # A nearly constant field and an EMA close to it, so that the roll-out's residual falls inside the clip.
-    G = _ToyVelocity(3e-3, -2e-3, 4e-3, 0.8, 2e-3, -3e-3, g=(1e-3, -2e-3, 3e-3))
-    EMA = _ToyVelocity(4e-3, -1e-3, 3e-3, 0.802, 3e-3, -2e-3, g=(5e-3, 1e-3, -4e-3)).requires_grad_(False)
-    image = lambda v: v.view(3, *shape)
-    losses = loss.twinflow_losses(G, EMA, image(x), y, image(z), t, t_tgt, image(z2), t2, y_cfg=y_cfg, cfg_ratio=cfg)
-    assert list(losses) == ["base", "real", "fake", "rectify", "base_one_step"]
-
-    # The tutorial's arithmetic (methodes.py), written out per element in plain floats.
-    g, ema = G.w.tolist(), EMA.w.tolist()
-    Fw = lambda w, b, x, t, tt: sum(wi * fi for wi, fi in zip(w, _ToyVelocity.features([x], [t], [tt]).view(-1).tolist())) + b
-
-    def rcgm(F_th, xt, v, t, tt, b_ema):                      # get_rcgm_target's residual before the clip
-        if t < tt + 0.01:                                     # cof_l = 1; the roll-out from tt to tt adds nothing
-            return F_th - v
-        ts = [(t - 0.01) * (1 - i / 2) + tt * i / 2 for i in range(3)]
-        xs, pred = xt - 0.01 * v, 0.0
-        for tc, tn in zip(ts, ts[1:]):
-            step = Fw(ema, b_ema, xs, tc, tn) * (tc - tn)
-            xs, pred = xs - step, pred + step
-        return 100 * (t - tt) * F_th - 100 * pred - v         # cof_l = 100 (t - tt), cof_r = 100
-
-    clip = lambda r: min(max(r, -1.0), 1.0)
-    want = {k: [0.0, np.zeros(6), np.zeros(3)] for k in losses}  # value, gradients with respect to G.w and G.g
-    M = 3 * P
-
-    def add(name, residual, feats, label):                    # mean of residual^2; gradient 2 residual dF/dw
-        want[name][0] += residual ** 2 / M
-        want[name][1] += 2 * residual * np.array(feats) / M
-        if label is not None:
-            want[name][2][label] += 2 * residual / M
-    for i in range(3):
-        ti, tti, t2i = float(t[i]), float(t_tgt[i]), float(t2[i])
-        yi = None if y is None else int(y[i])
-        b, b_ema = (0.0, 0.0) if y is None else (G.g[yi].item(), EMA.g[yi].item())
-        guide = 0.0 if y is None else cfg * (EMA.g[yi].item() - EMA.g[int(y_cfg[i])].item())  # the CFG-enhanced v
-        feats = lambda a, c, d: _ToyVelocity.features([a], [c], [d]).view(-1).numpy()
-        for j in range(P):
-            xi, zi, z2i = float(x[i, j]), float(z[i, j]), float(z2[i, j])
-            vi, xti = zi - xi + guide, ti * zi + (1 - ti) * xi
-            r = rcgm(Fw(g, b, xti, ti, tti), xti, vi, ti, tti, b_ema)
-            add("base", clip(r), feats(xti, ti, tti), yi)
-            add("real", Fw(g, b, xti, ti, ti) - vi, feats(xti, ti, ti), yi)
-            x_fake = zi - Fw(g, b, zi, 1.0, 0.0)
-            xf = ti * zi + (1 - ti) * x_fake
-            add("fake", Fw(g, b, xf, -ti, -ti) - (zi - x_fake), feats(xf, -ti, -ti), yi)
-            x2 = t2i * z2i + (1 - t2i) * x_fake
-            add("rectify", Fw(g, b, x2, -t2i, -t2i) - Fw(g, b, x2, t2i, t2i), feats(zi, 1.0, 0.0), yi)
-            r1 = rcgm(Fw(g, b, zi, 1.0, 0.0), zi, vi, 1.0, 0.0, b_ema)
-            add("base_one_step", clip(r1), feats(zi, 1.0, 0.0), yi)
-            if i == 0:                                        # the roll-out, in range; the third sample clipped
-                assert 0.05 < abs(r) < 1
-            if i == 2:
-                assert abs(r) > 1 and abs(r1) > 1
-    for name, term in losses.items():
-        G.zero_grad()
-        term.backward(retain_graph=True)
-        assert term.item() == pytest.approx(want[name][0], rel=1e-12), name
-        np.testing.assert_allclose(G.w.grad.numpy(), want[name][1], rtol=1e-10, atol=1e-14, err_msg=name)
-        g_grad = np.zeros(3) if G.g.grad is None else G.g.grad.numpy()   # without labels, no gradient reaches g
-        np.testing.assert_allclose(g_grad, want[name][2], rtol=1e-10, atol=1e-14, err_msg=name)
-    assert EMA.w.grad is None
-
-
 def test_toy_twinflow_trains_and_samples_any_step():
     G1, s1 = toy.train_twinflow(nfe=1, steps=3, seed=5)
     G2, s2 = toy.train_twinflow(nfe=1, steps=3, seed=5)
@@ -2403,257 +2632,6 @@ def test_toy_twinflow_trains_and_samples_any_step():
     for s, s_next in ((1.0, 0.5), (0.5, 0.0)):
         x = x - (s - s_next) * G1(x, None, t(s), t(s_next))
     np.testing.assert_allclose(toy.trajectory(G1, z.view(-1).numpy(), 2)[-1], x.view(-1).detach().numpy(), atol=1e-6)
-
-
-TWIN = ["--model", "T/2", "--device", "cpu", "--global-batch-size", 8, "--log-every", 2, "--lr", 0.02]  # F moves
-
-
-def test_twinflow_trains_resumes_exactly_and_samples_in_1_and_2_steps(data, tmp_path):
-    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "a", *TWIN, "--max-steps", 4,
-               "--sample-every", 4)
-    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "b", *TWIN, "--max-steps", 2)
-    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "b", *TWIN, "--max-steps", 4,
-               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
-    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
-    assert set(a) >= {"G", "EMA", "opt", "config", "rng"} and a["config"]["F"]["use_t_tgt"]
-    for key in ("G", "EMA"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key        # the EMA's warm-up included
-    assert not all(torch.equal(a["G"][k], a["EMA"][k]) for k in a["G"])
-    log = open(tmp_path / "a" / "log.txt").read()
-    assert all(f" {term} " in log for term in ("base", "real", "fake", "rectify", "base_one_step"))
-    assert os.path.exists(tmp_path / "a" / "samples" / "0000004_ema.png")
-    # Sampling: x <- x - (t - t') F(x, y, t, t') from the EMA, one step by default, 1, 2 or 4 on request.
-    ckpt = tmp_path / "a" / "checkpoints" / "0000004.pt"
-    G = model.Generator(**a["config"]["F"])
-    G.load_state_dict(a["EMA"])
-    z = torch.from_numpy(np.random.default_rng([0, 1]).standard_normal((1, 3, 8, 8), dtype=np.float32))
-    y = torch.tensor([1])
-    with torch.no_grad():
-        one = z - G(z, y, torch.ones(1), torch.zeros(1))
-        half = z - 0.5 * G(z, y, torch.ones(1), torch.full((1,), 0.5))
-        two = half - 0.5 * G(half, y, torch.full((1,), 0.5), torch.zeros(1))
-    for steps, x in ((None, one), (2, two)):
-        out = tmp_path / f"grid{steps}.png"
-        run_script("sample.py", "--ckpt", ckpt, "--out", out, "--num-images", 2, "--nrow", 2,
-                   *(["--steps", steps] if steps else []))
-        expect = model.to_uint8(x)[0].permute(1, 2, 0).numpy().astype(int)
-        assert np.abs(np.asarray(Image.open(out))[2:10, 12:20].astype(int) - expect).max() <= 1, steps
-    assert not np.array_equal(model.to_uint8(one), model.to_uint8(two))
-    run_script("sample.py", "--ckpt", ckpt, "--npz", tmp_path / "s.npz", "--num-samples", 10, "--steps", 2)
-    with np.load(tmp_path / "s.npz") as f:
-        assert f["arr_0"].shape == (10, 8, 8, 3) and np.bincount(f["labels"]).tolist() == [2] * 5
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "c", *TRAIN, "--resume", ckpt,
-                 match="holds a TwinFlow network")
-    expect_error("twinflow.py", "--data-path", data, "--results-dir", tmp_path / "a", *TWIN, "--max-steps", 6,
-                 match="already holds a run")
-
-
-def test_twinflow_real_term_alone_is_flow_matching_sampled_by_euler_steps(data, tmp_path):
-    run_script("twinflow.py", "--data-path", data, "--results-dir", tmp_path, *TWIN, "--max-steps", 2,
-               "--terms", "real", "--cfg-ratio", 0)
-    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
-    assert not ckpt["config"]["F"]["use_t_tgt"] and ckpt["config"]["terms"] == ["real"]
-    assert "training TwinFlow (real)" in open(tmp_path / "log.txt").read() and " fake " not in open(tmp_path / "log.txt").read()
-    G, steps, _ = checkpoint.load_generator(tmp_path / "checkpoints" / "0000002.pt")
-    z, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
-    with torch.no_grad():                                     # one Euler step of the velocity: x = z - F(z, y, 1)
-        assert steps == 1 and torch.equal(model.sample(G, z, y, 1), z - G(z, y, torch.ones(2)))
-    # The loss is flow matching's by hand: |F(x_t, y, t) - (z - x)|^2 with the batch's draws.
-    g = torch.Generator().manual_seed(0)
-    batch = {k: v[:3] for k, v in loss.twinflow_batch(*LatentData(data).sample(8, g), g).items()}
-    F_net = model.Generator(**ckpt["config"]["F"]).requires_grad_(False)
-    terms = loss.twinflow_losses(F_net, None, **batch, terms=("real",))
-    x_t = loss.interpolate(batch["x"], batch["z"], batch["t"])
-    want = (F_net(x_t, batch["y"], batch["t"]) - (batch["z"] - batch["x"])).square().mean()
-    assert list(terms) == ["real"] and torch.allclose(terms["real"], want)
-
-
-def test_twinflow_under_torchrun(data, tmp_path):
-    """Two ranks split the batch and end with the same weights: the five terms are one DDP forward."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "twinflow.py", "--data-path", data, "--results-dir", tmp_path, *map(str, TWIN),
-                          "--max-steps", "2"], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
-
-
-#################################################################################
-#          train_classifier.py: the guidance classifier and evaluation          #
-#################################################################################
-
-CLS = ["--model", "T/2", "--device", "cpu", "--log-every", 2, "--lr", 1e-3]
-
-
-def logged(path):
-    """The values of every `step ...` line of a log.txt, as dicts."""
-    rows = [line.split()[4:] for line in open(path).read().splitlines() if " step " in line]
-    return [{k: float(v) for k, v in zip(row[::2], row[1::2])} for row in rows]
-
-
-def test_classifier_trains_30_epochs_and_load_classifier_reads_it(data, tmp_path):
-    run_script("train_classifier.py", "--data-path", data, "--results-dir", tmp_path, *CLS, "--global-batch-size", 24)
-    assert "30 steps (30.0 epochs)" in open(tmp_path / "log.txt").read()   # default: 30 epochs of 24 images
-    for row in logged(tmp_path / "log.txt"):
-        assert 0 <= row["acc"] <= 1 and all(math.isfinite(row[k]) for k in ("loss", "grad_norm", "lr", "img/s"))
-    path = tmp_path / "checkpoints" / "0000030.pt"
-    ckpt = torch.load(path, weights_only=True)
-    assert ckpt["step"] == 30 and ckpt["config"] == dict(C=dict(model.SIZES["T/2"], input_size=8, in_channels=3,
-                                                                num_classes=5))
-    assert ckpt["opt"]["param_groups"][0]["betas"] == (0.9, 0.95) and ckpt["opt"]["param_groups"][0]["lr"] == 1e-3
-    assert ckpt["data_info"]["num_classes"] == 5 and len(ckpt["rng"]) == 1 and ckpt["args"]["ema_decay"] == 0.9995
-    C, info = checkpoint.load_classifier(path)
-    assert info == ckpt["data_info"]
-    torch.manual_seed(0)
-    init = model.Classifier(**ckpt["config"]["C"])                        # the run's initial weights (seed 0)
-    for name, p in C.state_dict().items():
-        assert torch.equal(p, ckpt["EMA"][name])
-        if name != "pos_embed":
-            assert not torch.equal(p, init.state_dict()[name]) and not torch.equal(p, ckpt["model"][name]), name
-
-
-def test_classifier_resume_is_bit_identical(data, tmp_path):
-    run = ["--data-path", data, *CLS, "--global-batch-size", 8]
-    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "a", "--max-steps", 4)
-    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "b", "--max-steps", 2)
-    run_script("train_classifier.py", *run, "--results-dir", tmp_path / "b", "--max-steps", 4,
-               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
-    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
-    for key in ("model", "EMA"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
-    assert torch.equal(a["opt"]["state"][1]["exp_avg_sq"], b["opt"]["state"][1]["exp_avg_sq"])
-
-
-def test_classifier_loss_falls_on_a_learnable_set(tmp_path):
-    """Two classes that differ by a constant offset: the loss must fall well below ln 2 within a few dozen steps."""
-    path = make_data(tmp_path / "offset", n=32, num_classes=2)
-    labels = np.load(os.path.join(path, "labels.npy"))
-    x = (labels - 0.5)[:, None, None, None, None] + 0.1 * np.random.default_rng(0).standard_normal((32, 2, 3, 8, 8))
-    np.save(os.path.join(path, "latents.npy"), x.astype(np.float16))
-    run_script("train_classifier.py", "--data-path", path, "--results-dir", tmp_path, *CLS, "--global-batch-size", 16,
-               "--max-steps", 40, "--log-every", 5)
-    losses = [row["loss"] for row in logged(tmp_path / "log.txt")]
-    assert losses[0] > 0.5 and max(losses[-2:]) < 0.35, losses
-
-
-def test_classifier_random_affine():
-    x = torch.randn(4, 3, 8, 8)
-    assert torch.equal(train_classifier.random_affine(x, p=0), x)
-    identity = train_classifier.random_affine(x, p=1, degrees=0, translate=0, scale=(1, 1))
-    torch.testing.assert_close(identity, x, atol=1e-5, rtol=0)
-    # 2 px right and 1 px up: the content moves, the vacated band mirrors the edge (reflection about it).
-    out = train_classifier.affine(x, torch.zeros(4), torch.tensor([[0.25, -0.125]]).repeat(4, 1), torch.ones(4))
-    torch.testing.assert_close(out[..., :7, 2:], x[..., 1:, :6], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[..., :7, :2], x[..., 1:, [1, 0]], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[..., 7, 2:], x[..., 7, :6], atol=1e-5, rtol=0)
-    # 90 degrees about the image centre, counter-clockwise like kornia; a 2x zoom about the centre (3.5, 3.5).
-    out = train_classifier.affine(x, torch.full((4,), 90.0), torch.zeros(4, 2), torch.ones(4))
-    torch.testing.assert_close(out, torch.rot90(x, 1, (2, 3)), atol=1e-5, rtol=0)
-    ramp = torch.arange(8.0).expand(1, 1, 8, 8)
-    out = train_classifier.affine(ramp, torch.zeros(1), torch.zeros(1, 2), torch.full((1,), 2.0))
-    torch.testing.assert_close(out[0, 0, 0, 2:6], torch.tensor([2.75, 3.25, 3.75, 4.25]))
-    # Each image on its own: p = 0.8 leaves about a fifth unchanged, and the ranges are respected.
-    x = torch.randn(2000, 1, 4, 4)
-    torch.manual_seed(0)
-    unchanged = (train_classifier.random_affine(x) == x).flatten(1).all(1).float().mean()
-    assert 0.17 < unchanged < 0.23
-
-
-def test_judge_trains_and_scores_samples_against_the_real_floor(data, tmp_path, capsys):
-    held_out = make_data(tmp_path / "held_out", seed=1)
-    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "judge", "--device",
-               "cpu", "--global-batch-size", 8, "--max-steps", 6, "--log-every", 3)
-    judge = tmp_path / "judge" / "checkpoints" / "0000006.pt"
-    assert "training the judge on 1 x cpu" in open(tmp_path / "judge" / "log.txt").read()
-    # Two steps of a 2-step model: samples near their noise, which the judge's features tell apart.
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 2, "--nfe", 2)
-    g_path = tmp_path / "afm" / "checkpoints" / "0000002.pt"
-    for name in ("a", "b"):
-        run_script("sample.py", "--ckpt", g_path, "--npz", tmp_path / f"{name}.npz", "--num-samples", 20)
-    capsys.readouterr()
-    run_script("judge.py", "--evaluate", tmp_path / "a.npz", "--judge", judge, "--data-path", held_out,
-               "--real-data", data, "--compare", tmp_path / "a.npz", tmp_path / "b.npz")
-    printed = capsys.readouterr().out.splitlines()
-    # By hand: the judge's EMA on the held-out images (view 0), the real training images and the samples' pixels.
-    J, _ = load_judge(judge)
-    ref, real = LatentData(held_out), LatentData(data)
-    view0 = lambda d, rows=slice(None): torch.from_numpy(d.latents[rows, 0].astype(np.float32))
-    subset = np.sort(np.random.RandomState(0).permutation(24)[:20])    # as many real images as samples, at random
-    with np.load(tmp_path / "a.npz") as f:
-        x_fake = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        y_fake = torch.from_numpy(f["labels"])
-    with torch.no_grad():
-        f_ref, f_real, f_fake = (J.features(x).double() for x in (view0(ref), view0(real, subset), x_fake))
-        acc = lambda x, y: (J(x).argmax(1) == y).double().mean().item()
-    stats = lambda f: (f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False))
-    floor, fake = (fid.frechet_distance(*stats(f), *stats(f_ref)) for f in (f_real, f_fake))
-    assert printed[0].endswith(f"class accuracy {acc(view0(ref), torch.from_numpy(ref.labels)):.4f} on the 24 "
-                               f"held-out images of {held_out}")
-    assert printed[1].startswith(f"real {data} (20): class accuracy") and f"Frechet distance {floor:.4f}" in printed[1]
-    assert printed[3].startswith(f"{tmp_path / 'a.npz'} (20): class accuracy {acc(x_fake, y_fake):.4f}")
-    assert f"Frechet distance {fake:.4f} ({fake / floor:.1f}x the real floor)" in printed[3]
-    precision, recall = fid.precision_recall(f_ref, f_fake)
-    assert f"precision {precision:.4f}  recall {recall:.4f}" in printed[3] and printed[4].startswith("    per class")
-    assert len(printed[4].split()) == 2 + 5
-    # The same checkpoint and seed give the same images: no difference, the same classes; unrelated real pairs differ.
-    assert printed[5].endswith("mean squared difference 0.0000, same judged class 1.0000 (20 pairs)")
-    assert printed[6].startswith("real pairs of one class (reference): mean squared difference 0.")
-    # Two steps of a one-step model: a G that still outputs nearly one image, which the report warns of.
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "one", *TRAIN, "--max-steps", 2)
-    run_script("sample.py", "--ckpt", tmp_path / "one" / "checkpoints" / "0000002.pt", "--npz", tmp_path / "c.npz",
-               "--num-samples", 20)
-    capsys.readouterr()
-    run_script("judge.py", "--evaluate", tmp_path / "c.npz", "--judge", judge, "--data-path", held_out)
-    assert "features of these 20 images are degenerate" in capsys.readouterr().out
-
-
-def test_classifier_under_torchrun(data, tmp_path):
-    """Two ranks split the batch and stay in sync."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    out = subprocess.run(torchrun + ["train_classifier.py", "--data-path", data, "--results-dir", tmp_path, *map(str, CLS),
-                                     "--global-batch-size", "8", "--max-steps", "4"], cwd=HERE, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
-
-
-def test_classifier_and_judge_bad_inputs(data, tmp_path):
-    run = ["--results-dir", tmp_path / "cls", *CLS, "--global-batch-size", 8]
-    expect_error("train_classifier.py", "--data-path", tmp_path / "nothing", *run, match="latents.npy is missing")
-    odd = make_data(tmp_path / "odd", size=7)
-    expect_error("train_classifier.py", "--data-path", odd, *run, match="inputs of size 7 do not split into patches")
-    run_script("train_classifier.py", "--data-path", data, *run, "--max-steps", 1)
-    c_path = tmp_path / "cls" / "checkpoints" / "0000001.pt"
-    expect_error("train_classifier.py", "--data-path", data, *run, "--max-steps", 2, match="already holds a run")
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 1)
-    g_path = tmp_path / "afm" / "checkpoints" / "0000001.pt"
-    expect_error("train_classifier.py", "--data-path", data, *run[:2], "--model", "S/2", *run[4:], "--resume", c_path,
-                 match="holds another network than this run asks for: C.depth 2 (asked: 12)")
-    expect_error("train_classifier.py", "--data-path", data, *run, "--resume", g_path,
-                 match="holds a generator and a discriminator, and this run trains a classifier")
-    run_script("sample.py", "--ckpt", g_path, "--npz", tmp_path / "s.npz", "--num-samples", 10)
-    evaluate = ["--evaluate", tmp_path / "s.npz", "--device", "cpu"]
-    expect_error("judge.py", *evaluate, "--judge", c_path, "--data-path", data, match="not a judge checkpoint")
-    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
-               "--global-batch-size", 8, "--max-steps", 1)
-    judge = tmp_path / "j" / "checkpoints" / "0000001.pt"
-    latents = make_data(tmp_path / "latents")
-    json.dump(dict(num_classes=5, image_size=8, scale=0.18215, vae="sd-vae-ft-mse"),
-              open(os.path.join(latents, "info.json"), "w"))
-    expect_error("judge.py", *evaluate, "--judge", judge, "--data-path", latents,
-                 match="vae 'none' vs 'sd-vae-ft-mse'")
-    expect_error("judge.py", "--data-path", latents, "--results-dir", tmp_path / "j2",
-                 "--device", "cpu", match="the judge is for small pixel images")
-    (tmp_path / "bad.npz").write_bytes(b"not an npz")
-    expect_error("judge.py", "--evaluate", tmp_path / "bad.npz", "--judge", judge, "--data-path", data,
-                 match="cannot read")
-    with pytest.raises(SystemExit) as e:
-        run_script("judge.py", *evaluate, "--data-path", data)
-    assert e.value.code == 2                                   # argparse: "--evaluate needs --judge"
 
 
 if __name__ == "__main__":

@@ -303,12 +303,17 @@ def main(nfe=1, steps=1000, seed=0, out_dir="."):
     return results, maps
 
 
-if __name__ == "__main__":
+def make_parser():
     parser = argparse.ArgumentParser(description="1-D toy: AFM, TwinFlow, GAN and flow matching against the exact OT map.")
     parser.add_argument("--nfe", type=positive_int, default=1, help="sampling steps of every model: 1, 2, 4, ...")
     parser.add_argument("--steps", type=positive_int, default=1000, help="training steps per model and seed")
     parser.add_argument("--seed", type=count, default=0, help="the second run uses seed + 1")
     parser.add_argument("--out-dir", type=str, default=".")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = make_parser()
     args = parser.parse_args()
     check_output(args.out_dir, "--out-dir", folder=True)
     # The networks are tiny: one thread skips OpenMP synchronisation, which on a busy 2-core machine cost far more

@@ -352,7 +352,7 @@ def main(args):
     tail.finish([G, D])
 
 
-if __name__ == "__main__":
+def make_parser():
     parser = argparse.ArgumentParser(description="Train an adversarial flow model. Unset defaults: train.DEFAULTS.")
     parser.add_argument("--data-path", type=str, default=None, help="directory written by prepare_latents.py")
     parser.add_argument("--results-dir", type=str, default="results")
@@ -419,6 +419,11 @@ if __name__ == "__main__":
     parser.add_argument("--benchmark", type=positive_int, nargs="?", const=10, default=0, metavar="ITERATIONS",
                         help="instead of training, time ITERATIONS (10) iterations and print training and sampling "
                              "throughput, MFU and peak memory (on --data-path's shape, or ImageNet-256 latents)")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = make_parser()
     args = parser.parse_args()
     if args.data_path is None and not args.benchmark:
         parser.error("--data-path is required")

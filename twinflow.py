@@ -107,7 +107,7 @@ def main(args):
     tail.finish([G])
 
 
-if __name__ == "__main__":
+def make_parser():
     parser = argparse.ArgumentParser(description="Train TwinFlow: one network, the real flow and its own samples' flow.")
     parser.add_argument("--data-path", type=str, required=True, help="directory written by prepare_latents.py")
     parser.add_argument("--results-dir", type=str, default="results/twinflow")
@@ -130,4 +130,8 @@ if __name__ == "__main__":
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode grids")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
-    run(main, parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, make_parser().parse_args())
