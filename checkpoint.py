@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import check_in_sync, check_input, check_output, check_room, claim, fail, save_atomic
+from common import check_in_sync, check_input, check_output, check_room, claim, fail, save_atomic, temporary
 from data import IDENTITY, data_differences
 from model import SIZES, Classifier, Generator, default_steps, mode_flags
 from vae import SCALE
@@ -51,8 +51,8 @@ def load_training_checkpoint(path, config):
     if "rng" not in ckpt:
         fail(f"{path} holds a generator alone (sample.py --save-generator); continuing needs a training checkpoint")
     if set(ckpt["config"]) != set(config):
-        kind = lambda c: ("a classifier" if "C" in c else "a TwinFlow network" if "F" in c else
-                          "a generator and a discriminator")
+        kind = lambda c: ("a classifier" if "C" in c else "a judge (judge.py)" if "J" in c else
+                          "a TwinFlow network" if "F" in c else "a generator and a discriminator")
         fail(f"{path} holds {kind(ckpt['config'])}, and this run trains {kind(config)}")
     if ckpt["config"] != config:
         flat = lambda c: {f"{k}.{j}" if isinstance(v, dict) else k: w
@@ -81,6 +81,8 @@ def load_starts(args, config, max_steps, data_info):
              f"{', '.join(differ)}{hint}")
     if not dist.is_initialized() or dist.get_rank() == 0:
         claim(args.results_dir, "--results-dir", folder=True)
+        for tmp in glob.glob(temporary(os.path.join(args.results_dir, "checkpoints", "*.pt"))):  # a killed writer's
+            os.remove(tmp)
     check_results_dir(args.results_dir, args.resume)
     if dist.is_initialized():
         dist.barrier()                                         # every rank has checked it before rank 0 writes
@@ -128,14 +130,13 @@ def restore_state(state, starts, args, logger, data_info=None, init_from="EMA"):
 
 
 def start_state(state, starts, args, logger, data_info, device):
-    """A trainer's start: the starting checkpoints loaded into `state` (restore_state), RESULTS/checkpoints made and
-    its disk checked for room for a checkpoint (a run that could not save fails before it trains), every rank's RNG
-    streams set (restore_rng).
+    """A trainer's start: the starting checkpoints loaded into `state` (restore_state), RESULTS/checkpoints made (the
+    trainer checked its disk's room for a checkpoint, check_checkpoint_room, before it wrote anything: a run that could
+    not save fails and leaves nothing), every rank's RNG streams set (restore_rng).
     Returns the step to start from and the generator of the batch reader's draws."""
     start = restore_state(state, starts, args, logger, data_info)
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
-    check_checkpoint_room(state, args.results_dir)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return start, restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
 
@@ -143,11 +144,12 @@ def start_state(state, starts, args, logger, data_info, device):
 def check_checkpoint_room(state, results_dir, what="a checkpoint of this run"):
     """On rank 0, one line when the disk has no room for the next checkpoint of `state`: about the size of the last
     one, or before the first the state's tensors (Adam's two moments per parameter counted before the first step
-    makes them). Trainers call it before they train, so a run that could not save fails at once."""
+    makes them). Trainers call it before they write anything, so a run that could not save fails at once and leaves
+    nothing behind."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     last = sorted(glob.glob(os.path.join(results_dir, "checkpoints", "*.pt")))
-    check_room(os.path.join(results_dir, "checkpoints"), os.path.getsize(last[-1]) if last else state_bytes(state),
+    check_room(results_dir, os.path.getsize(last[-1]) if last else state_bytes(state),
                what + (f" (the last is {last[-1]})" if last else ""))
 
 

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -72,6 +73,12 @@ def number(lo=0.0, hi=math.inf, lo_open=False, hi_open=False):
     return parse
 
 
+def seed(value):
+    """An argparse type: a seed from 0 to 2^32 - 1, what every generator of the project takes (numpy's RandomState is
+    the narrowest), with room for the per-rank seeds made from it."""
+    return integer(0, 2 ** 32 - 1)(value)
+
+
 def check_input(path, what):
     """An input that must be a file (a checkpoint, weights, an npz): one line when it is missing or a folder."""
     if os.path.isdir(path):
@@ -114,12 +121,13 @@ def setup_distributed(device):
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def run(main, args, interrupted="interrupted"):
+def run(main, args, interrupted="interrupted", errors=()):
     """Runs a script's main. SIGTERM (a preemption) raises KeyboardInterrupt like Ctrl-C, and either ends in one line
     and exit status 130 after main's own cleanup, further signals ignored (trainers catch both signals themselves:
     StopOnSignal). An OSError that gets this far (a full disk, a read-only folder) ends in one line naming the file and
-    the cause. Afterwards the job's claims on its outputs are released, and the signal handlers and the process group
-    given back."""
+    the cause; so do a zip file cut short (an npz: zipfile.BadZipFile) and the user errors of library files that cannot
+    call fail() (`errors`: fid.UserError for the scripts that use fid.py). Afterwards the job's claims on its outputs
+    are released, and the signal handlers and the process group given back."""
     global STOPPING
     STOPPING = False
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,6 +140,10 @@ def run(main, args, interrupted="interrupted"):
         sys.exit(130)
     except OSError as e:
         fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}")
+    except zipfile.BadZipFile as e:
+        fail(f"a damaged or truncated zip file (an npz): {e}")
+    except errors as e:
+        fail(str(e))
     finally:
         release_claims()
         for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
@@ -257,6 +269,18 @@ def per_rank_batch(global_batch_size, world):
     return global_batch_size // world
 
 
+def check_batch_memory(batch_size, sample_shape, copies=16):
+    """One line, before anything is written, when a rank's batch cannot fit in this machine's memory: the batch reader
+    keeps batches ahead of the loop, each several float32 tensors of the images' size (the images, their noise, the
+    points between), `copies` in all. A lower bound: the networks' activations come on top."""
+    need = batch_size * math.prod(sample_shape) * 4 * copies
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        fail(f"a batch of {batch_size} per rank of {' x '.join(map(str, sample_shape))} inputs needs at least "
+             f"{need / 2 ** 30:.3g} GiB of memory, and this machine has {memory / 2 ** 30:.3g} GiB: give a smaller "
+             f"--global-batch-size")
+
+
 #################################################################################
 #                    Outputs: claims, atomic writes, free space                 #
 #################################################################################
@@ -264,12 +288,14 @@ def per_rank_batch(global_batch_size, world):
 CLAIMS = []   # (descriptor, lock file, folder the claim created or None) of each output this job holds
 
 
-def claim(path, flag, folder=False):
+def claim(path, flag, folder=False, new=False):
     """Makes this job the only writer of an output (a file, or with folder=True a folder, created if need be) until it
     ends, before it does any work: an exclusive flock on PATH.lock (FOLDER/.lock), which the kernel drops when the
     process dies, so a crashed job blocks nothing. Another job holding it, or an output that cannot be written (a
-    missing or read-only folder), ends in one line. Checks of what is already there must come after the claim: two
-    jobs started on one new output would both find it empty."""
+    missing or read-only folder), ends in one line; so does, with new=True, a file already there (the output of work,
+    never replaced: a checkpoint, an npz). Checks of what is already there must come after the claim: two jobs started
+    on one new output would both find it empty. The temporary file that a killed writer of a file left (see
+    save_atomic) is removed once the claim is held."""
     check_output(path, flag, folder)
     created = folder and not os.path.isdir(path)
     lock = os.path.join(path, ".lock") if folder else f"{path}.lock"
@@ -291,6 +317,11 @@ def claim(path, flag, folder=False):
     except OSError as e:
         fail(f"cannot write {flag} {path}: {e.strerror}")
     CLAIMS.append((fd, lock, path if created else None))
+    if not folder:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary(path))
+    if new and os.path.lexists(path):
+        fail(f"{flag} {path} already exists: remove it, or name another file")
 
 
 def release_claims():
@@ -313,17 +344,27 @@ def save_atomic(path):
     extension (np.save appends none, Image.save finds the format), which is renamed into place when the block ends,
     so a crash never leaves a half-written file. A failed write (a full disk) removes the temporary file and ends in
     one line naming the cause."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
+    tmp = temporary(path)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.lexists(tmp):
             os.remove(tmp)
+        stop = e
+        while stop is not None and not isinstance(stop, (KeyboardInterrupt, SystemExit)):
+            stop = stop.__context__
+        if stop is not None:   # a signal stopped the write: torch's writer then reports "unexpected pos" over it
+            raise stop from None
         if isinstance(e, OSError):
             fail(f"cannot write {path}: {e.strerror or e}")
         raise
+
+
+def temporary(path):
+    """save_atomic's temporary name for `path`: NAME.tmp.EXT beside it."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.tmp{ext}"
 
 
 def check_room(folder, need, what):
@@ -347,6 +388,23 @@ def allocate_npy(path, shape, dtype):
             os.remove(path)
             raise
     return array
+
+
+def open_npy(path, shape, dtype):
+    """An existing .npy (a staging file an interrupted job left) memory-mapped for writing, if it is whole: its header
+    says this shape and dtype, and the file holds every byte of it (np.load(mmap_mode="r+") would extend a short file
+    with zeros). Anything else raises ValueError saying what is wrong."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        found, _, kind = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                          np.lib.format.read_array_header_2_0)(f)
+        offset = f.tell()
+    if found != tuple(shape) or kind != np.dtype(dtype):
+        raise ValueError(f"{path} holds {kind} {found}, not {np.dtype(dtype)} {tuple(shape)}")
+    if os.path.getsize(path) != offset + math.prod(shape) * kind.itemsize:
+        raise ValueError(f"{path} is {os.path.getsize(path)} bytes, not {offset + math.prod(shape) * kind.itemsize}: "
+                         "truncated")
+    return np.load(path, mmap_mode="r+")
 
 
 def image_format(path):

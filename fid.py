@@ -28,9 +28,9 @@ import fcntl
 import functools
 import math
 import os
+import signal
 import struct
 import sys
-import tempfile
 import zipfile
 
 import numpy as np
@@ -613,19 +613,16 @@ def compute_stats(path, model, batch_size=200, device=None):
 
 
 def save_stats(path, stats):
-    """Write an .npz of mu, sigma, mu_s, sigma_s atomically: a crash never leaves a truncated file under the name, and
-    a failed write (a full disk, a read-only folder) leaves no temporary file and names the cause."""
-    tmp = None
+    """Write an .npz of mu, sigma, mu_s, sigma_s atomically, through NAME.tmp.npz: a crash never leaves a truncated file
+    under the name, and a failed write (a full disk, a read-only folder) leaves no temporary file and names the cause.
+    What a killed job left there is removed by the next one that takes the output (lock_output)."""
+    tmp = "{}.tmp{}".format(*os.path.splitext(path))
     try:
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             np.savez(f, **{name: stats[name] for name in ("mu", "sigma", "mu_s", "sigma_s") if name in stats})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                          # mkstemp's 0600 is not what a user expects
         os.replace(tmp, path)
     except BaseException as e:
-        if tmp is not None:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         if isinstance(e, OSError):
             raise UserError(f"cannot write {path}: {e.strerror}") from e
@@ -637,7 +634,8 @@ LOCKS = []  # (lock file, descriptor) of the outputs this process writes; releas
 
 def lock_output(path):
     """Makes this process the only writer of `path` until it ends: an exclusive flock on PATH.lock (the lock that the
-    project's scripts take on their outputs), checked to be still the file under that name once held."""
+    project's scripts take on their outputs), checked to be still the file under that name once held. The temporary
+    file a killed job left (NAME.tmp.npz of save_stats) is removed once the lock is held."""
     lock = f"{path}.lock"
     while True:
         try:
@@ -652,6 +650,8 @@ def lock_output(path):
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(lock)):
                 LOCKS.append((lock, fd))
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove("{}.tmp{}".format(*os.path.splitext(path)))
                 return
         os.close(fd)                                           # its holder removed it as it ended: take the new one
 
@@ -747,6 +747,16 @@ if __name__ == "__main__":
     parser.add_argument("--save-stats", metavar="OUT.npz", help="save SAMPLES' mu, sigma, mu_s, sigma_s (then REF "
                                                                 "is optional)")
     args = parser.parse_args()
+
+    stopping = []
+
+    def stop(signum, frame):  # Ctrl-C or SIGTERM (a preemption): clean up (temporary file, lock) and exit 130
+        stopping.append(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)                # a second signal does not break the clean-up
+        raise KeyboardInterrupt
+
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         main(args)
     except (OSError, UserError) as e:  # user errors, and a disk or folder that refuses a read or write: one line
@@ -764,3 +774,5 @@ if __name__ == "__main__":
             os.close(fd)
         if dist.is_initialized():
             dist.destroy_process_group()
+        for sig, handler in handlers.items():                  # stopping: ignored until the process is gone
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)

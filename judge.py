@@ -14,6 +14,7 @@ separate network judges.
 """
 import argparse
 import math
+import zipfile
 
 import numpy as np
 import torch
@@ -22,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from checkpoint import LoopTail, load_checkpoint, load_starts, load_weights, start_state
-from common import (StopOnSignal, check_input, count, create_logger, fail, number, per_rank_batch, positive_int, run,
-                    setup_distributed)
+from checkpoint import LoopTail, check_checkpoint_room, load_checkpoint, load_starts, load_weights, start_state
+from common import (StopOnSignal, check_batch_memory, check_input, create_logger, fail, number, per_rank_batch,
+                    positive_int, run, seed, setup_distributed)
 from data import SPACE, LatentData, data_differences
 from loss import classifier_state, classifier_step, update_ema
 
@@ -77,31 +78,42 @@ def load_judge(path):
     """The frozen judge of a judge.py checkpoint (its EMA weights) and its data's info.json."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "J" not in ckpt["config"]:
-        fail(f"{path} is not a judge checkpoint (train_classifier.py --judge)")
+        fail(f"{path} is not a judge checkpoint (of judge.py)")
     J = Judge(**ckpt["config"]["J"])
     load_weights(J, ckpt.get("EMA"), path)
     return J.eval().requires_grad_(False), ckpt.get("data_info", {})
 
 
-def npz_images(path):
-    """(float images (N, C, H, W) in [-1, 1], labels) of an ADM-format npz (sample.py --npz), or one line."""
+def npz_images(path, J, size):
+    """(float images (N, C, H, W) in [-1, 1], labels) of an ADM-format npz (sample.py --npz), checked against the
+    judge's space: at least 4 images (Precision/Recall take 3 neighbours) of size x size pixels in its channels (grey
+    samples written as RGB, the three channels equal, are read as one), labels among its classes; else one line."""
     check_input(path, "sample npz")
     try:
         with np.load(path) as f:
             images, labels = f["arr_0"], f["labels"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         fail(f"cannot read {path} as a sample npz with arr_0 and labels: {type(e).__name__}: {e}")
     if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != images.shape[:1]:
-        fail(f"{path}: arr_0 must be uint8 (N, H, W, C) with one label each, got {images.dtype} {images.shape}")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, torch.from_numpy(labels.astype(np.int64))
+        fail(f"{path}: arr_0 must be uint8 (N, H, W, C) with one label each, got arr_0 {images.dtype} {images.shape} "
+             f"and labels {labels.dtype} {labels.shape}")
+    channels, classes = J.convs[0].in_channels, J.head[-1].out_features
+    n, h, w, c = images.shape
+    if n < 4 or (h, w) != (size, size) or c not in (1, 3) or (c != channels and not (
+            c == 3 and channels == 1 and (images == images[..., :1]).all())):
+        fail(f"{path}: the judge scores 4 or more images of {size} x {size} pixels in {channels} channel(s) (grey as "
+             f"RGB too), got {n} of {h} x {w} in {c}")
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= classes:
+        found = f"from {labels.min()} to {labels.max()}" if labels.dtype.kind in "iu" else f"{labels[:3].tolist()}..."
+        fail(f"{path}: labels must be the judge's classes, integers from 0 to {classes - 1}, got {labels.dtype} "
+             f"{found}")
+    x = torch.from_numpy(images[..., :channels]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, torch.from_numpy(labels.astype(np.int64))
 
 
 @torch.no_grad()
 def judge_set(J, x, batch_size=500):
-    """The judge's features (N, 256) and predicted classes of images x (N, C, H, W); samples written as RGB (the npz
-    of 1-channel data repeats the channel) are read back as the judge's channels."""
-    if x.shape[1] != J.convs[0].in_channels:
-        x = x[:, :J.convs[0].in_channels]
+    """The judge's features (N, 256) and predicted classes of images x (N, C, H, W) of its space."""
     features = torch.cat([J.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     return features.double(), J.head(features).argmax(1)
 
@@ -125,7 +137,8 @@ def main_evaluate(args):
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     J, j_info = load_judge(args.judge)
     held_out = LatentData(args.data_path)
-    check_fits(J, j_info, args.data_path, held_out.info)
+    check_fits(J, j_info, args.data_path, held_out)
+    npz = lambda path: npz_images(path, J, held_out.size)
     x_ref, y_ref = torch.from_numpy(held_out.latents[:, 0].astype(np.float32)), torch.from_numpy(held_out.labels)
     ref_features, predicted = judge_set(J, x_ref)
     print(f"judge {args.judge}: class accuracy {(predicted == y_ref).double().mean():.4f} on the {len(y_ref)} "
@@ -136,13 +149,13 @@ def main_evaluate(args):
     sets = []
     if args.real_data:                                        # the floor: as many real images as samples, at random
         real = LatentData(args.real_data)
-        check_fits(J, j_info, args.real_data, real.info)
-        n = min(len(real.labels), max(len(npz_images(p)[1]) for p in args.evaluate) if args.evaluate else 10_000)
+        check_fits(J, j_info, args.real_data, real)
+        n = min(len(real.labels), max(len(npz(p)[1]) for p in args.evaluate) if args.evaluate else 10_000)
         idx = np.sort(np.random.RandomState(args.global_seed).permutation(len(real.labels))[:n])
         sets.append((f"real {args.real_data} ({n})", torch.from_numpy(real.latents[idx, 0].astype(np.float32)),
                      torch.from_numpy(real.labels[idx])))
     for path in args.evaluate:
-        x, y = npz_images(path)
+        x, y = npz(path)
         sets.append((f"{path} ({len(y)})", x, y))
     floor = None
     for name, x, y in sets:
@@ -153,14 +166,14 @@ def main_evaluate(args):
               f"precision {r['precision']:.4f}  recall {r['recall']:.4f}")
         print("    per class " + " ".join(f"{a:.3f}" for a in r["per_class"]))
     if args.compare:
-        compare(J, *args.compare, x_ref, y_ref, args.global_seed)
+        compare(J, *args.compare, npz, x_ref, y_ref, args.global_seed)
 
 
-def compare(J, path_a, path_b, x_ref, y_ref, seed):
+def compare(J, path_a, path_b, load, x_ref, y_ref, seed):
     """Two sample sets of the same noise and labels (sample.py --npz with the same --num-samples and --global-seed):
     the mean squared pixel difference of their images (in [-1, 1]) and how often the judge gives both the same class;
     for reference the same numbers for pairs of unrelated real images of one class."""
-    (xa, ya), (xb, yb) = npz_images(path_a), npz_images(path_b)
+    (xa, ya), (xb, yb) = load(path_a), load(path_b)
     if xa.shape != xb.shape or not torch.equal(ya, yb):
         fail(f"{path_a} and {path_b} are not samples of the same noise and labels (same --num-samples and labels)")
     same = lambda a, b: (judge_set(J, a)[1] == judge_set(J, b)[1]).double().mean().item()
@@ -176,9 +189,11 @@ def compare(J, path_a, path_b, x_ref, y_ref, seed):
           f"class {same(xa, xb):.4f} ({len(y_ref)} pairs)")
 
 
-def check_fits(J, j_info, name, info):
-    """One line when a data set is not in the space the judge was trained on."""
-    differ = data_differences(j_info, info, SPACE)
+def check_fits(J, j_info, name, data):
+    """One line when a data set is not in the space the judge was trained on (its info.json, and its channels)."""
+    differ = data_differences(j_info, data.info, SPACE)
+    if data.channels != J.convs[0].in_channels:
+        differ.append(f"channels {J.convs[0].in_channels} vs {data.channels}")
     if differ:
         fail(f"the judge does not fit {name}: {', '.join(differ)}")
 
@@ -193,6 +208,7 @@ def main(args):
     batch_size = per_rank_batch(args.global_batch_size, world)
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
     data = LatentData(args.data_path)
+    check_batch_memory(batch_size, (data.channels, data.size, data.size))
     if data.info.get("vae", "none") != "none":
         fail(f"{args.data_path} holds latents; the judge is for small pixel images (prepare_latents.py --vae none)")
     config = dict(J=dict(in_channels=data.channels, num_classes=data.num_classes))
@@ -201,10 +217,11 @@ def main(args):
     stop = StopOnSignal()
 
     # The judge, its EMA and AdamW as the classifier's (the same initial weights on every rank), and the start.
-    logger = create_logger(args.results_dir if rank == 0 else None)
     torch.manual_seed(args.global_seed)
     state = classifier_state(Judge(**config["J"]).to(device), args.lr, device)
     J, EMA, opt = state["model"], state["EMA"], state["opt"]
+    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it writes
+    logger = create_logger(args.results_dir if rank == 0 else None)
     logger.info(f"judge {sum(p.numel() for p in J.parameters()):,} parameters")
     start, _ = start_state(state, starts, args, logger, data.info, device)   # batches from the global RNG
     tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size)
@@ -226,7 +243,7 @@ def make_parser():
     parser.add_argument("--data-path", type=str, required=True, help="training data; with --evaluate the held-out data")
     parser.add_argument("--results-dir", type=str, default="results/judge")
     parser.add_argument("--global-batch-size", type=positive_int, default=128)
-    parser.add_argument("--global-seed", type=count, default=0, help="also the seed of --evaluate's real subset")
+    parser.add_argument("--global-seed", type=seed, default=0, help="also the seed of --evaluate's real subset")
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help=f"default: {EPOCHS} epochs of the data set at the global batch size")
     parser.add_argument("--lr", type=number(lo_open=True), default=1e-3, help="the start of a cosine decay to 0")
@@ -250,4 +267,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.evaluate is not None and not args.judge:
         parser.error("--evaluate needs --judge JUDGE.pt")
-    run(main_evaluate if args.evaluate is not None else main, args)
+    scoring = [flag for flag in ("judge", "real_data", "compare") if getattr(args, flag) is not None]
+    if args.evaluate is None and scoring:                      # else they would be dropped, and a judge trained
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in scoring)
+        fail(f"{flags}: only with --evaluate NPZ, which scores samples; without it judge.py trains a judge")
+    run(main_evaluate if args.evaluate is not None else main, args, errors=(fid.UserError,))

@@ -39,8 +39,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from common import (allocate_npy, check_output, check_room, claim, count, fail, integer, positive_int, run, save_atomic,
-                    setup_distributed)
+from common import (allocate_npy, check_output, check_room, claim, fail, integer, open_npy, positive_int, run,
+                    save_atomic, setup_distributed)
 from vae import SCALE, AutoencoderKL, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -416,22 +416,24 @@ def main(args):
     chunk = check_out(out, spec, args.batch_size or 64, rank)
     if chunk is None:
         return
+    arrays = [(name, np.float16, (len(files), 2) + shape) for name in names] + [("status", np.uint8, (len(files),))]
     if rank == 0 and not os.path.exists(f"{out}/run.json"):
-        arrays = [(name, np.float16, (len(files), 2) + shape) for name in names] + [("status", np.uint8, (len(files),))]
         start_run(out, arrays, dict(spec, chunk_size=chunk))
     if ddp:
         dist.barrier()  # a new run's staging files exist before any rank opens them
 
     # Rank r owns a contiguous range of chunks and skips the ones a previous run finished.
-    try:
-        status = np.load(f"{out}/status.partial.npy", mmap_mode="r+")
+    try:  # every staging array whole (a short one would be read as zeros), unless finalize already renamed it
+        staging = [open_npy(f"{out}/{name}.partial.npy", shape, dtype) for name, dtype, shape in arrays
+                   if name == "status" or os.path.exists(f"{out}/{name}.partial.npy")]
+        status = staging.pop()
         num_chunks = (len(files) + chunk - 1) // chunk
         mine = range(rank * num_chunks // world, (rank + 1) * num_chunks // world)
         batches = [list(range(c * chunk, min((c + 1) * chunk, len(files)))) for c in mine
                    if (status[c * chunk:(c + 1) * chunk] == 0).any()]
-        # With no batches left, an interrupted finalize may already have renamed the staging arrays.
-        staging = [np.load(f"{out}/{name}.partial.npy", mmap_mode="r+") for name in names] if batches else []
-    except (OSError, ValueError) as e:  # staging files deleted or damaged by hand
+        if batches and len(staging) != len(names):
+            raise FileNotFoundError(f"{out}/{names[-1]}.partial.npy is missing")
+    except (OSError, ValueError) as e:  # staging files deleted, cut short or damaged by hand
         fail(f"the unfinished run in {out} is damaged ({e}); delete {out}/run.json to start it over")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=quiet_hand_over)
@@ -470,8 +472,9 @@ def parse_args(argv=None):
                         help="output size, up to 4096 (default: 256 for folders, the images' own size for IDX and npz)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per chunk and per encoder call (x2 views; default 64, --benchmark on a CPU 2)")
-    parser.add_argument("--num-workers", type=count, default=min(8, os.cpu_count() or 1),
-                        help="image-decoding DataLoader workers per process (default: min(8, CPUs); 0: none)")
+    parser.add_argument("--num-workers", type=integer(0, os.cpu_count() or 1), default=min(8, os.cpu_count() or 1),
+                        help="image-decoding DataLoader workers per process, at most the CPUs (default: min(8, CPUs); "
+                             "0: none)")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--benchmark", action="store_true", help="time the encoder on random inputs and exit")
     parser.add_argument("--stop-after-chunks", type=int, default=0, help=argparse.SUPPRESS)  # tests: a crash

@@ -26,12 +26,13 @@ from tqdm import tqdm
 from PIL import Image
 
 from checkpoint import load_checkpoint, load_generator
-from common import (allocate_npy, check_output, check_room, claim, count, fail, image_format, parse_nfe, positive_int,
-                    rgb, run, save_atomic, save_grid, setup_distributed)
+from common import (allocate_npy, check_output, check_room, claim, fail, image_format, integer, open_npy, parse_nfe,
+                    positive_int, rgb, run, save_atomic, save_grid, seed, setup_distributed)
 from data import make_decoder
 from model import SIZES, class_balanced_labels, generate
 
-STAGING = (".staging.json", ".staging.npy", ".staging-done.npy")  # what --npz keeps until done: the record, rows, mask
+# What --npz keeps until done: the record, the rows, which of them are written, their transport costs.
+STAGING = (".staging.json", ".staging.npy", ".staging-done.npy", ".staging-cost.npy")
 
 
 def main(args):
@@ -47,9 +48,7 @@ def main(args):
     if args.npz is None and args.save_generator is None:
         image_format(args.out)
     if rank == 0:
-        claim(out, flag)
-    if args.npz is not None and os.path.exists(args.npz):
-        fail(f"--npz {args.npz} already exists: remove it, or name another file")
+        claim(out, flag, new=flag != "--out")                  # an npz or a generator replaces no file; a grid may
     if len(args.ckpt) > 1 and (args.npz or args.save_generator):
         fail(f"{flag} takes one --ckpt; several are for a grid that sets them side by side")
     loaded = [load_generator(path, args.model, args.nfe, args.repeat, args.weights) for path in args.ckpt]
@@ -61,9 +60,9 @@ def main(args):
         fail(f"the checkpoints of --ckpt make different images (channels, size, classes {sorted(shapes)}): one grid "
              "sets side by side generators of the same data")
     G, steps = G.to(device), args.steps or steps
-    for g, _, _ in loaded:
+    for path, (g, _, _) in zip(args.ckpt, loaded):
         if (args.steps or 1) > 1 and not g.use_t_src:
-            fail(f"a one-step generator samples in one step, not --steps {args.steps}")
+            fail(f"--ckpt {path} holds a one-step generator, which samples in one step, not --steps {args.steps}")
     decode = make_decoder(info, args.vae_weights, device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
     classes = args.class_labels or list(range(num_classes))   # what the samples are drawn from, in turn or balanced
@@ -97,29 +96,29 @@ def main(args):
     labels = [classes[k] for k in class_balanced_labels(args.num_samples, len(classes))]
     perm = np.random.RandomState(42).permutation(args.num_samples)
     row_of = np.argsort(perm)                                  # sample i lands at row row_of[i] of arr_0
-    rows, done = open_staging(args, steps, (args.num_samples, size, size, 3), rank)
+    rows, done, cost = open_staging(args, steps, (args.num_samples, size, size, 3), rank)
     indices = [i for i in range(rank, args.num_samples, world) if not done[i]]
     tic = time.time()
     batches = generate(G, steps, decode, indices, labels, args.global_seed, args.batch_size, device)
-    cost = torch.zeros((), dtype=torch.float64, device=device)
     for chunk, images, costs in tqdm(batches, total=math.ceil(len(indices) / args.batch_size), disable=rank != 0):
         rows[row_of[chunk]] = rgb(images).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3), ADM's NHWC
+        cost[chunk] = costs.double().cpu().numpy()
         rows.flush()
+        cost.flush()
         done[chunk] = 1                                        # only once the rows are on disk
         done.flush()
-        cost += costs.double().sum()
-    drawn = torch.stack([torch.tensor(float(len(indices)), dtype=torch.float64, device=device), cost])
+    drawn = torch.tensor(float(len(indices)), dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(drawn)                                 # also waits for every rank
-    seconds, (drawn, cost) = time.time() - tic, drawn.tolist()
+    seconds, drawn = time.time() - tic, int(drawn)
     if rank == 0:
         with save_atomic(args.npz) as tmp:
             np.savez(tmp, arr_0=rows, labels=np.asarray(labels, dtype=np.int64)[perm])
+        print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {len(set(labels))} classes) to "
+              f"{args.npz}; drew {drawn} in {seconds:.1f} s, {drawn / seconds:.1f} images/s; transport cost "
+              f"E|G(z) - z|^2/n {cost.mean():.4f} over all {args.num_samples}")
         for suffix in STAGING:
             os.remove(args.npz + suffix)
-        print(f"saved {args.num_samples} samples ({steps} step{'s' * (steps > 1)}, {len(set(labels))} classes) to "
-              f"{args.npz}; drew {int(drawn)} in {seconds:.1f} s, {drawn / seconds:.1f} images/s" +
-              (f"; transport cost E|G(z) - z|^2/n {cost / drawn:.4f} over them" if drawn else ""))
 
 
 def save_generator(path, weights, out):
@@ -135,35 +134,41 @@ def save_generator(path, weights, out):
 
 
 def open_staging(args, steps, shape, rank):
-    """(rows, done): the memory-mapped samples of --npz and a byte per sample written; what an interrupted run of the
-    same command (checkpoint, weights, steps, seed, number) left is kept, anything else starts afresh."""
+    """(rows, done, cost): the memory-mapped samples of --npz, a byte per sample written and each sample's transport
+    cost; what an interrupted run of the same command (checkpoint, weights, steps, seed, number) left is kept when
+    whole, anything else starts afresh."""
     identity = lambda path: path and os.path.isfile(path) and [os.path.abspath(path), os.path.getsize(path),
                                                              os.path.getmtime(path)]
     spec = dict(ckpt=identity(args.ckpt[0]), vae=identity(args.vae_weights), network=[args.model, args.nfe, args.repeat],
                 weights=args.weights, steps=steps, seed=args.global_seed, shape=list(shape), labels=args.class_labels)
-    record, rows, done = (args.npz + suffix for suffix in STAGING)
+    record, *arrays = (args.npz + suffix for suffix in STAGING)
+    arrays = list(zip(arrays, (shape, shape[:1], shape[:1]), (np.uint8, np.uint8, np.float64)))
     if rank == 0:
         try:
             with open(record) as f:
-                same = json.load(f) == spec and os.path.isfile(rows) and os.path.isfile(done)
+                same = json.load(f) == spec and all(os.path.isfile(path) for path, _, _ in arrays)
         except (OSError, ValueError):
             same = False
         # Room for the staging rows (unless kept) and then for the npz, which holds them again.
-        check_room(os.path.dirname(os.path.abspath(args.npz)), math.prod(shape) * (1 if same else 2) + shape[0],
+        check_room(os.path.dirname(os.path.abspath(args.npz)), math.prod(shape) * (1 if same else 2) + 9 * shape[0],
                    f"--npz {args.npz} ({shape[0]} samples, staged and then packed)")
-        if same:
-            print(f"resuming {args.npz}: {int(np.load(done).sum())} of {shape[0]} samples already drawn")
-        else:
+        if not same:
             try:
-                allocate_npy(rows, shape, np.uint8)
-                allocate_npy(done, shape[:1], np.uint8)
+                for path, size, dtype in arrays:
+                    allocate_npy(path, size, dtype)
             except OSError as e:
                 fail(f"cannot write the staging files of {args.npz}: {e.strerror}")
             with save_atomic(record) as tmp:
                 pathlib.Path(tmp).write_text(json.dumps(spec))
     if dist.is_initialized():
         dist.barrier()
-    return np.load(rows, mmap_mode="r+"), np.load(done, mmap_mode="r+")
+    try:                                                       # a file cut short would be read as black samples
+        rows, done, cost = [open_npy(*array) for array in arrays]
+    except (OSError, ValueError) as e:
+        fail(f"the staging files of --npz {args.npz} are damaged ({e}); delete {record} to start over")
+    if rank == 0 and same:
+        print(f"resuming {args.npz}: {int(done.sum())} of {shape[0]} samples already drawn")
+    return rows, done, cost
 
 
 def make_parser():
@@ -177,17 +182,17 @@ def make_parser():
                         ".pth")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights to decode latents")
-    parser.add_argument("--global-seed", type=count, default=0, help="sample i's noise is seeded by (seed, i)")
+    parser.add_argument("--global-seed", type=seed, default=0, help="sample i's noise is seeded by (seed, i)")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="the classes to draw: a grid shows "
                         "them in turn (one image each unless --num-images), an npz is class-balanced over them")
-    parser.add_argument("--num-images", type=positive_int, default=None, help="images in the grid (default: 16, or one "
-                        "per --class-labels)")
-    parser.add_argument("--nrow", type=positive_int, default=None, help="images per row of the grid")
+    parser.add_argument("--num-images", type=integer(1, 10 ** 6), default=None, help="images in the grid, up to a "
+                        "million and what Pillow opens (default: 16, or one per --class-labels)")
+    parser.add_argument("--nrow", type=integer(1, 10 ** 6), default=None, help="images per row of the grid")
     parser.add_argument("--out", type=str, default="samples.png")
     parser.add_argument("--npz", type=str, default=None, help="write an evaluation npz instead of a grid")
     parser.add_argument("--save-generator", type=str, default=None, help="write a checkpoint of the --weights "
                         "generator alone (a sixth of a training checkpoint) instead of sampling")
-    parser.add_argument("--num-samples", type=positive_int, default=50_000)
+    parser.add_argument("--num-samples", type=integer(1, 10_000_000), default=50_000, help="up to 10 million")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--device", type=str, default=None)
     return parser

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy.special import erf, ndtr, ndtri
 
-from common import check_output, claim, count, fail, positive_int, release_claims, run, save_atomic
+from common import check_output, claim, fail, integer, positive_int, release_claims, run, save_atomic, seed
 from loss import (DStep, GStep, GradNorm, afm_batch, interpolate, ot_scale_at, rcgm_residual, twinflow_ema_decay,
                   twinflow_losses, update_ema)
 from model import transport
@@ -305,9 +305,9 @@ def main(nfe=1, steps=1000, seed=0, out_dir="."):
 
 def make_parser():
     parser = argparse.ArgumentParser(description="1-D toy: AFM, TwinFlow, GAN and flow matching against the exact OT map.")
-    parser.add_argument("--nfe", type=positive_int, default=1, help="sampling steps of every model: 1, 2, 4, ...")
+    parser.add_argument("--nfe", type=integer(1, 1000), default=1, help="sampling steps of every model: 1, 2, 4, ...")
     parser.add_argument("--steps", type=positive_int, default=1000, help="training steps per model and seed")
-    parser.add_argument("--seed", type=count, default=0, help="the second run uses seed + 1")
+    parser.add_argument("--seed", type=seed, default=0, help="the second run uses seed + 1")
     parser.add_argument("--out-dir", type=str, default=".")
     return parser
 

@@ -21,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fid
-from checkpoint import LoopTail, load_classifier, load_starts, start_state
-from common import (StopOnSignal, check_input, count, create_logger, fail, number, parse_nfe, per_rank_batch,
-                    positive_int, rgb, run, setup_distributed)
-from data import SPACE, BatchReader, LatentData, data_differences, make_decoder, make_grid_writer, network_shape
+from checkpoint import LoopTail, check_checkpoint_room, load_classifier, load_starts, start_state
+from common import (StopOnSignal, check_batch_memory, check_input, count, create_logger, fail, integer, number,
+                    parse_nfe, per_rank_batch, positive_int, rgb, run, seed, setup_distributed)
+from data import (SPACE, BatchReader, LatentData, check_vae_weights, data_differences, make_decoder, make_grid_writer,
+                  network_shape)
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
 from model import (SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample,
                    to_uint8)
@@ -252,6 +253,7 @@ def benchmark(args):
     batch_size, iters = per_rank_batch(args.global_batch_size, world), args.benchmark
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
     data = LatentData(args.data_path) if args.data_path else RandomLatents()
+    check_batch_memory(batch_size, (data.channels, data.size, data.size))
     config = network_config(args.model, args.nfe, args.repeat, data)
     state, d_step, g_step = make_players(args, config, device, world)
     reader = BatchReader(data, batch_size, afm_batch, torch.Generator(), device, nfe=args.nfe)
@@ -307,6 +309,8 @@ def main(args):
 
     # Inputs: data, checkpoint and evaluation files are all checked before the run writes anything.
     data = LatentData(args.data_path)
+    check_batch_memory(batch_size, (data.channels, data.size, data.size))
+    check_vae_weights(data.info, args.vae_weights)
     config = network_config(args.model, args.nfe, args.repeat, data)
     starts = load_starts(args, config, args.max_steps, data.info)
     guidance = load_guidance(args, data, device) if args.classifier else None
@@ -315,8 +319,9 @@ def main(args):
                    else None)
 
     # Models and start: fresh, the exact continuation of a run (--resume), or a new stage of one (--init, --init-d).
-    logger = create_logger(args.results_dir if rank == 0 else None)
     state, d_step, g_step = make_players(args, config, device, world, guidance)
+    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it writes
+    logger = create_logger(args.results_dir if rank == 0 else None)
     G, D, EMA, opt_D = state["G"], state["D"], state["EMA"], state["opt_D"]
     logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
     start, data_rng = start_state(state, starts, args, logger, data.info, device)
@@ -363,7 +368,7 @@ def make_parser():
                         "generator (the paper's R2 and R4 rows in DEFAULTS: G's lr / R)")
     parser.add_argument("--global-batch-size", type=positive_int, default=None,
                         help=f"split over the ranks ({defaults_help('global_batch_size')})")
-    parser.add_argument("--global-seed", type=count, default=0)
+    parser.add_argument("--global-seed", type=seed, default=0)
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help=f"iterations of one D step and one G step ({defaults_help('max_steps')})")
     parser.add_argument("--lr", type=number(lo_open=True), default=None,
@@ -391,7 +396,7 @@ def make_parser():
     parser.add_argument("--sample-every", type=count, default=0, help="write sample grids of the EMA and of G to "
                         "RESULTS/samples every N steps (0: never)")
     parser.add_argument("--fid-every", type=count, default=0, help="score the EMA every N steps (0: never)")
-    parser.add_argument("--fid-samples", type=positive_int, default=50_000)               # FID-50K, as the paper
+    parser.add_argument("--fid-samples", type=integer(1, 10_000_000), default=50_000)   # FID-50K, as the paper
     parser.add_argument("--fid-ref", type=str, default=None, help="reference statistics/images, e.g. ADM's npz")
     parser.add_argument("--inception", type=str, default=None, help="FID Inception weights file")
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode samples")
@@ -435,4 +440,4 @@ if __name__ == "__main__":
         parser.error("--cg-scale needs --classifier")
     if args.ot_schedule == "constant" and args.ot_scale_end is not None:
         parser.error("--ot-scale-end is the end of the cosine schedule; a constant schedule holds --ot-scale")
-    run(benchmark if args.benchmark else main, args)
+    run(benchmark if args.benchmark else main, args, errors=(fid.UserError,))

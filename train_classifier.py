@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import LoopTail, load_starts, start_state
-from common import StopOnSignal, count, create_logger, number, per_rank_batch, positive_int, run, setup_distributed
+from checkpoint import LoopTail, check_checkpoint_room, load_starts, start_state
+from common import (StopOnSignal, check_batch_memory, create_logger, number, per_rank_batch, positive_int, run, seed,
+                    setup_distributed)
 from data import LatentData, network_shape
 from loss import classifier_state, classifier_step, interpolate, update_ema
 from model import SIZES, Classifier
@@ -80,15 +81,17 @@ def main(args):
     batch_size = per_rank_batch(args.global_batch_size, world)
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"  # as the official code
     data = LatentData(args.data_path)
+    check_batch_memory(batch_size, (data.channels, data.size, data.size))
     config = dict(C=network_shape(args.model, data))
     max_steps = args.max_steps or math.ceil(EPOCHS * len(data.labels) / args.global_batch_size)
     starts = load_starts(args, config, max_steps, data.info)   # the same network and data, or one line
     stop = StopOnSignal()
 
     # Model, EMA and AdamW (the official yaml's), the same initial weights on every rank.
-    logger = create_logger(args.results_dir if rank == 0 else None)
     torch.manual_seed(args.global_seed)
     state = classifier_state(Classifier(**config["C"]).to(device), args.lr, device)   # what a checkpoint holds
+    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it writes
+    logger = create_logger(args.results_dir if rank == 0 else None)
     C, EMA, opt = state["model"], state["EMA"], state["opt"]
     logger.info(f"classifier {sum(p.numel() for p in C.parameters()):,} parameters")
 
@@ -113,7 +116,7 @@ def make_parser():
     parser.add_argument("--results-dir", type=str, default="results/classifier")
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")         # the paper, §4.1: B/2
     parser.add_argument("--global-batch-size", type=positive_int, default=256)           # official classifier yaml
-    parser.add_argument("--global-seed", type=count, default=0)
+    parser.add_argument("--global-seed", type=seed, default=0)
     parser.add_argument("--max-steps", type=positive_int, default=None, help=f"default: {EPOCHS} epochs of the data "
                         "set at the global batch size (the paper, §4.1)")
     parser.add_argument("--lr", type=number(lo_open=True), default=1e-4)                 # constant, official yaml

@@ -27,9 +27,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import LoopTail, load_starts, start_state
-from common import StopOnSignal, count, create_logger, number, per_rank_batch, positive_int, run, setup_distributed
-from data import BatchReader, LatentData, make_grid_writer, network_shape
+from checkpoint import LoopTail, check_checkpoint_room, load_starts, start_state
+from common import (StopOnSignal, check_batch_memory, count, create_logger, fail, number, per_rank_batch, positive_int,
+                    run, seed, setup_distributed)
+from data import BatchReader, LatentData, check_vae_weights, make_grid_writer, network_shape
 from loss import TWINFLOW_TERMS, twinflow_batch, twinflow_ema_decay, twinflow_losses, update_ema
 from model import SIZES, Generator, mode_flags
 
@@ -57,11 +58,18 @@ class TwinFlowLoss(torch.nn.Module):
 
 def main(args):
     # Setup: processes, devices, data, the network config and the checkpoint to resume, before anything is written.
+    if len(set(args.terms)) < len(args.terms):
+        fail(f"--terms {' '.join(args.terms)} names a term twice")
+    if not {"base", "real", "base_one_step"} & set(args.terms):  # F starts at 0 (DiT's zero-initialised output)
+        fail(f"--terms {' '.join(args.terms)}: fake and rectify learn only from F's own samples, their loss is 0 from "
+             "the start and stays 0; add base, real or base_one_step")
     device, rank, world = setup_distributed(args.device)
     batch_size = per_rank_batch(args.global_batch_size, world)
     stop = StopOnSignal()
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
     data = LatentData(args.data_path)
+    check_batch_memory(batch_size, (data.channels, data.size, data.size))
+    check_vae_weights(data.info, args.vae_weights)
     # Flow matching alone (--terms real) learns a velocity of (x_t, t) only: its network takes no target time, and
     # sampling is then plain Euler steps of that velocity (the control of the Fashion-MNIST results).
     flags = mode_flags("any")[0] if set(args.terms) != {"real"} else dict(mode_flags("2")[0])
@@ -71,12 +79,13 @@ def main(args):
     write_grids = make_grid_writer(args, data, device, steps=1) if args.sample_every else None
 
     # The network F, its EMA (the consistency target) and Adam, the same initial weights on every rank.
-    logger = create_logger(args.results_dir if rank == 0 else None)
     torch.manual_seed(args.global_seed)
     G = Generator(**config["F"]).to(device)
     EMA = deepcopy(G).requires_grad_(False)
     opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)  # main.py:114, Adam's defaults
     state = dict(G=G, EMA=EMA, opt=opt)                       # what a checkpoint holds
+    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it writes
+    logger = create_logger(args.results_dir if rank == 0 else None)
     logger.info(f"F {sum(p.numel() for p in G.parameters()):,} parameters")
 
     # Start: fresh, or the exact continuation of a run; the EMA's warm-up is a function of the step.
@@ -113,7 +122,7 @@ def make_parser():
     parser.add_argument("--results-dir", type=str, default="results/twinflow")
     parser.add_argument("--model", type=str, choices=list(SIZES), default="B/2")
     parser.add_argument("--global-batch-size", type=positive_int, default=128)            # main.py:19
-    parser.add_argument("--global-seed", type=count, default=0)
+    parser.add_argument("--global-seed", type=seed, default=0)
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help=f"default: {EPOCHS} epochs of the data set at the global batch size (main.py:20)")
     parser.add_argument("--lr", type=number(lo_open=True), default=2e-4)                 # main.py:18
