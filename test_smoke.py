@@ -140,6 +140,13 @@ def make_data(path, n=24, num_classes=5, size=8, channels=3, std=False, seed=0):
     return str(path)
 
 
+def exit_status(argv):
+    """The exit status of a script, run in this process, that must stop (argparse: 2, a signal: 130)."""
+    with pytest.raises(SystemExit) as e:
+        run_script(*argv)
+    return e.value.code
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data"))
@@ -842,6 +849,125 @@ def test_messages_name_folders_give_the_resume_command_and_a_stopping_job_ignore
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def test_outputs_of_work_are_never_replaced(data, tmp_path):
+    """--save-generator, like --npz and --save-stats, refuses a file already there (its own --ckpt included), and the
+    temporary file that a killed writer of the output left is removed by the next job that takes the output."""
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
+    ckpt = tmp_path / "checkpoints" / "0000001.pt"
+    before = ckpt.read_bytes()
+    cli_error("sample.py", "--ckpt", ckpt, "--save-generator", ckpt, match=f"--save-generator {ckpt} already exists")
+    assert ckpt.read_bytes() == before
+    (tmp_path / "g.tmp.pt").write_bytes(b"half a generator")
+    run_script("sample.py", "--ckpt", ckpt, "--save-generator", tmp_path / "g.pt")
+    assert "EMA" in torch.load(tmp_path / "g.pt", weights_only=True)
+    assert not (tmp_path / "g.tmp.pt").exists() and not (tmp_path / "g.pt.lock").exists()
+
+
+def test_sizes_counts_and_seeds_are_bounded_before_any_work(data, tmp_path, capsys):
+    """Every size, count and seed flag within what the job can hold, and term sets that can learn, refused in one line
+    before any work: no results folder appears."""
+    for argv in (["sample.py", "--ckpt", "x.pt", "--npz", "s.npz", "--num-samples", 10 ** 9],
+                 ["sample.py", "--ckpt", "x.pt", "--num-images", 10 ** 9],
+                 ["prepare_latents.py", "--data-path", "x.npz", "--out", tmp_path / "p", "--num-workers", 100000],
+                 ["train.py", "--data-path", data, *TRAIN, "--global-seed", 2 ** 64],
+                 ["train.py", "--data-path", data, *TRAIN, "--fid-samples", 10 ** 9],
+                 ["twinflow.py", "--data-path", data, "--global-seed", 2 ** 32],
+                 ["train_classifier.py", "--data-path", data, "--global-seed", -1],
+                 ["judge.py", "--data-path", data, "--global-seed", "1e3"],
+                 ["toy.py", "--seed", 2 ** 64], ["toy.py", "--nfe", 10 ** 9]):
+        assert exit_status(argv) == 2
+        assert "must be an integer from" in capsys.readouterr().err
+    run = lambda name: ["--results-dir", tmp_path / name, "--device", "cpu"]
+    cli_error("train.py", "--data-path", data, *run("a"), *TRAIN[4:], "--global-batch-size", 10 ** 8,
+                 match="needs at least")
+    cli_error("twinflow.py", "--data-path", data, *run("b"), "--model", "T/2", "--global-batch-size", 10 ** 8,
+                 match="give a smaller --global-batch-size")
+    for script in ("train_classifier.py", "judge.py"):
+        cli_error(script, "--data-path", data, *run("c"), "--global-batch-size", 10 ** 8, match="needs at least")
+    for terms, why in ((["fake"], "loss is 0 from the start"), (["rectify", "fake"], "loss is 0 from the start"),
+                       (["real", "real"], "names a term twice")):
+        cli_error("twinflow.py", "--data-path", data, *run("d"), "--terms", *terms, match=why)
+    cli_error("train.py", "--data-path", data, *run("e"), *TRAIN[4:], "--vae-weights", "vae.pth",
+                 match="--vae-weights vae.pth: these are pixels")
+    assert os.listdir(tmp_path) == []
+
+
+def test_refused_or_killed_jobs_leave_nothing_behind(data, tmp_path, monkeypatch):
+    """A run refused for disk writes nothing; a killed checkpoint write's NNNNNNN.tmp.pt goes with the next run of
+    the folder; a second Ctrl-C inside torch.save stops at once (130), not with torch's "unexpected pos"; fid.py
+    stopped by SIGTERM exits 130 and leaves neither its lock nor its temporary file."""
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    for script, flags in (("train.py", TRAIN), ("twinflow.py", TRAIN), ("train_classifier.py", TRAIN),
+                          ("judge.py", TRAIN[2:])):
+        cli_error(script, "--data-path", data, "--results-dir", tmp_path / "full", *flags,
+                     match="a checkpoint of this run needs")
+        assert not (tmp_path / "full").exists()
+    monkeypatch.undo()
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--max-steps", 1)
+    (tmp_path / "r" / "checkpoints" / "0000007.tmp.pt").write_bytes(b"killed half-way")
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--max-steps", 2,
+               "--resume", tmp_path / "r" / "checkpoints" / "0000001.pt")
+    assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["0000001.pt", "0000002.pt"]
+
+    script = f"""if True:
+        import builtins, io, os, signal, torch, common
+        class SlowDisk(io.FileIO):                             # both Ctrl-C arrive while torch writes the tensors
+            calls = 0
+            def write(self, b):
+                SlowDisk.calls += 1
+                if SlowDisk.calls == 3:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.SIGINT)
+                return super().write(b)
+        stop = common.StopOnSignal()
+        with common.save_atomic({str(tmp_path / 'c.pt')!r}) as tmp, SlowDisk(tmp, "w") as f:
+            torch.save(dict(x=torch.zeros(100_000)), f)       # as save_checkpoint writes"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130 and out.stderr.strip() == "SIGINT again: stopping now, without a checkpoint", \
+        out.stderr
+    assert not glob.glob(str(tmp_path / "c.*"))
+
+    np.savez(tmp_path / "images.npz", arr_0=_fid_images(60, seed=0, size=8))
+    stats = tmp_path / "stats.npz"
+    (tmp_path / "stats.tmp.npz").write_bytes(b"a killed job's")
+    argv = [tmp_path / "images.npz", "--inception", _fid_weights_file(), "--save-stats", stats, "--batch-size", 1]
+    proc = subprocess.Popen([sys.executable, "fid.py", *map(str, argv), "--device", "cpu"], cwd=HERE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline and (tmp_path / "stats.tmp.npz").exists():
+        time.sleep(0.01)                                       # the lock is held and the leftover removed: SIGTERM
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert not glob.glob(str(tmp_path / "stats*"))
+
+
+def test_messages_name_the_file_and_the_cause(data, tmp_path):
+    """A folder in place of a data file; which of several --ckpt is one-step; a judge checkpoint resumed as a
+    classifier; a fid.UserError (too few held-out images for Precision/Recall) in one line through run()."""
+    for name in ("latents.npy", "labels.npy", "info.json"):
+        folder = shutil.copytree(data, tmp_path / name.split(".")[0])
+        os.remove(folder / name)
+        os.makedirs(folder / name)
+        cli_error("train.py", "--data-path", folder, "--results-dir", tmp_path / "never", *TRAIN,
+                     match=f"{folder / name} is a folder, not a file")
+    afm, twin = (os.path.join(HERE, "docs", name) for name in ("fmnist_afm.pt", "fmnist_twinflow.pt"))
+    cli_error("sample.py", "--ckpt", twin, afm, "--steps", 2, "--out", tmp_path / "g.png",
+                 match=f"--ckpt {afm} holds a one-step generator, which samples in one step, not --steps 2")
+    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
+               "--global-batch-size", 8, "--max-steps", 1)
+    judge = tmp_path / "j" / "checkpoints" / "0000001.pt"
+    cli_error("train_classifier.py", "--data-path", data, "--results-dir", tmp_path / "c", *CLS, "--resume", judge,
+                 match="holds a judge (judge.py), and this run trains a classifier")
+    few = make_data(tmp_path / "few", n=3)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), labels=np.arange(6) % 5)
+    cli_error("judge.py", "--evaluate", tmp_path / "s.npz", "--judge", judge, "--data-path", few,
+                 match="Precision and Recall need more than k=3 images")
+    assert not (tmp_path / "never").exists() and not (tmp_path / "c").exists()
+
+
 #################################################################################
 #                          data.py: the data directory                          #
 #################################################################################
@@ -924,6 +1050,26 @@ def test_the_data_check_reads_every_row_and_scores_say_what_they_rest_on(data, t
     run_script("judge.py", "--evaluate", tmp_path / "images.npz", "--judge", tmp_path / "dead.pt",
                "--data-path", data)
     assert "features of the held-out images are degenerate" in capsys.readouterr().out
+
+
+def test_resume_is_refused_on_other_contents_under_the_same_info_json(data, tmp_path):
+    """The data's identity holds a checksum of its arrays, taken by the pass that checks every row: a directory written
+    by hand with the run's info.json but other contents (one value changed, two rows exchanged) takes no --resume."""
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
+    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
+    x = np.load(os.path.join(data, "latents.npy"))
+    for name, edit in (("value", lambda x: x.__setitem__((3, 0, 0, 0, 0), -x[3, 0, 0, 0, 0])),
+                       ("rows", lambda x: x.__setitem__([4, 5], x[[5, 4]]))):
+        other = shutil.copytree(data, tmp_path / name)
+        changed = x.copy()
+        edit(changed)
+        assert not np.array_equal(changed, x)
+        np.save(other / "latents.npy", changed)
+        cli_error("train.py", "--data-path", other, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2,
+                     "--resume", ckpt, match="was trained on other data than --data-path")
+    run_script("train.py", "--data-path", shutil.copytree(data, tmp_path / "copy"), "--results-dir", tmp_path / "run",
+               *TRAIN, "--max-steps", 2, "--resume", ckpt)           # the same contents elsewhere: resumed
+    assert (tmp_path / "run" / "checkpoints" / "0000002.pt").exists()
 
 
 #################################################################################
@@ -1604,6 +1750,46 @@ def test_classifier_and_judge_bad_inputs(data, tmp_path):
     assert e.value.code == 2                                   # argparse: "--evaluate needs --judge"
 
 
+def test_the_judge_scores_only_inputs_of_its_space(tmp_path):
+    """Labels among the judge's classes, images of its size and channels (grey written as RGB is grey), enough of
+    them, a readable npz, and the scoring flags only with --evaluate: each refused in one line before any scoring."""
+    grey = make_data(tmp_path / "grey", channels=1)
+    run_script("judge.py", "--data-path", grey, "--results-dir", tmp_path / "j", "--device", "cpu",
+               "--global-batch-size", 8, "--max-steps", 1)
+    judge = tmp_path / "j" / "checkpoints" / "0000001.pt"
+    rng = np.random.default_rng(0)
+    images = np.repeat(rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8), 3, axis=3)   # grey, as sample.py writes it
+    labels = np.arange(6) % 5
+
+    def refused(match, arr_0=images, y=labels, held_out=grey):
+        np.savez(tmp_path / "s.npz", arr_0=arr_0, labels=y)
+        cli_error("judge.py", "--evaluate", tmp_path / "s.npz", "--judge", judge, "--data-path", held_out,
+                     match=match)
+    classes = "labels must be the judge's classes, integers from 0 to 4"
+    refused(classes, y=np.array([0, 1, 2, 3, 4, 99]))
+    refused(classes, y=np.array([0, 1, 2, 3, 4, -1]))
+    refused(classes, y=labels + 0.7)
+    refused(classes, y=np.array(list("012340")))
+    space = "the judge scores 4 or more images of 8 x 8 pixels in 1 channel(s)"
+    refused(f"{space} (grey as RGB too), got 6 of 16 x 16 in 3", arr_0=np.zeros((6, 16, 16, 3), np.uint8))
+    colour = images.copy()
+    colour[0, 0, 0] = (255, 0, 0)
+    refused("got 6 of 8 x 8 in 3", arr_0=colour)
+    refused("got 0 of 8 x 8", arr_0=images[:0], y=labels[:0])
+    refused("got 2 of 8 x 8", arr_0=images[:2], y=labels[:2])
+    refused("with one label each, got arr_0 uint8 (6, 8, 8, 3) and labels int64 (5,)", y=labels[:5])
+    refused("channels 1 vs 3", held_out=make_data(tmp_path / "rgb"))
+    np.savez(tmp_path / "good.npz", arr_0=images, labels=labels)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:300])
+    cli_error("judge.py", "--evaluate", tmp_path / "cut.npz", "--judge", judge, "--data-path", grey,
+                 match=f"cannot read {tmp_path / 'cut.npz'} as a sample npz")
+    run_script("judge.py", "--evaluate", tmp_path / "good.npz", "--judge", judge, "--data-path", grey)
+    for flags in (["--judge", judge], ["--real-data", grey], ["--compare", "a.npz", "b.npz"]):
+        cli_error("judge.py", "--data-path", grey, "--results-dir", tmp_path / "new", *flags,
+                     match=": only with --evaluate NPZ, which scores samples; without it judge.py trains a judge")
+    assert not (tmp_path / "new").exists()
+
+
 #################################################################################
 #                         sample.py: grids and npz files                        #
 #################################################################################
@@ -1670,6 +1856,52 @@ def test_noise_seeds_are_unrelated_and_an_interrupted_npz_resumes(data, tmp_path
     with np.load(tmp_path / "whole.npz") as whole, np.load(tmp_path / "part.npz") as part:
         assert np.array_equal(whole["arr_0"], part["arr_0"]) and np.array_equal(whole["labels"], part["labels"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "log.txt", "part.npz", "whole.npz"]
+
+
+def test_staging_files_are_checked_whole_before_reuse(data, tmp_path, monkeypatch, capsys):
+    """A staging file cut short or damaged is one line naming what to delete, never read as zeros (black samples, or
+    all-zero images in prepare_latents.py); a resumed --npz reports the transport cost over all its samples."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", arr_0=rng.integers(0, 256, (6, 4, 4), dtype=np.uint8), labels=rng.integers(0, 3, 6))
+    argv = ["--data-path", tmp_path / "x.npz", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0,
+            "--batch-size", 1]
+    with pytest.raises(SystemExit, match="stopped after 1 chunks"):
+        run_script("prepare_latents.py", *argv, "--stop-after-chunks", 1)
+    latents = tmp_path / "out" / "latents.partial.npy"
+    whole = latents.read_bytes()
+    latents.write_bytes(whole[:-40])
+    message = cli_error("prepare_latents.py", *argv)
+    assert "truncated" in message and f"delete {tmp_path / 'out'}/run.json" in message, message
+    latents.write_bytes(whole)
+    run_script("prepare_latents.py", *argv)
+    assert np.load(tmp_path / "out" / "latents.npy").shape == (6, 2, 1, 4, 4)
+
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--max-steps", 1)
+    ckpt, npz = tmp_path / "r" / "checkpoints" / "0000001.pt", tmp_path / "s.npz"
+    command = ["sample.py", "--ckpt", ckpt, "--npz", npz, "--num-samples", 10, "--batch-size", 3]
+    run_script(*command[:3], "--npz", tmp_path / "straight.npz", *command[5:])
+    straight = capsys.readouterr().out
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", interrupted_after_one_batch(real_generate))
+    assert exit_status(command) == 130
+    monkeypatch.setattr(model, "generate", real_generate)
+    mask, rows = tmp_path / "s.npz.staging-done.npy", tmp_path / "s.npz.staging.npy"
+    kept = {path: path.read_bytes() for path in (mask, rows)}
+    np.save(mask, np.array([None] * 10, dtype=object))                  # damaged: a pickled array in its place
+    cli_error(*command, match=f"the staging files of --npz {npz} are damaged")
+    mask.write_bytes(kept[mask])
+    rows.write_bytes(kept[rows][:-100])                                  # cut short
+    cli_error(*command, match=f"truncated); delete {npz}.staging.json to start over")
+    rows.write_bytes(kept[rows])
+    capsys.readouterr()
+    run_script(*command)
+    resumed = capsys.readouterr().out
+    assert "3 of 10 samples already drawn" in resumed and "drew 7 in" in resumed
+    cost = lambda out: re.search(r"transport cost E\|G\(z\) - z\|\^2/n ([0-9.]+) over all 10", out).group(1)
+    assert cost(resumed) == cost(straight)
+    with np.load(npz) as part, np.load(tmp_path / "straight.npz") as whole:
+        assert np.array_equal(part["arr_0"], whole["arr_0"])
+    assert not glob.glob(f"{npz}.*")
 
 
 #################################################################################
@@ -2636,242 +2868,6 @@ def test_toy_twinflow_trains_and_samples_any_step():
     for s, s_next in ((1.0, 0.5), (0.5, 0.0)):
         x = x - (s - s_next) * G1(x, None, t(s), t(s_next))
     np.testing.assert_allclose(toy.trajectory(G1, z.view(-1).numpy(), 2)[-1], x.view(-1).detach().numpy(), atol=1e-6)
-
-
-#################################################################################
-#     Reliability: outputs, staging files, bounds, leftovers, one-line errors   #
-#################################################################################
-
-def exit_status(argv):
-    """The exit status of a script, run in this process, that must stop (argparse: 2, a signal: 130)."""
-    with pytest.raises(SystemExit) as e:
-        run_script(*argv)
-    return e.value.code
-
-
-def test_outputs_of_work_are_never_replaced(data, tmp_path):
-    """--save-generator, like --npz and --save-stats, refuses a file already there (its own --ckpt included), and the
-    temporary file that a killed writer of the output left is removed by the next job that takes the output."""
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path, *TRAIN, "--max-steps", 1)
-    ckpt = tmp_path / "checkpoints" / "0000001.pt"
-    before = ckpt.read_bytes()
-    cli_error("sample.py", "--ckpt", ckpt, "--save-generator", ckpt, match=f"--save-generator {ckpt} already exists")
-    assert ckpt.read_bytes() == before
-    (tmp_path / "g.tmp.pt").write_bytes(b"half a generator")
-    run_script("sample.py", "--ckpt", ckpt, "--save-generator", tmp_path / "g.pt")
-    assert "EMA" in torch.load(tmp_path / "g.pt", weights_only=True)
-    assert not (tmp_path / "g.tmp.pt").exists() and not (tmp_path / "g.pt.lock").exists()
-
-
-def test_staging_files_are_checked_whole_before_reuse(data, tmp_path, monkeypatch, capsys):
-    """A staging file cut short or damaged is one line naming what to delete, never read as zeros (black samples, or
-    all-zero images in prepare_latents.py); a resumed --npz reports the transport cost over all its samples."""
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "x.npz", arr_0=rng.integers(0, 256, (6, 4, 4), dtype=np.uint8), labels=rng.integers(0, 3, 6))
-    argv = ["--data-path", tmp_path / "x.npz", "--out", tmp_path / "out", "--vae", "none", "--num-workers", 0,
-            "--batch-size", 1]
-    with pytest.raises(SystemExit, match="stopped after 1 chunks"):
-        run_script("prepare_latents.py", *argv, "--stop-after-chunks", 1)
-    latents = tmp_path / "out" / "latents.partial.npy"
-    whole = latents.read_bytes()
-    latents.write_bytes(whole[:-40])
-    message = cli_error("prepare_latents.py", *argv)
-    assert "truncated" in message and f"delete {tmp_path / 'out'}/run.json" in message, message
-    latents.write_bytes(whole)
-    run_script("prepare_latents.py", *argv)
-    assert np.load(tmp_path / "out" / "latents.npy").shape == (6, 2, 1, 4, 4)
-
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--max-steps", 1)
-    ckpt, npz = tmp_path / "r" / "checkpoints" / "0000001.pt", tmp_path / "s.npz"
-    command = ["sample.py", "--ckpt", ckpt, "--npz", npz, "--num-samples", 10, "--batch-size", 3]
-    run_script(*command[:3], "--npz", tmp_path / "straight.npz", *command[5:])
-    straight = capsys.readouterr().out
-    real_generate = model.generate
-    monkeypatch.setattr(model, "generate", interrupted_after_one_batch(real_generate))
-    assert exit_status(command) == 130
-    monkeypatch.setattr(model, "generate", real_generate)
-    mask, rows = tmp_path / "s.npz.staging-done.npy", tmp_path / "s.npz.staging.npy"
-    kept = {path: path.read_bytes() for path in (mask, rows)}
-    np.save(mask, np.array([None] * 10, dtype=object))                  # damaged: a pickled array in its place
-    cli_error(*command, match=f"the staging files of --npz {npz} are damaged")
-    mask.write_bytes(kept[mask])
-    rows.write_bytes(kept[rows][:-100])                                  # cut short
-    cli_error(*command, match=f"truncated); delete {npz}.staging.json to start over")
-    rows.write_bytes(kept[rows])
-    capsys.readouterr()
-    run_script(*command)
-    resumed = capsys.readouterr().out
-    assert "3 of 10 samples already drawn" in resumed and "drew 7 in" in resumed
-    cost = lambda out: re.search(r"transport cost E\|G\(z\) - z\|\^2/n ([0-9.]+) over all 10", out).group(1)
-    assert cost(resumed) == cost(straight)
-    with np.load(npz) as part, np.load(tmp_path / "straight.npz") as whole:
-        assert np.array_equal(part["arr_0"], whole["arr_0"])
-    assert not glob.glob(f"{npz}.*")
-
-
-def test_sizes_counts_and_seeds_are_bounded_before_any_work(data, tmp_path, capsys):
-    """Every size, count and seed flag within what the job can hold, and term sets that can learn, refused in one line
-    before any work: no results folder appears."""
-    for argv in (["sample.py", "--ckpt", "x.pt", "--npz", "s.npz", "--num-samples", 10 ** 9],
-                 ["sample.py", "--ckpt", "x.pt", "--num-images", 10 ** 9],
-                 ["prepare_latents.py", "--data-path", "x.npz", "--out", tmp_path / "p", "--num-workers", 100000],
-                 ["train.py", "--data-path", data, *TRAIN, "--global-seed", 2 ** 64],
-                 ["train.py", "--data-path", data, *TRAIN, "--fid-samples", 10 ** 9],
-                 ["twinflow.py", "--data-path", data, "--global-seed", 2 ** 32],
-                 ["train_classifier.py", "--data-path", data, "--global-seed", -1],
-                 ["judge.py", "--data-path", data, "--global-seed", "1e3"],
-                 ["toy.py", "--seed", 2 ** 64], ["toy.py", "--nfe", 10 ** 9]):
-        assert exit_status(argv) == 2
-        assert "must be an integer from" in capsys.readouterr().err
-    run = lambda name: ["--results-dir", tmp_path / name, "--device", "cpu"]
-    cli_error("train.py", "--data-path", data, *run("a"), *TRAIN[4:], "--global-batch-size", 10 ** 8,
-                 match="needs at least")
-    cli_error("twinflow.py", "--data-path", data, *run("b"), "--model", "T/2", "--global-batch-size", 10 ** 8,
-                 match="give a smaller --global-batch-size")
-    for script in ("train_classifier.py", "judge.py"):
-        cli_error(script, "--data-path", data, *run("c"), "--global-batch-size", 10 ** 8, match="needs at least")
-    for terms, why in ((["fake"], "loss is 0 from the start"), (["rectify", "fake"], "loss is 0 from the start"),
-                       (["real", "real"], "names a term twice")):
-        cli_error("twinflow.py", "--data-path", data, *run("d"), "--terms", *terms, match=why)
-    cli_error("train.py", "--data-path", data, *run("e"), *TRAIN[4:], "--vae-weights", "vae.pth",
-                 match="--vae-weights vae.pth: these are pixels")
-    assert os.listdir(tmp_path) == []
-
-
-def test_refused_or_killed_jobs_leave_nothing_behind(data, tmp_path, monkeypatch):
-    """A run refused for disk writes nothing; a killed checkpoint write's NNNNNNN.tmp.pt goes with the next run of
-    the folder; a second Ctrl-C inside torch.save stops at once (130), not with torch's "unexpected pos"; fid.py
-    stopped by SIGTERM exits 130 and leaves neither its lock nor its temporary file."""
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    for script, flags in (("train.py", TRAIN), ("twinflow.py", TRAIN), ("train_classifier.py", TRAIN),
-                          ("judge.py", TRAIN[2:])):
-        cli_error(script, "--data-path", data, "--results-dir", tmp_path / "full", *flags,
-                     match="a checkpoint of this run needs")
-        assert not (tmp_path / "full").exists()
-    monkeypatch.undo()
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--max-steps", 1)
-    (tmp_path / "r" / "checkpoints" / "0000007.tmp.pt").write_bytes(b"killed half-way")
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "r", *TRAIN, "--max-steps", 2,
-               "--resume", tmp_path / "r" / "checkpoints" / "0000001.pt")
-    assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["0000001.pt", "0000002.pt"]
-
-    script = f"""if True:
-        import builtins, io, os, signal, torch, common
-        class SlowDisk(io.FileIO):                             # both Ctrl-C arrive while torch writes the tensors
-            calls = 0
-            def write(self, b):
-                SlowDisk.calls += 1
-                if SlowDisk.calls == 3:
-                    os.kill(os.getpid(), signal.SIGINT)
-                    os.kill(os.getpid(), signal.SIGINT)
-                return super().write(b)
-        stop = common.StopOnSignal()
-        with common.save_atomic({str(tmp_path / 'c.pt')!r}) as tmp, SlowDisk(tmp, "w") as f:
-            torch.save(dict(x=torch.zeros(100_000)), f)       # as save_checkpoint writes"""
-    out = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 130 and out.stderr.strip() == "SIGINT again: stopping now, without a checkpoint", \
-        out.stderr
-    assert not glob.glob(str(tmp_path / "c.*"))
-
-    np.savez(tmp_path / "images.npz", arr_0=_fid_images(60, seed=0, size=8))
-    stats = tmp_path / "stats.npz"
-    (tmp_path / "stats.tmp.npz").write_bytes(b"a killed job's")
-    argv = [tmp_path / "images.npz", "--inception", _fid_weights_file(), "--save-stats", stats, "--batch-size", 1]
-    proc = subprocess.Popen([sys.executable, "fid.py", *map(str, argv), "--device", "cpu"], cwd=HERE, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 60
-    while proc.poll() is None and time.time() < deadline and (tmp_path / "stats.tmp.npz").exists():
-        time.sleep(0.01)                                       # the lock is held and the leftover removed: SIGTERM
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
-    assert not glob.glob(str(tmp_path / "stats*"))
-
-
-def test_resume_is_refused_on_other_contents_under_the_same_info_json(data, tmp_path):
-    """The data's identity holds a checksum of its arrays, taken by the pass that checks every row: a directory written
-    by hand with the run's info.json but other contents (one value changed, two rows exchanged) takes no --resume."""
-    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 1)
-    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
-    x = np.load(os.path.join(data, "latents.npy"))
-    for name, edit in (("value", lambda x: x.__setitem__((3, 0, 0, 0, 0), -x[3, 0, 0, 0, 0])),
-                       ("rows", lambda x: x.__setitem__([4, 5], x[[5, 4]]))):
-        other = shutil.copytree(data, tmp_path / name)
-        changed = x.copy()
-        edit(changed)
-        assert not np.array_equal(changed, x)
-        np.save(other / "latents.npy", changed)
-        cli_error("train.py", "--data-path", other, "--results-dir", tmp_path / "run", *TRAIN, "--max-steps", 2,
-                     "--resume", ckpt, match="was trained on other data than --data-path")
-    run_script("train.py", "--data-path", shutil.copytree(data, tmp_path / "copy"), "--results-dir", tmp_path / "run",
-               *TRAIN, "--max-steps", 2, "--resume", ckpt)           # the same contents elsewhere: resumed
-    assert (tmp_path / "run" / "checkpoints" / "0000002.pt").exists()
-
-
-def test_messages_name_the_file_and_the_cause(data, tmp_path):
-    """A folder in place of a data file; which of several --ckpt is one-step; a judge checkpoint resumed as a
-    classifier; a fid.UserError (too few held-out images for Precision/Recall) in one line through run()."""
-    for name in ("latents.npy", "labels.npy", "info.json"):
-        folder = shutil.copytree(data, tmp_path / name.split(".")[0])
-        os.remove(folder / name)
-        os.makedirs(folder / name)
-        cli_error("train.py", "--data-path", folder, "--results-dir", tmp_path / "never", *TRAIN,
-                     match=f"{folder / name} is a folder, not a file")
-    afm, twin = (os.path.join(HERE, "docs", name) for name in ("fmnist_afm.pt", "fmnist_twinflow.pt"))
-    cli_error("sample.py", "--ckpt", twin, afm, "--steps", 2, "--out", tmp_path / "g.png",
-                 match=f"--ckpt {afm} holds a one-step generator, which samples in one step, not --steps 2")
-    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
-               "--global-batch-size", 8, "--max-steps", 1)
-    judge = tmp_path / "j" / "checkpoints" / "0000001.pt"
-    cli_error("train_classifier.py", "--data-path", data, "--results-dir", tmp_path / "c", *CLS, "--resume", judge,
-                 match="holds a judge (judge.py), and this run trains a classifier")
-    few = make_data(tmp_path / "few", n=3)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), labels=np.arange(6) % 5)
-    cli_error("judge.py", "--evaluate", tmp_path / "s.npz", "--judge", judge, "--data-path", few,
-                 match="Precision and Recall need more than k=3 images")
-    assert not (tmp_path / "never").exists() and not (tmp_path / "c").exists()
-
-
-def test_the_judge_scores_only_inputs_of_its_space(tmp_path):
-    """Labels among the judge's classes, images of its size and channels (grey written as RGB is grey), enough of
-    them, a readable npz, and the scoring flags only with --evaluate: each refused in one line before any scoring."""
-    grey = make_data(tmp_path / "grey", channels=1)
-    run_script("judge.py", "--data-path", grey, "--results-dir", tmp_path / "j", "--device", "cpu",
-               "--global-batch-size", 8, "--max-steps", 1)
-    judge = tmp_path / "j" / "checkpoints" / "0000001.pt"
-    rng = np.random.default_rng(0)
-    images = np.repeat(rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8), 3, axis=3)   # grey, as sample.py writes it
-    labels = np.arange(6) % 5
-
-    def refused(match, arr_0=images, y=labels, held_out=grey):
-        np.savez(tmp_path / "s.npz", arr_0=arr_0, labels=y)
-        cli_error("judge.py", "--evaluate", tmp_path / "s.npz", "--judge", judge, "--data-path", held_out,
-                     match=match)
-    classes = "labels must be the judge's classes, integers from 0 to 4"
-    refused(classes, y=np.array([0, 1, 2, 3, 4, 99]))
-    refused(classes, y=np.array([0, 1, 2, 3, 4, -1]))
-    refused(classes, y=labels + 0.7)
-    refused(classes, y=np.array(list("012340")))
-    space = "the judge scores 4 or more images of 8 x 8 pixels in 1 channel(s)"
-    refused(f"{space} (grey as RGB too), got 6 of 16 x 16 in 3", arr_0=np.zeros((6, 16, 16, 3), np.uint8))
-    colour = images.copy()
-    colour[0, 0, 0] = (255, 0, 0)
-    refused("got 6 of 8 x 8 in 3", arr_0=colour)
-    refused("got 0 of 8 x 8", arr_0=images[:0], y=labels[:0])
-    refused("got 2 of 8 x 8", arr_0=images[:2], y=labels[:2])
-    refused("with one label each, got arr_0 uint8 (6, 8, 8, 3) and labels int64 (5,)", y=labels[:5])
-    refused("channels 1 vs 3", held_out=make_data(tmp_path / "rgb"))
-    np.savez(tmp_path / "good.npz", arr_0=images, labels=labels)
-    (tmp_path / "cut.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:300])
-    cli_error("judge.py", "--evaluate", tmp_path / "cut.npz", "--judge", judge, "--data-path", grey,
-                 match=f"cannot read {tmp_path / 'cut.npz'} as a sample npz")
-    run_script("judge.py", "--evaluate", tmp_path / "good.npz", "--judge", judge, "--data-path", grey)
-    for flags in (["--judge", judge], ["--real-data", grey], ["--compare", "a.npz", "b.npz"]):
-        cli_error("judge.py", "--data-path", grey, "--results-dir", tmp_path / "new", *flags,
-                     match=": only with --evaluate NPZ, which scores samples; without it judge.py trains a judge")
-    assert not (tmp_path / "new").exists()
 
 
 if __name__ == "__main__":
