@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from common import check_in_sync, check_input, check_output, check_room, claim, fail, save_atomic, temporary
 from data import IDENTITY, data_differences
-from model import SIZES, Classifier, Generator, default_steps, mode_flags
+from model import (SIT_FLAGS, SIZES, Classifier, Discriminator, Generator, cafm_discriminator_kwargs, default_steps,
+                   mode_flags)
 from vae import SCALE
 
 #################################################################################
@@ -317,6 +318,30 @@ def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
         fail(str(e))
     load_weights(G, state, path, ": check --model, --nfe and --repeat")
     return G.eval().requires_grad_(False), steps, info
+
+
+# The official CAFM release post-trains SiT's checkpoint (SiT-XL-2-256.pt); SiT's own training checkpoints wrap it.
+SIT_SOURCE = "SiT-XL-2-256.pt of https://github.com/willisma/SiT (its download.py has the link)"
+SIT_KEYS = {"x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
+            "final_layer.linear.weight"}
+
+
+def load_sit(path, model):
+    """(G, D, G's kwargs, data info) from a checkpoint in the official SiT format, for CAFM: G loads it strictly; D takes
+    the trunk and keeps its new token and head (the official strict=False). `model` (a SIZES key) gives the heads."""
+    ckpt = load_checkpoint(path)
+    ckpt = ckpt.get("ema", ckpt) if isinstance(ckpt, dict) else ckpt    # SiT's train.py checkpoints hold the EMA
+    if not is_state_dict(ckpt) or not SIT_KEYS <= set(ckpt):
+        fail(f"{path} is not a SiT checkpoint: CAFM post-trains the official {SIT_SOURCE}, or a flow-matching "
+             "checkpoint of twinflow.py --terms real")
+    proj, grid = ckpt["x_embedder.proj.weight"], math.isqrt(ckpt["pos_embed"].shape[1])
+    kwargs = dict(SIZES[model], input_size=grid * proj.shape[-1], in_channels=proj.shape[1],
+                  num_classes=len(ckpt["y_embedder.embedding_table.weight"]), **SIT_FLAGS)
+    G, D = Generator(**kwargs), Discriminator(**cafm_discriminator_kwargs(kwargs))
+    load_weights(G, ckpt, path, f": check --model {model} (SiT-XL/2 is XL/2)")
+    missing, _ = D.load_state_dict(ckpt, strict=False)        # without SiT's output layer
+    assert set(missing) == {"dis_embed", "final_layer.1.weight"}, missing          # G loaded: the trunk is there
+    return G, D, kwargs, dict(OFFICIAL_DATA, num_classes=kwargs["num_classes"] - 1)
 
 
 def load_classifier(path, weights="EMA"):

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import transport
 
@@ -395,3 +396,57 @@ def twinflow_ema_decay(decay, target=0.99):
     """The tutorial's EMA warm-up (:215): each update moves the decay halfway from where it is to `target`, weighted by
     1 - decay: 0, 0.495, 0.62, ..., 0.976 after 100 updates, then towards `target`."""
     return decay + (1 - decay) * (target - decay) / 2
+
+
+#################################################################################
+#              CAFM: a potential D, judged by its derivative along a flow       #
+#################################################################################
+# Continuous Adversarial Flow Models (Lin et al., https://arxiv.org/abs/2604.11521) as the official release trains
+# them (train_continuous_adversarial_flow_imagenet.py, training_step): post-training of a flow-matching velocity
+# v = G(x_t, y, t) (model.Generator with use_t_src). D(x_t, y, t) is a scalar potential (model.Discriminator with use_t
+# and norm="rms"), and what is judged is its derivative along a flow, J(v) = d/de D(x_t + e v, y, t + e) at e = 0:
+# forward-mode autodiff, one jvp per tangent, vmapped over the real and the predicted velocity in one call.
+# x_t = (1 - t) x + t z (interpolate, above), the real velocity is z - x, t ~ U(0, 1).
+
+class FlowDerivative(torch.nn.Module):
+    """(D(x, y, t), J): J the derivative of D along the tangent (dx, dt), (N,); with K tangents stacked, dx (K, N, ...)
+    and dt (K, N), J is (K, N) from one vmapped jvp. A module, so that DDP can wrap it: the jvp then runs inside DDP's
+    forward, as the official DiscriminatorJVP does."""
+    def __init__(self, D):
+        super().__init__()
+        self.D = D
+
+    def forward(self, x, y, t, dx, dt):
+        def jvp_along(dx, dt):
+            return torch.func.jvp(lambda x, t: self.D(x, y, t), (x, t), (dx, dt))
+        # SDPA's math backend is the one with forward-mode AD: the flash kernels (CPU and CUDA) and the memory-efficient
+        # one have none, so the official code turns them off too.
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.func.vmap(jvp_along)(dx, dt) if dx.dim() > x.dim() else jvp_along(dx, dt)
+
+
+def cafm_discriminator_loss(DJ, x_t, y, t, v_real, v_fake, cp_scale):
+    """D's least-squares loss (CAFM's D objective): J(v_real) -> 1, J(v_fake) -> -1, and cp_scale D(x_t)^2 keeps the
+    potential itself near 0 (the derivative alone leaves its level free). DJ: a FlowDerivative (DDP-wrapped or not)."""
+    ones = torch.ones_like(t)
+    out, logits = DJ(x_t, y, t, torch.stack([v_real, v_fake.detach()]), torch.stack([ones, ones]))
+    logits_real, logits_fake = logits                          # (N,) each
+    loss_adv = (logits_real - 1).square().mean() + (logits_fake + 1).square().mean()
+    loss_cp = cp_scale * out.square().mean()
+    return loss_adv + loss_cp, dict(loss_d=loss_adv.detach(), loss_cp=loss_cp.detach(),
+                                    logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean())
+
+
+def cafm_generator_loss(DJ, x_t, y, t, v_fake, ot_scale):
+    """G's loss (CAFM's G objective): J(v_fake) -> 1, plus ot_scale mean(v_fake^2) (0 in the official SiT config).
+    DJ wraps the bare, frozen D: the gradient reaches G through the tangent v_fake."""
+    _, logits_fake = DJ(x_t, y, t, v_fake, torch.ones_like(t))
+    loss_adv, loss_ot = (logits_fake - 1).square().mean(), ot_scale * v_fake.square().mean()
+    return loss_adv + loss_ot, dict(loss_g=loss_adv.detach(), loss_ot=loss_ot.detach(),
+                                    logits_g=logits_fake.detach().mean())
+
+
+def cafm_is_d_step(step, warmup, n_dis):
+    """The official schedule (is_dis_step): D alone up to step `warmup` (inclusive), then n_dis D steps and one G step
+    in every n_dis + 1, by the step's remainder (so the first G step may come before n_dis D steps)."""
+    return step <= warmup or step % (n_dis + 1) < n_dis

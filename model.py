@@ -51,9 +51,11 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Embeds a time t in [0, 1]: sinusoids of 1000 t (DiT's timestep scale), then a two-layer MLP."""
-    def __init__(self, hidden_size, frequency_embedding_size=256):
+    """Embeds a time t in [0, 1]: sinusoids of scale * t (1000: DiT's timestep scale; SiT embeds t itself), then a
+    two-layer MLP."""
+    def __init__(self, hidden_size, frequency_embedding_size=256, scale=1000):
         super().__init__()
+        self.scale = scale
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -66,11 +68,11 @@ class TimestepEmbedder(nn.Module):
         # https://github.com/openai/glide-text2im/blob/main/glide_text2im/nn.py
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]                           # (N, dim / 2)
+        args = t[:, None].to(torch.promote_types(t.dtype, freqs.dtype)) * freqs[None]  # (N, dim / 2), >= fp32
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)      # (N, dim)
 
     def forward(self, t):
-        t_freq = self.timestep_embedding(t * 1000, self.frequency_embedding_size)
+        t_freq = self.timestep_embedding(t * self.scale, self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
@@ -125,13 +127,18 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def make_norm(norm, hidden_size):
+    """A parameter-free LayerNorm ("ln", DiT's) or RMSNorm ("rms", CAFM's discriminator)."""
+    return (nn.LayerNorm if norm == "ln" else nn.RMSNorm)(hidden_size, elementwise_affine=False, eps=1e-6)
+
+
 class DiTBlock(nn.Module):
     """A transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm="ln"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = make_norm(norm, hidden_size)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = make_norm(norm, hidden_size)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
@@ -156,19 +163,21 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """The trunk the three networks share: patch tokens with a fixed position embedding, optional time and label
-    embedders, and the stack of blocks. Subclasses add their heads, extend initialize_weights() for them, and call it."""
+    embedders, and the stack of blocks. Subclasses add their heads, extend initialize_weights() for them, and call it.
+    sit: SiT's time convention (https://github.com/willisma/SiT, the official CAFM networks): its time runs the other
+    way, t_SiT = 1 - t, and is embedded without DiT's factor 1000."""
     def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
-                 mlp_ratio=4.0, use_t=False, use_y=True):
+                 mlp_ratio=4.0, use_t=False, use_y=True, norm="ln", sit=False):
         super().__init__()
-        self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
+        self.input_size, self.in_channels, self.patch_size, self.sit = input_size, in_channels, patch_size, sit
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         if use_t:
-            self.t_embedder = TimestepEmbedder(hidden_size)
+            self.t_embedder = TimestepEmbedder(hidden_size, scale=1 if sit else 1000)
         if use_y:
             self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         # A frozen parameter, as in DiT: fixed sin-cos values, counted in the paper's parameter totals (Table 10).
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, norm) for _ in range(depth)])
 
     def initialize_weights(self):
         """DiT's initialisation of the shared trunk: xavier-uniform linears with zero biases (subclasses then redo
@@ -192,6 +201,9 @@ class DiT(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
 
+    def embed_time(self, t):
+        return self.t_embedder(1 - t if self.sit else t)
+
     def token_features(self, token, x, c):
         """Runs the blocks over [token, patches] and returns the token's features, (N, D)."""
         x = self.x_embedder(x) + self.pos_embed                    # (N, T, D)
@@ -207,19 +219,24 @@ class DiT(nn.Module):
 #################################################################################
 
 class Generator(DiT):
+    """learn_sigma: an output layer of 2C channels of which the first C are used (SiT/DiT checkpoints). sit: SiT's
+    time convention, its velocity is -v. null_class: the last class is the unconditional one (classifier-free
+    guidance)."""
     def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
-                 mlp_ratio=4.0, use_t_src=False, use_t_tgt=False, repeat=1):
+                 mlp_ratio=4.0, use_t_src=False, use_t_tgt=False, repeat=1, learn_sigma=False, sit=False,
+                 null_class=False):
         if repeat > 1 and (use_t_src or use_t_tgt):
             raise ValueError("depth repetition is for one-step generators (use_t_src=use_t_tgt=False)")
         if use_t_tgt and not use_t_src:
             raise ValueError("an any-step generator (use_t_tgt) needs use_t_src too")
         # The repeated generator uses the time embedder for the repetition "time" of each pass.
         super().__init__(input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
-                         mlp_ratio, use_t=use_t_src or repeat > 1)
-        self.use_t_src, self.use_t_tgt, self.repeat = use_t_src, use_t_tgt, repeat
+                         mlp_ratio, use_t=use_t_src or repeat > 1, sit=sit)
+        self.use_t_src, self.use_t_tgt, self.repeat, self.null_class = use_t_src, use_t_tgt, repeat, null_class
+        self.num_classes = num_classes
         if use_t_tgt:
             self.t_tgt_embedder = TimestepEmbedder(hidden_size)
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels * (2 if learn_sigma else 1))
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -236,7 +253,7 @@ class Generator(DiT):
                 nn.init.normal_(linear.weight, std=0.02)
 
     def unpatchify(self, x):
-        p, c = self.patch_size, self.in_channels
+        p, c = self.patch_size, x.shape[-1] // self.patch_size ** 2
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, p, p, c)                   # (N, H/p, W/p, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
@@ -246,7 +263,7 @@ class Generator(DiT):
         x = self.x_embedder(x) + self.pos_embed                    # (N, T, D)
         c = self.y_embedder(y)                                     # (N, D)
         if self.use_t_src:
-            c = c + self.t_embedder(t_src)
+            c = c + self.embed_time(t_src)
         if self.use_t_tgt:
             c = c + self.t_tgt_embedder(t_tgt)
         for r in range(self.repeat):
@@ -256,8 +273,8 @@ class Generator(DiT):
                 c_r = c + self.t_embedder(t_r)                     # (N, D)
             for block in self.blocks:
                 x = block(x, c_r)                                  # (N, T, D)
-        x = self.final_layer(x, c)                                 # (N, T, p * p * C)
-        return self.unpatchify(x)                                  # (N, C, H, W)
+        x = self.unpatchify(self.final_layer(x, c))[:, :self.in_channels]  # (N, C, H, W), without sigma channels
+        return -x if self.sit else x
 
 
 #################################################################################
@@ -336,16 +353,14 @@ def init_token_head(token, head):
 
 
 class Discriminator(DiT):
+    """AFM's D(x, y) or D(x, y, t); with norm="rms" (and use_t) CAFM's scalar potential D(x_t, y, t)."""
     def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
-                 mlp_ratio=4.0, use_t=False):
+                 mlp_ratio=4.0, use_t=False, norm="ln", sit=False):
         super().__init__(input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
-                         mlp_ratio, use_t=use_t)
+                         mlp_ratio, use_t=use_t, norm=norm, sit=sit)
         self.use_t = use_t
         self.dis_embed = nn.Parameter(torch.zeros(hidden_size))
-        self.final_layer = nn.Sequential(
-            nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6),
-            nn.Linear(hidden_size, 1, bias=False),
-        )
+        self.final_layer = nn.Sequential(make_norm(norm, hidden_size), nn.Linear(hidden_size, 1, bias=False))
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -356,7 +371,7 @@ class Discriminator(DiT):
         """Logits (N,) of x being real, for class y (and time t with use_t)."""
         c = self.y_embedder(y)                                     # (N, D)
         if self.use_t:
-            c = c + self.t_embedder(t)
+            c = c + self.embed_time(t)
         return self.final_layer(self.token_features(self.dis_embed, x, c)).view(-1)  # (N,)
 
 
@@ -395,6 +410,18 @@ def mode_flags(nfe, repeat=1):
     source time; D sees the target time); "any" also gives G the target time. repeat: depth repetition (one step)."""
     multi = nfe != "1"
     return dict(use_t_src=multi, use_t_tgt=nfe == "any", repeat=repeat), dict(use_t=multi)
+
+
+# CAFM's networks (configs/models/cafm/sit/xl2.yaml): G is a flow model's velocity, as SiT's checkpoints hold it
+# (learned sigma, SiT's time, 1,000 classes + the null one); D is the same trunk with RMSNorm, time and the token head.
+SIT_FLAGS = dict(use_t_src=True, learn_sigma=True, sit=True, null_class=True)
+SHAPE_KEYS = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes", "mlp_ratio")
+
+
+def cafm_discriminator_kwargs(g_kwargs):
+    """CAFM's D for the generator of `g_kwargs`: both start from the same flow model, so D takes its trunk."""
+    return dict({k: g_kwargs[k] for k in SHAPE_KEYS if k in g_kwargs}, use_t=True, norm="rms",
+                sit=g_kwargs.get("sit", False))
 
 
 # B/2 ... XL/2 are the paper's sizes (Table 10); S/2 is for demos, T/2 for tests, and XS/7 for 28-pixel images (the

@@ -2870,5 +2870,101 @@ def test_toy_twinflow_trains_and_samples_any_step():
     np.testing.assert_allclose(toy.trajectory(G1, z.view(-1).numpy(), 2)[-1], x.view(-1).detach().numpy(), atol=1e-6)
 
 
+#################################################################################
+#             CAFM: the objective, its networks and the SiT format              #
+#################################################################################
+
+def cafm_reference():
+    """The official CAFM networks of fixtures/cafm.pt, as model.py builds them, with the fixture's weights."""
+    ref = torch.load(os.path.join(FIXTURES, "cafm.pt"), weights_only=True)
+    shape = {k: v for k, v in ref["config"].items() if k not in ("learn_sigma", "class_dropout_prob")}
+    G = model.Generator(**shape, **model.SIT_FLAGS)
+    D = model.Discriminator(**model.cafm_discriminator_kwargs(dict(shape, **model.SIT_FLAGS)))
+    G.load_state_dict(dict(fill(ref["gen_keys"], ref["gen_seed"]), pos_embed=ref["pos_embed"]))
+    D.load_state_dict(dict(fill(ref["dis_keys"], ref["dis_seed"]), pos_embed=ref["pos_embed"]))
+    x, z, t, y = (ref["inputs"][k] for k in "xzty")
+    return ref, G, D, loss.interpolate(x, z, t), z - x, y, t
+
+
+def assert_grads_equal(net, want):
+    got = {k: p.grad for k, p in net.named_parameters() if p.grad is not None}
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-5 * want[k].abs().max()), k
+
+
+def test_cafm_losses_and_gradients_equal_the_official_training_step():
+    """D's step and G's step of the official training_step (SiT networks, fill weights, cp 0.001, ot 0.05) on the same
+    inputs: the networks' outputs, both players' losses and every parameter's gradient, and the D/G schedule."""
+    ref, G, D, x_t, v_real, y, t = cafm_reference()
+    assert torch.allclose(G(x_t, y, t), ref["gen_out"], atol=1e-5)
+    assert torch.allclose(D(x_t, y, t), ref["dis_out"], atol=1e-5)
+    DJ = loss.FlowDerivative(D)
+    with torch.no_grad():
+        v_fake = G(x_t, y, t)
+    loss_d, stats = loss.cafm_discriminator_loss(DJ, x_t, y, t, v_real, v_fake, ref["cp_scale"])
+    loss_d.backward()
+    assert torch.allclose(loss_d, ref["d_losses"]["loss/total"], rtol=1e-5)
+    assert torch.allclose(stats["loss_cp"], ref["d_losses"]["loss/cp"], rtol=1e-4)
+    assert torch.allclose(stats["logits_fake"], ref["d_losses"]["logits/fake"], rtol=1e-5)
+    assert_grads_equal(D, ref["d_grads"])
+    D.requires_grad_(False)
+    loss_g, stats = loss.cafm_generator_loss(DJ, x_t, y, t, G(x_t, y, t), ref["ot_scale"])
+    loss_g.backward()
+    assert torch.allclose(loss_g, ref["g_losses"]["loss/total"], rtol=1e-5)
+    assert torch.allclose(stats["loss_ot"], ref["g_losses"]["loss/ot"], rtol=1e-5)
+    assert_grads_equal(G, ref["g_grads"])
+    assert [loss.cafm_is_d_step(s, ref["warmup"], ref["N"]) for s in range(40)] == ref["schedule"]
+
+
+def test_cafm_jvp_is_the_finite_difference_of_D_along_the_flow():
+    """J(v) = d/de D(x_t + e v, y, t + e) through our attention (SDPA, whose default CPU kernel has no forward-mode AD),
+    one tangent or two stacked, against a central difference in float64."""
+    _, _, D, x_t, v_real, y, t = cafm_reference()
+    D, x_t, v_real, t = D.double(), x_t.double(), v_real.double(), t.double()
+    v_other, ones, e = torch.randn_like(v_real), torch.ones_like(t), 1e-5
+    out, J = loss.FlowDerivative(D)(x_t, y, t, v_real, ones)
+    with torch.no_grad():
+        fd = (D(x_t + e * v_real, y, t + e) - D(x_t - e * v_real, y, t - e)) / (2 * e)
+        assert torch.allclose(out, D(x_t, y, t)) and torch.allclose(J, fd, rtol=1e-6, atol=1e-8)
+    _, J2 = loss.FlowDerivative(D)(x_t, y, t, torch.stack([v_real, v_other]), torch.stack([ones, 0 * ones]))
+    _, J_other = loss.FlowDerivative(D)(x_t, y, t, v_other, 0 * ones)   # along x alone: t held
+    assert J2.shape == (2, 3) and torch.allclose(J2[0], J) and torch.allclose(J2[1], J_other)
+    assert not torch.allclose(J, J_other)
+
+
+def test_sit_checkpoint_loads_into_cafm_G_strictly_and_into_D(tmp_path):
+    """Our G has exactly SiT-XL/2's key set and shapes (the official class, listed on the meta device); D shares its
+    trunk. A file in SiT's format loads through checkpoint.load_sit; a wrong one ends in one line naming the source."""
+    ref = torch.load(os.path.join(FIXTURES, "cafm.pt"), weights_only=True)
+    xl2 = dict(model.SIZES["XL/2"], input_size=32, in_channels=4, num_classes=1001)
+    with torch.device("meta"):
+        G = model.Generator(**xl2, **model.SIT_FLAGS)
+        D = model.Discriminator(**model.cafm_discriminator_kwargs(dict(xl2, **model.SIT_FLAGS)))
+    sit = dict(ref["sit_xl2_keys"])
+    assert {k: tuple(v.shape) for k, v in G.state_dict().items()} == sit
+    d_keys = {k: tuple(v.shape) for k, v in D.state_dict().items()}
+    assert set(d_keys) - set(sit) == {"dis_embed", "final_layer.1.weight"}
+    assert set(sit) - set(d_keys) == {k for k in sit if k.startswith("final_layer.")} - {"final_layer.1.weight"}
+    assert all(sit[k] == d_keys[k] for k in set(sit) & set(d_keys))
+    # A tiny file in SiT's format (T/2, 8 x 8 x 4, 10 classes + null); SiT's own training checkpoints wrap it in "ema".
+    _, G_ref, D_ref, x_t, _, y, t = cafm_reference()
+    torch.save(dict(ema=G_ref.state_dict(), opt={}), tmp_path / "sit.pt")
+    G, D, kwargs, info = checkpoint.load_sit(str(tmp_path / "sit.pt"), "T/2")
+    assert kwargs["sit"] and kwargs["learn_sigma"] and kwargs["num_classes"] == 11 and info["num_classes"] == 10
+    with torch.no_grad():
+        assert torch.equal(G(x_t, y, t), G_ref(x_t, y, t))
+    for k, v in D.state_dict().items():
+        if k in G_ref.state_dict():
+            assert torch.equal(v, G_ref.state_dict()[k]), k
+    torch.save(dict(G_ref.state_dict(), **{"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}), tmp_path / "bad.pt")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    for name, match in (("bad.pt", "check --model T/2"), ("other.pt", "SiT-XL-2-256.pt of https://github.com/willisma/SiT")):
+        with pytest.raises(SystemExit) as e:
+            checkpoint.load_sit(str(tmp_path / name), "T/2")
+        err = str(e.value.code)
+        assert err.startswith("error:") and "\n" not in err and name in err and match in err, err
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
