@@ -289,15 +289,35 @@ def transport(G, x_src, y, t_src, t_tgt, velocity):
     return x_src - (t_src - t_tgt).view(-1, *[1] * (x_src.dim() - 1)) * out  # x_t = x_s - (s - t) v
 
 
+def guided(G, cfg_scale):
+    """G with classifier-free guidance, v_null + s (v_y - v_null), the null class being G's last (s = 1: G itself)."""
+    if cfg_scale == 1:
+        return G
+
+    def G_cfg(x, y, *times):
+        null = torch.full_like(y, G.num_classes - 1)
+        cond, uncond = G(torch.cat([x, x]), torch.cat([y, null]), *(torch.cat([t, t]) for t in times)).float().chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+    return G_cfg
+
+
 @torch.no_grad()
-def sample(G, z, y, steps=1):
-    """Transports noise z (t = 1) to data (t = 0) in `steps` uniform steps with an unwrapped Generator."""
+def sample(G, z, y, steps=1, heun=False, cfg_scale=1.0):
+    """Transports noise z (t = 1) to data (t = 0) in `steps` uniform steps with an unwrapped Generator: Euler steps, or
+    Heun's (two evaluations a step) for a velocity of one time (flow matching, CAFM); cfg_scale needs a null class."""
     if steps > 1 and not G.use_t_src:
         raise ValueError(f"a one-step generator cannot sample in {steps} steps")
-    times = torch.linspace(1, 0, steps + 1, device=z.device)
-    x = z
+    if heun and (G.use_t_tgt or not G.use_t_src):
+        raise ValueError("Heun steps are for a velocity of one time (flow matching, CAFM)")
+    if cfg_scale != 1 and not G.null_class:
+        raise ValueError("classifier-free guidance needs a generator trained with a null class")
+    net, times, x = guided(G, cfg_scale), torch.linspace(1, 0, steps + 1, device=z.device), z
     for t_src, t_tgt in zip(times[:-1], times[1:]):
-        x = transport(G, x, y, t_src.expand(len(z)), t_tgt.expand(len(z)), velocity=G.use_t_src)
+        s, t = t_src.expand(len(z)), t_tgt.expand(len(z))
+        x_next = transport(net, x, y, s, t, velocity=G.use_t_src)
+        if heun:                   # the trapezoid: x - (s - t) (v(x, s) + v(x_next, t)) / 2
+            x_next = (x_next + x - (t_src - t_tgt) * net(x_next, y, t, t).float()) / 2
+        x = x_next
     return x
 
 
@@ -324,7 +344,7 @@ def noise(indices, shape, seed):
 
 
 @torch.no_grad()
-def generate(G, steps, decode, indices, labels, seed, batch_size, device):
+def generate(G, steps, decode, indices, labels, seed, batch_size, device, heun=False, cfg_scale=1.0):
     """Yields (indices, uint8 images (n, C, H, W), transport costs |G(z) - z|^2 / dim (n,)) for the given sample
     indices, batch by batch, from noise(); decode maps G's output to [-1, 1] images (the VAE decoder, or the identity
     for pixels). The next batch's noise is drawn on the host while the device samples this one."""
@@ -337,7 +357,7 @@ def generate(G, steps, decode, indices, labels, seed, batch_size, device):
             z = to_device(pending.result())                    # (n, C, H, W)
             if k + 1 < len(chunks):
                 pending = pool.submit(noise, chunks[k + 1], shape, seed)
-            x = sample(G, z, to_device(labels[chunk]), steps)
+            x = sample(G, z, to_device(labels[chunk]), steps, heun, cfg_scale)
             yield chunk, to_uint8(decode(x)), (x - z).square().flatten(1).mean(1)
 
 

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from PIL import Image
 
 from checkpoint import load_checkpoint, load_generator
-from common import (allocate_npy, check_output, check_room, claim, fail, image_format, integer, open_npy, parse_nfe,
-                    positive_int, rgb, run, save_atomic, save_grid, seed, setup_distributed)
+from common import (allocate_npy, check_output, check_room, claim, fail, image_format, integer, number, open_npy,
+                    parse_nfe, positive_int, rgb, run, save_atomic, save_grid, seed, setup_distributed)
 from data import make_decoder
 from model import SIZES, class_balanced_labels, generate
 
@@ -63,6 +63,11 @@ def main(args):
     for path, (g, _, _) in zip(args.ckpt, loaded):
         if (args.steps or 1) > 1 and not g.use_t_src:
             fail(f"--ckpt {path} holds a one-step generator, which samples in one step, not --steps {args.steps}")
+        if args.sampler == "heun" and (g.use_t_tgt or not g.use_t_src):
+            fail("--sampler heun is for a velocity of one time (flow matching, CAFM); this generator jumps")
+        if args.cfg_scale != 1 and not g.null_class:
+            fail(f"--cfg-scale {args.cfg_scale} needs a generator with a null class (a SiT-format one); this one has none")
+    heun = args.sampler == "heun"
     decode = make_decoder(info, args.vae_weights, device)
     num_classes = G.y_embedder.embedding_table.num_embeddings
     classes = args.class_labels or list(range(num_classes))   # what the samples are drawn from, in turn or balanced
@@ -84,7 +89,8 @@ def main(args):
         if rank == 0:                                          # a grid is small: the other ranks have nothing to do
             columns = [torch.cat([x for _, x, _ in generate(g.to(device), args.steps or default, decode,
                                                             list(range(len(labels))), labels, args.global_seed,
-                                                            args.batch_size, device)]) for g, default, _ in loaded]
+                                                            args.batch_size, device, heun, args.cfg_scale)])
+                       for g, default, _ in loaded]
             images = torch.stack(columns, 1).flatten(0, 1)     # (n, K, C, H, W) -> row by row
             save_grid(images, args.out, nrow=nrow)
             print(f"saved {n} samples ({steps} step{'s' * (steps > 1)}) to {args.out}")
@@ -99,7 +105,8 @@ def main(args):
     rows, done, cost = open_staging(args, steps, (args.num_samples, size, size, 3), rank)
     indices = [i for i in range(rank, args.num_samples, world) if not done[i]]
     tic = time.time()
-    batches = generate(G, steps, decode, indices, labels, args.global_seed, args.batch_size, device)
+    batches = generate(G, steps, decode, indices, labels, args.global_seed, args.batch_size, device, heun,
+                       args.cfg_scale)
     for chunk, images, costs in tqdm(batches, total=math.ceil(len(indices) / args.batch_size), disable=rank != 0):
         rows[row_of[chunk]] = rgb(images).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3), ADM's NHWC
         cost[chunk] = costs.double().cpu().numpy()
@@ -140,7 +147,8 @@ def open_staging(args, steps, shape, rank):
     identity = lambda path: path and os.path.isfile(path) and [os.path.abspath(path), os.path.getsize(path),
                                                              os.path.getmtime(path)]
     spec = dict(ckpt=identity(args.ckpt[0]), vae=identity(args.vae_weights), network=[args.model, args.nfe, args.repeat],
-                weights=args.weights, steps=steps, seed=args.global_seed, shape=list(shape), labels=args.class_labels)
+                weights=args.weights, steps=steps, sampler=[args.sampler, args.cfg_scale], seed=args.global_seed,
+                shape=list(shape), labels=args.class_labels)
     record, *arrays = (args.npz + suffix for suffix in STAGING)
     arrays = list(zip(arrays, (shape, shape[:1], shape[:1]), (np.uint8, np.uint8, np.float64)))
     if rank == 0:
@@ -181,6 +189,10 @@ def make_parser():
     parser.add_argument("--repeat", type=int, choices=[1, 2, 4], default=None, help="depth repetition of an official "
                         ".pth")
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="steps of a flow model (flow "
+                        "matching, CAFM): Euler, or Heun's with two evaluations each (SiT evaluates 250 Heun steps)")
+    parser.add_argument("--cfg-scale", type=number(), default=1.0, help="classifier-free guidance of a generator with "
+                        "a null class (1: none)")
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights to decode latents")
     parser.add_argument("--global-seed", type=seed, default=0, help="sample i's noise is seeded by (seed, i)")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="the classes to draw: a grid shows "
