@@ -52,8 +52,8 @@ def load_training_checkpoint(path, config):
     if "rng" not in ckpt:
         fail(f"{path} holds a generator alone (sample.py --save-generator); continuing needs a training checkpoint")
     if set(ckpt["config"]) != set(config):
-        kind = lambda c: ("a classifier" if "C" in c else "a judge (judge.py)" if "J" in c else
-                          "a TwinFlow network" if "F" in c else "a generator and a discriminator")
+        kind = lambda c: ("a classifier" if "C" in c else "a judge (judge.py)" if "J" in c else "a TwinFlow network" if
+                          "F" in c else "CAFM's networks" if "method" in c else "a generator and a discriminator")
         fail(f"{path} holds {kind(ckpt['config'])}, and this run trains {kind(config)}")
     if ckpt["config"] != config:
         flat = lambda c: {f"{k}.{j}" if isinstance(v, dict) else k: w
@@ -299,7 +299,7 @@ def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
         if net not in config or weights not in ckpt:
             fail(f"{path} holds no {weights} generator (" + ("a classifier checkpoint" if "C" in config else
                  "a generator alone, as sample.py --save-generator writes it: its EMA") + ")")
-        trained = dict(model=ckpt["args"]["model"], nfe=config["nfe"], repeat=config[net]["repeat"])
+        trained = dict(model=ckpt["args"]["model"], nfe=config["nfe"], repeat=config[net].get("repeat", 1))
         for key, value in dict(model=model, nfe=nfe, repeat=repeat).items():
             if value is not None and value != trained[key]:
                 fail(f"{path} holds a --{key} {trained[key]} model, not --{key} {value}")
@@ -327,8 +327,8 @@ SIT_KEYS = {"x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "y
 
 
 def load_sit(path, model):
-    """(G, D, G's kwargs, data info) from a checkpoint in the official SiT format, for CAFM: G loads it strictly; D takes
-    the trunk and keeps its new token and head (the official strict=False). `model` (a SIZES key) gives the heads."""
+    """(G, its kwargs, data info) from a checkpoint in the official SiT format, the flow model CAFM post-trains, loaded
+    strictly. `model` (a SIZES key) gives the number of heads, which the weights do not show."""
     ckpt = load_checkpoint(path)
     ckpt = ckpt.get("ema", ckpt) if isinstance(ckpt, dict) else ckpt    # SiT's train.py checkpoints hold the EMA
     if not is_state_dict(ckpt) or not SIT_KEYS <= set(ckpt):
@@ -337,11 +337,18 @@ def load_sit(path, model):
     proj, grid = ckpt["x_embedder.proj.weight"], math.isqrt(ckpt["pos_embed"].shape[1])
     kwargs = dict(SIZES[model], input_size=grid * proj.shape[-1], in_channels=proj.shape[1],
                   num_classes=len(ckpt["y_embedder.embedding_table.weight"]), **SIT_FLAGS)
-    G, D = Generator(**kwargs), Discriminator(**cafm_discriminator_kwargs(kwargs))
+    G = Generator(**kwargs)
     load_weights(G, ckpt, path, f": check --model {model} (SiT-XL/2 is XL/2)")
-    missing, _ = D.load_state_dict(ckpt, strict=False)        # without SiT's output layer
+    return G, kwargs, dict(OFFICIAL_DATA, num_classes=kwargs["num_classes"] - 1)
+
+
+def cafm_discriminator(g_kwargs, g_state):
+    """CAFM's D on the trunk of the flow model G (kwargs and weights): its token and head are new, initialised from
+    the global RNG (the official loads the flow model with strict=False)."""
+    D = Discriminator(**cafm_discriminator_kwargs(g_kwargs))
+    missing, _ = D.load_state_dict(g_state, strict=False)     # without G's output layer
     assert set(missing) == {"dis_embed", "final_layer.1.weight"}, missing          # G loaded: the trunk is there
-    return G, D, kwargs, dict(OFFICIAL_DATA, num_classes=kwargs["num_classes"] - 1)
+    return D
 
 
 def load_classifier(path, weights="EMA"):

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cafm
 import checkpoint
 import common
 import fid
@@ -2950,7 +2951,8 @@ def test_sit_checkpoint_loads_into_cafm_G_strictly_and_into_D(tmp_path):
     # A tiny file in SiT's format (T/2, 8 x 8 x 4, 10 classes + null); SiT's own training checkpoints wrap it in "ema".
     _, G_ref, D_ref, x_t, _, y, t = cafm_reference()
     torch.save(dict(ema=G_ref.state_dict(), opt={}), tmp_path / "sit.pt")
-    G, D, kwargs, info = checkpoint.load_sit(str(tmp_path / "sit.pt"), "T/2")
+    G, kwargs, info = checkpoint.load_sit(str(tmp_path / "sit.pt"), "T/2")
+    D = checkpoint.cafm_discriminator(kwargs, G.state_dict())
     assert kwargs["sit"] and kwargs["learn_sigma"] and kwargs["num_classes"] == 11 and info["num_classes"] == 10
     with torch.no_grad():
         assert torch.equal(G(x_t, y, t), G_ref(x_t, y, t))
@@ -2964,6 +2966,101 @@ def test_sit_checkpoint_loads_into_cafm_G_strictly_and_into_D(tmp_path):
             checkpoint.load_sit(str(tmp_path / name), "T/2")
         err = str(e.value.code)
         assert err.startswith("error:") and "\n" not in err and name in err and match in err, err
+
+
+CAFM = ["--device", "cpu", "--global-batch-size", 8, "--log-every", 2, "--warmup", 1, "--n-dis", 2, "--lr-g", 1e-3,
+        "--lr-d", 1e-3]   # steps 0, 1: D alone; step 2: G; step 3: D
+
+
+def flow_model(data, path):
+    run_script("twinflow.py", "--data-path", data, "--results-dir", path, *TWIN, "--max-steps", 2, "--terms", "real",
+               "--cfg-ratio", 0)
+    return path / "checkpoints" / "0000002.pt"
+
+
+def test_cafm_post_trains_a_flow_model_resumes_exactly_and_samples_in_8_steps(data, tmp_path):
+    fm = flow_model(data, tmp_path / "fm")
+    run_script("cafm.py", "--model", "T/2", "--data-path", data, "--init", fm, "--results-dir", tmp_path / "a", *CAFM,
+               "--max-steps", 4)
+    run_script("cafm.py", "--data-path", data, "--init", fm, "--results-dir", tmp_path / "b", *CAFM, "--max-steps", 2)
+    run_script("cafm.py", "--data-path", data, "--results-dir", tmp_path / "b", *CAFM, "--max-steps", 4,
+               "--resume", tmp_path / "b" / "checkpoints" / "0000002.pt")
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "0000004.pt", weights_only=True) for d in ("a", "b"))
+    for key in ("G", "D", "EMA"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    start = torch.load(fm, weights_only=True)["EMA"]           # G and its EMA start from the flow model's EMA
+    assert a["config"]["method"] == "cafm" and a["config"]["D"]["use_t"] and a["config"]["D"]["norm"] == "rms"
+    assert not torch.equal(a["G"]["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])   # one G step
+    ema = start["blocks.0.attn.qkv.weight"].lerp(a["G"]["blocks.0.attn.qkv.weight"], 0.01)          # decay 0.99
+    assert torch.allclose(a["EMA"]["blocks.0.attn.qkv.weight"], ema, atol=1e-7)
+    assert not torch.equal(a["D"]["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])   # D's trunk: FM's
+    log = open(tmp_path / "a" / "log.txt").read()
+    assert "D alone to step 1, then 2 D steps per G step" in log and " loss_d " in log and " loss_g " in log
+    # sample.py draws the EMA in 8 Euler steps (and Heun's) of its velocity, as model.sample does.
+    ckpt = tmp_path / "a" / "checkpoints" / "0000004.pt"
+    G = model.Generator(**a["config"]["G"])
+    G.load_state_dict(a["EMA"])
+    z = torch.from_numpy(np.random.default_rng([0, 1]).standard_normal((1, 3, 8, 8), dtype=np.float32))
+    for sampler in ("euler", "heun"):
+        run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--num-images", 2, "--nrow", 2,
+                   "--steps", 8, "--sampler", sampler)
+        x = model.sample(G, z, torch.tensor([1]), 8, heun=sampler == "heun")
+        expect = model.to_uint8(x)[0].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(np.asarray(Image.open(tmp_path / "g.png"))[2:10, 12:20].astype(int) - expect).max() <= 1
+    expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "c.png", "--cfg-scale", 2, match="needs a generator with a null class")
+    expect_error("cafm.py", "--data-path", data, "--init", ckpt, "--results-dir", tmp_path / "c", *CAFM,
+                 match="is not a flow-matching checkpoint")
+    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "d", *TRAIN, "--resume", ckpt,
+                 match="holds CAFM's networks")
+
+
+def test_cafm_from_the_sit_format_drops_labels_and_samples_with_guidance(data, tmp_path):
+    """A SiT-format flow model (learned sigma, SiT's time, a null class) post-trained on the 5-class data; sample.py
+    guides it; model.sample's Euler and Heun steps with guidance are the formulas."""
+    sit = model.Generator(**model.SIZES["T/2"], input_size=8, in_channels=3, num_classes=6, **model.SIT_FLAGS)
+    torch.save(sit.state_dict(), tmp_path / "sit.pt")
+    run_script("cafm.py", "--model", "T/2", "--data-path", data, "--init", tmp_path / "sit.pt", "--results-dir",
+               tmp_path / "r", *CAFM, "--max-steps", 3)
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "0000003.pt", weights_only=True)
+    assert ckpt["config"]["G"]["null_class"] and "label dropout 0.1" in open(tmp_path / "r" / "log.txt").read()
+    drop = [cafm.make_batch(LatentData(data), 8, torch.Generator().manual_seed(s), 5, 0.5, 0, 1)["y"] for s in range(4)]
+    assert (torch.cat(drop) == 5).any() and (torch.cat(drop) < 5).any()
+    run_script("sample.py", "--ckpt", tmp_path / "r" / "checkpoints" / "0000003.pt", "--out", tmp_path / "g.png",
+               "--steps", 8, "--cfg-scale", 1.5)
+    assert np.asarray(Image.open(tmp_path / "g.png")).shape == (2 + 4 * 10, 2 + 4 * 10, 3)
+    expect_error("cafm.py", "--model", "T/2", "--data-path", make_data(tmp_path / "d7", num_classes=7), "--init",
+                 tmp_path / "sit.pt", "--results-dir", tmp_path / "x", *CAFM, match="and the null class")
+    G = model.Generator(**model.SIZES["T/2"], input_size=8, in_channels=3, num_classes=6, **model.SIT_FLAGS)
+    G.load_state_dict(fill([(k, v.shape) for k, v in G.state_dict().items() if k != "pos_embed"], 3), strict=False)
+    z, y, null, s = torch.randn(2, 3, 8, 8), torch.tensor([0, 4]), torch.tensor([5, 5]), 1.5
+    with torch.no_grad():
+        v = lambda x, t: G(x, null, t) + s * (G(x, y, t) - G(x, null, t))
+        one, zero = torch.ones(2), torch.zeros(2)
+        assert torch.allclose(model.sample(G, z, y, 1, cfg_scale=s), z - v(z, one), atol=1e-5)
+        heun = z - (v(z, one) + v(z - v(z, one), zero)) / 2
+        assert torch.allclose(model.sample(G, z, y, 1, heun=True, cfg_scale=s), heun, atol=1e-5)
+
+
+def test_cafm_two_processes_train_what_one_does(data, tmp_path):
+    """Each rank takes its share of the one global batch, so two processes train the networks one process trains (up
+    to the order in which the ranks' gradients are summed)."""
+    fm = flow_model(data, tmp_path / "fm")
+    argv = ["cafm.py", "--data-path", data, "--init", fm, *CAFM, "--max-steps", 3]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *map(str, argv), "--results-dir", str(tmp_path / "two")], cwd=HERE,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "on 2 x cpu, batch 4/rank" in out.stdout and "weights identical on all 2 ranks" in out.stdout
+    run_script(*argv, "--results-dir", tmp_path / "one")
+    one, two = (torch.load(tmp_path / d / "checkpoints" / "0000003.pt", weights_only=True) for d in ("one", "two"))
+    start = torch.load(fm, weights_only=True)["EMA"]
+    for key in ("G", "D", "EMA"):
+        for k in one[key]:
+            close = torch.isclose(one[key][k], two[key][k], rtol=1e-4, atol=1e-6)
+            if k.endswith("attn.qkv.bias"):  # key biases: softmax is blind to them, so their gradient is rounding
+                close[64:128] = True         # noise, and Adam (beta1 = 0) steps by lr along its sign
+            assert close.all(), (key, k)
+    assert not torch.allclose(one["G"]["final_layer.linear.weight"], start["final_layer.linear.weight"], atol=1e-4)
 
 
 if __name__ == "__main__":
