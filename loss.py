@@ -1,12 +1,13 @@
 """
-The objectives: Adversarial Flow Models (Lin et al., https://arxiv.org/abs/2511.22475) and, at the end, TwinFlow
-(Cheng et al., https://arxiv.org/abs/2512.05150), the other one-step method trained without a teacher. Written over
+The objectives: Adversarial Flow Models (Lin et al., https://arxiv.org/abs/2511.22475), TwinFlow (Cheng et al.,
+https://arxiv.org/abs/2512.05150), the other one-step method trained without a teacher, and at the end Continuous
+Adversarial Flow Models (CAFM, https://arxiv.org/abs/2604.11521), the post-training of a flow model. Written over
 generic networks with model.py's signatures (G(x, y, t_src, t_tgt), D(x, y, t), C(x, t)) and (N, ...) tensors, so
-the 1-D toy (toy.py) and the DiT trainers (train.py, twinflow.py) run the same lines. Imports torch and model.py
-only: model.py + loss.py are the method, and can be copied together into another project.
+the 1-D toy (toy.py) and the DiT trainers (train.py, twinflow.py, cafm.py) run the same lines. Imports torch and
+model.py only: model.py + loss.py are the method, and can be copied together into another project.
 
     batch times -> gradient normalisation -> augmentation -> the two losses -> guidance -> the two steps ->
-    EMA and the lambda_ot schedule -> TwinFlow's terms
+    EMA and the lambda_ot schedule -> TwinFlow's terms -> CAFM's jvp, losses and schedule
 """
 import math
 from copy import deepcopy

@@ -1,12 +1,15 @@
 """
 The networks of Adversarial Flow Models (Lin et al., 2025, https://arxiv.org/abs/2511.22475): a DiT generator,
-a DiT discriminator and a time-conditioned DiT classifier. Imports only torch, numpy and math, so the file can be
-copied alone into another project. Nothing here is run directly; train.py and sample.py build these classes.
+a DiT discriminator and a time-conditioned DiT classifier, and those of its continuous version, CAFM. Imports only
+torch, numpy and math, so the file can be copied alone into another project. Nothing here is run directly; train.py,
+cafm.py and sample.py build these classes.
 
 How the networks differ from vanilla DiT (https://github.com/facebookresearch/DiT/blob/main/models.py):
 - Written without timm; attention goes through F.scaled_dot_product_attention (flash attention on GPU).
-- The label embedder is a plain table: no null class, no label dropout (AFM trains without CFG).
-- No learned sigma: the generator outputs as many channels as it takes in.
+- The label embedder is a plain table: no null class, no label dropout (AFM trains without CFG); a CAFM generator
+  from SiT's checkpoint has one, its last class (null_class), for classifier-free guidance.
+- No learned sigma: the generator outputs as many channels as it takes in (learn_sigma, for SiT's checkpoints,
+  keeps the output layer's extra channels and drops them).
 - Generator: a one-step model has no timestep embedder at all and predicts the sample (x-prediction). A few-step
   model (use_t_src) embeds the source time and predicts velocity; an any-step model (use_t_tgt) adds a second
   embedder for the target time. Times are in [0, 1] (1 = noise, 0 = data) and are multiplied by 1000 before the
@@ -17,6 +20,10 @@ How the networks differ from vanilla DiT (https://github.com/facebookresearch/Di
 - Discriminator: a learned token (no position embedding) is prepended to the patch tokens, the blocks are
   conditioned on the class (plus the target time with use_t), and a LayerNorm without affine followed by a
   bias-free Linear reads that token out as one logit.
+- CAFM (Lin et al., 2026, https://arxiv.org/abs/2604.11521): G is the few-step generator as a velocity of one time
+  (use_t_src); D is the discriminator with time and norm="rms" (parameter-free RMSNorm in its blocks and head), a
+  scalar potential. sit=True takes SiT's conventions (https://github.com/willisma/SiT): time 1 - t, embedded without
+  the factor 1000, and velocity -v, so the official CAFM checkpoints (SiT format) load with strict=True.
 - Classifier: like the discriminator, but conditioned on time only and read out to class logits (with bias);
   used for classifier guidance.
 Parameter names, shapes and initialisation follow the official release, so its checkpoints load with strict=True.

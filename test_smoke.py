@@ -2961,7 +2961,7 @@ def test_sit_checkpoint_loads_into_cafm_G_strictly_and_into_D(tmp_path):
             assert torch.equal(v, G_ref.state_dict()[k]), k
     torch.save(dict(G_ref.state_dict(), **{"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}), tmp_path / "bad.pt")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
-    for name, match in (("bad.pt", "check --model T/2"), ("other.pt", "SiT-XL-2-256.pt of https://github.com/willisma/SiT")):
+    for name, match in (("bad.pt", "check --model T/2"), ("other.pt", "SiT-XL-2-256.pt of https://github.com/")):
         with pytest.raises(SystemExit) as e:
             checkpoint.load_sit(str(tmp_path / name), "T/2")
         err = str(e.value.code)
@@ -3007,7 +3007,8 @@ def test_cafm_post_trains_a_flow_model_resumes_exactly_and_samples_in_8_steps(da
         x = model.sample(G, z, torch.tensor([1]), 8, heun=sampler == "heun")
         expect = model.to_uint8(x)[0].permute(1, 2, 0).numpy().astype(int)
         assert np.abs(np.asarray(Image.open(tmp_path / "g.png"))[2:10, 12:20].astype(int) - expect).max() <= 1
-    expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "c.png", "--cfg-scale", 2, match="needs a generator with a null class")
+    expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "c.png", "--cfg-scale", 2,
+                 match="needs a generator with a null class")
     expect_error("cafm.py", "--data-path", data, "--init", ckpt, "--results-dir", tmp_path / "c", *CAFM,
                  match="is not a flow-matching checkpoint")
     expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "d", *TRAIN, "--resume", ckpt,
