@@ -32,7 +32,7 @@ from checkpoint import (cafm_discriminator, check_checkpoint_room, load_checkpoi
 from common import (StopOnSignal, check_in_sync, count, create_logger, fail, number, per_rank_batch, positive_int,
                     reduce_means, run, setup_distributed)
 from data import BatchReader, LatentData, make_grid_writer
-from loss import (FlowDerivative, cafm_discriminator_loss, cafm_generator_loss, cafm_is_d_step, interpolate,
+from loss import (FlowDerivative, cafm_batch, cafm_discriminator_loss, cafm_generator_loss, cafm_is_d_step,
                   update_ema)
 from model import SIZES, Discriminator, Generator, cafm_discriminator_kwargs
 
@@ -59,16 +59,10 @@ def load_flow(path, model):
     return ckpt["args"]["model"], dict(flow), ckpt["EMA"]
 
 
-def make_batch(data, n, generator, null_class, dropout, rank, world):
-    """This rank's share of the global batch of n: images x and labels y (dropped to the null class with p = dropout
-    when G has one), noise z, t ~ U(0, 1) (the official prepare_input, timesteps "uniform"). Every rank draws the whole
-    batch from the same stream, so any number of ranks trains on the same batches as one process."""
-    x, y = data.sample(n, generator)
-    drop, t = torch.rand(2, n, generator=generator)
-    if null_class is not None:
-        y = torch.where(drop < dropout, null_class, y)
-    batch = dict(x=x, y=y, z=torch.randn(x.shape, generator=generator), t=t)
-    return {k: v.chunk(world)[rank] for k, v in batch.items()}
+def share(batch_of, rank, world):
+    """batch_of(x, y, generator) for the global batch, cut to this rank's share: every rank draws the whole batch from
+    the same stream, so any number of ranks trains on the batches of one process."""
+    return lambda x, y, generator: {k: v.chunk(world)[rank] for k, v in batch_of(x, y, generator).items()}
 
 
 #################################################################################
@@ -126,8 +120,8 @@ def main(args):
     data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
     if len(starts.get("resume", {}).get("rng", ())) != world:  # not a resumed stream: the one all ranks share
         data_rng.manual_seed(args.global_seed * 1_000_003 + start + 2 ** 32)
-    reader = BatchReader(lambda g: make_batch(data, args.global_batch_size, g, null_class, args.label_dropout, rank,
-                                              world), data_rng, device)
+    batch_of = lambda x, y, generator: cafm_batch(x, y, generator, null_class, args.label_dropout)
+    reader = BatchReader(data, args.global_batch_size, share(batch_of, rank, world), data_rng, device)
     ddp = lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
     DJ = FlowDerivative(D)                                     # G's step: the bare, frozen D
     DJ_train, G_train = ddp(DJ), ddp(G)                        # each player's own step: DDP averages its gradients
@@ -140,9 +134,7 @@ def main(args):
                 f"{args.label_dropout if null_class is not None else 'none (no null class)'}")
     sums, counts, tic = {}, {}, time.time()
     for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
-        batch = reader.next()
-        y, t, v_real = batch["y"], batch["t"], batch["z"] - batch["x"]
-        x_t = interpolate(batch["x"], batch["z"], t)
+        x_t, v_real, y, t = reader.next().values()
         if cafm_is_d_step(step, args.warmup, args.n_dis):
             with torch.no_grad():
                 v_fake = G(x_t, y, t)
@@ -174,7 +166,7 @@ def main(args):
                         f" img/s {args.global_batch_size * max(counts.values()) / (time.time() - tic):.1f}")
             sums, counts, tic = {}, {}, time.time()
         if ckpt_now or done == args.max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger, reader.state)
+            path = save_checkpoint(state, done, args, config, data.info, device, logger, data_rng=reader.state)
         if signum:
             stop.exit(signum, done, path, logger)
         if write_grids is not None and done % args.sample_every == 0:

@@ -402,17 +402,24 @@ def twinflow_ema_decay(decay, target=0.99):
 #################################################################################
 #              CAFM: a potential D, judged by its derivative along a flow       #
 #################################################################################
-# Continuous Adversarial Flow Models (Lin et al., https://arxiv.org/abs/2604.11521) as the official release trains
-# them (train_continuous_adversarial_flow_imagenet.py, training_step): post-training of a flow-matching velocity
-# v = G(x_t, y, t) (model.Generator with use_t_src). D(x_t, y, t) is a scalar potential (model.Discriminator with use_t
-# and norm="rms"), and what is judged is its derivative along a flow, J(v) = d/de D(x_t + e v, y, t + e) at e = 0:
-# forward-mode autodiff, one jvp per tangent, vmapped over the real and the predicted velocity in one call.
-# x_t = (1 - t) x + t z (interpolate, above), the real velocity is z - x, t ~ U(0, 1).
+# Continuous Adversarial Flow Models (https://arxiv.org/abs/2604.11521) as the official training_step runs them
+# (train_continuous_adversarial_flow_imagenet.py): G(x_t, y, t) is a flow model's velocity (model.Generator with
+# use_t_src), D(x_t, y, t) a scalar potential (model.Discriminator with use_t, norm="rms"), and what is judged is D's
+# derivative along a flow, J(v) = d/de D(x_t + e v, y, t + e) at e = 0, by forward-mode autodiff.
+
+def cafm_batch(x, y, generator=None, null_class=None, dropout=0.1):
+    """x_t at t ~ U(0, 1), the real velocity z - x, and the labels, dropped to the null class with p = dropout when G
+    has one (the official prepare_input, timesteps "uniform"); every draw from `generator`."""
+    drop, t = torch.rand(2, len(x), generator=generator)
+    if null_class is not None:
+        y = torch.where(drop < dropout, null_class, y)
+    z = torch.randn(x.shape, generator=generator)
+    return dict(x_t=interpolate(x, z, t), v_real=z - x, y=y, t=t)
+
 
 class FlowDerivative(torch.nn.Module):
-    """(D(x, y, t), J): J the derivative of D along the tangent (dx, dt), (N,); with K tangents stacked, dx (K, N, ...)
-    and dt (K, N), J is (K, N) from one vmapped jvp. A module, so that DDP can wrap it: the jvp then runs inside DDP's
-    forward, as the official DiscriminatorJVP does."""
+    """(D(x, y, t), J): J the derivative of D along (dx, dt), (N,); K tangents stacked, dx (K, N, ...) and dt (K, N),
+    give J (K, N) from one vmapped jvp. A module, so that DDP can wrap it (the official DiscriminatorJVP)."""
     def __init__(self, D):
         super().__init__()
         self.D = D
@@ -420,18 +427,16 @@ class FlowDerivative(torch.nn.Module):
     def forward(self, x, y, t, dx, dt):
         def jvp_along(dx, dt):
             return torch.func.jvp(lambda x, t: self.D(x, y, t), (x, t), (dx, dt))
-        # SDPA's math backend is the one with forward-mode AD: the flash kernels (CPU and CUDA) and the memory-efficient
-        # one have none, so the official code turns them off too.
+        # SDPA's math backend has forward-mode AD; the flash kernels (CPU and CUDA) and the memory-efficient one do not.
         with sdpa_kernel(SDPBackend.MATH):
             return torch.func.vmap(jvp_along)(dx, dt) if dx.dim() > x.dim() else jvp_along(dx, dt)
 
 
 def cafm_discriminator_loss(DJ, x_t, y, t, v_real, v_fake, cp_scale):
-    """D's least-squares loss (CAFM's D objective): J(v_real) -> 1, J(v_fake) -> -1, and cp_scale D(x_t)^2 keeps the
-    potential itself near 0 (the derivative alone leaves its level free). DJ: a FlowDerivative (DDP-wrapped or not)."""
+    """D's least squares: J(v_real) -> 1, J(v_fake) -> -1, and cp_scale D(x_t)^2 holds the potential's level, which
+    the derivative leaves free. DJ: a FlowDerivative (DDP-wrapped or not)."""
     ones = torch.ones_like(t)
-    out, logits = DJ(x_t, y, t, torch.stack([v_real, v_fake.detach()]), torch.stack([ones, ones]))
-    logits_real, logits_fake = logits                          # (N,) each
+    out, (logits_real, logits_fake) = DJ(x_t, y, t, torch.stack([v_real, v_fake.detach()]), torch.stack([ones, ones]))
     loss_adv = (logits_real - 1).square().mean() + (logits_fake + 1).square().mean()
     loss_cp = cp_scale * out.square().mean()
     return loss_adv + loss_cp, dict(loss_d=loss_adv.detach(), loss_cp=loss_cp.detach(),
@@ -439,15 +444,14 @@ def cafm_discriminator_loss(DJ, x_t, y, t, v_real, v_fake, cp_scale):
 
 
 def cafm_generator_loss(DJ, x_t, y, t, v_fake, ot_scale):
-    """G's loss (CAFM's G objective): J(v_fake) -> 1, plus ot_scale mean(v_fake^2) (0 in the official SiT config).
-    DJ wraps the bare, frozen D: the gradient reaches G through the tangent v_fake."""
+    """G's loss: J(v_fake) -> 1, plus ot_scale mean(v_fake^2) (0 in the official SiT config). DJ wraps the bare, frozen
+    D: the gradient reaches G through the tangent v_fake."""
     _, logits_fake = DJ(x_t, y, t, v_fake, torch.ones_like(t))
     loss_adv, loss_ot = (logits_fake - 1).square().mean(), ot_scale * v_fake.square().mean()
-    return loss_adv + loss_ot, dict(loss_g=loss_adv.detach(), loss_ot=loss_ot.detach(),
-                                    logits_g=logits_fake.detach().mean())
+    return loss_adv + loss_ot, dict(loss_g=loss_adv.detach(), loss_ot=loss_ot.detach(), logits_g=logits_fake.detach().mean())
 
 
 def cafm_is_d_step(step, warmup, n_dis):
-    """The official schedule (is_dis_step): D alone up to step `warmup` (inclusive), then n_dis D steps and one G step
-    in every n_dis + 1, by the step's remainder (so the first G step may come before n_dis D steps)."""
+    """The official schedule (is_dis_step): D alone up to step `warmup`, then n_dis D steps and one G step in every
+    n_dis + 1, by the step's remainder."""
     return step <= warmup or step % (n_dis + 1) < n_dis

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import cafm
 import checkpoint
 import common
 import fid
@@ -3024,8 +3023,10 @@ def test_cafm_from_the_sit_format_drops_labels_and_samples_with_guidance(data, t
                tmp_path / "r", *CAFM, "--max-steps", 3)
     ckpt = torch.load(tmp_path / "r" / "checkpoints" / "0000003.pt", weights_only=True)
     assert ckpt["config"]["G"]["null_class"] and "label dropout 0.1" in open(tmp_path / "r" / "log.txt").read()
-    drop = [cafm.make_batch(LatentData(data), 8, torch.Generator().manual_seed(s), 5, 0.5, 0, 1)["y"] for s in range(4)]
-    assert (torch.cat(drop) == 5).any() and (torch.cat(drop) < 5).any()
+    y = torch.arange(5).repeat(8)
+    b = loss.cafm_batch(torch.randn(40, 3, 8, 8), y, torch.Generator().manual_seed(0), null_class=5, dropout=0.5)
+    kept = b["y"] < 5
+    assert set(b) == {"x_t", "v_real", "y", "t"} and 5 < (~kept).sum() < 35 and torch.equal(b["y"][kept], y[kept])
     run_script("sample.py", "--ckpt", tmp_path / "r" / "checkpoints" / "0000003.pt", "--out", tmp_path / "g.png",
                "--steps", 8, "--cfg-scale", 1.5)
     assert np.asarray(Image.open(tmp_path / "g.png")).shape == (2 + 4 * 10, 2 + 4 * 10, 3)
