@@ -18,19 +18,16 @@ Where this differs from the official trainer, and why:
 - Checkpoints hold G, D, the EMA and both optimizers; sample.py draws from the EMA unless --weights G.
 """
 import argparse
-import os
-import time
 from copy import deepcopy
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (cafm_discriminator, check_checkpoint_room, load_checkpoint, load_sit, load_starts, load_weights,
-                        restore_rng, restore_state, save_checkpoint)
-from common import (StopOnSignal, check_in_sync, count, create_logger, fail, number, per_rank_batch, positive_int,
-                    reduce_means, run, setup_distributed)
+from checkpoint import (LoopTail, cafm_discriminator, load_checkpoint, load_sit, load_starts, load_weights,
+                        start_state)
+from common import (StopOnSignal, count, create_logger, fail, number, per_rank_batch, positive_int, run,
+                    setup_distributed)
 from data import BatchReader, LatentData, make_grid_writer
 from loss import (FlowDerivative, cafm_batch, cafm_discriminator_loss, cafm_generator_loss, cafm_is_d_step,
                   update_ema)
@@ -92,13 +89,9 @@ def main(args):
         fail(f"the flow model's (size, channels, classes) are {shape}: --data-path {args.data_path} holds "
              f"{(data.size, data.channels, data.num_classes)}" + (" and the null class" if null_class else ""))
     starts = load_starts(args, config, args.max_steps, data.info)
-    if dist.is_initialized():
-        dist.barrier()                                         # every rank has checked --results-dir before rank 0 writes
     write_grids = make_grid_writer(args, data, device, steps=8) if args.sample_every else None
 
     # G and its EMA from the flow model, D from its trunk (or all from --resume); AdamW for both players.
-    if rank == 0:
-        os.makedirs(os.path.join(args.results_dir, "checkpoints"), exist_ok=True)
     logger = create_logger(args.results_dir if rank == 0 else None)
     if not args.resume:
         logger.info(f"--init {args.flow}: a {args.model} flow model")
@@ -115,13 +108,12 @@ def main(args):
     logger.info(f"G {sum(p.numel() for p in G.parameters()):,} parameters, D {sum(p.numel() for p in D.parameters()):,}")
 
     # Start: fresh, or the exact continuation of a run.
-    start = restore_state(state, starts, args, logger, data.info)
-    check_checkpoint_room(state, args.results_dir)             # a run that could not save fails before it trains
-    data_rng = restore_rng(starts.get("resume"), args.global_seed, rank, world, start, device)
+    start, data_rng = start_state(state, starts, args, logger, data.info, device)
     if len(starts.get("resume", {}).get("rng", ())) != world:  # not a resumed stream: the one all ranks share
         data_rng.manual_seed(args.global_seed * 1_000_003 + start + 2 ** 32)
     batch_of = lambda x, y, generator: cafm_batch(x, y, generator, null_class, args.label_dropout)
     reader = BatchReader(data, args.global_batch_size, share(batch_of, rank, world), data_rng, device)
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, args.max_steps, args.global_batch_size, reader)
     ddp = lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
     DJ = FlowDerivative(D)                                     # G's step: the bare, frozen D
     DJ_train, G_train = ddp(DJ), ddp(G)                        # each player's own step: DDP averages its gradients
@@ -132,7 +124,6 @@ def main(args):
                 f"steps: D alone to step {args.warmup}, then {args.n_dis} D steps per G step; lr G {args.lr_g}, "
                 f"D {args.lr_d}, cp {args.cp_scale}, ot {args.ot_scale}, label dropout "
                 f"{args.label_dropout if null_class is not None else 'none (no null class)'}")
-    sums, counts, tic = {}, {}, time.time()
     for step in tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=rank != 0):
         x_t, v_real, y, t = reader.next().values()
         if cafm_is_d_step(step, args.warmup, args.n_dis):
@@ -154,26 +145,10 @@ def main(args):
             opt_G.step()
             opt_G.zero_grad(set_to_none=True)
             update_ema(EMA, G, args.ema_decay)
-        for k, v in stats.items():
-            sums[k], counts[k] = sums.get(k, 0) + v.detach().float(), counts.get(k, 0) + 1
-        done = step + 1
-        log_now, ckpt_now = done % args.log_every == 0 or done == args.max_steps, done % args.ckpt_every == 0
-        signum = stop.requested()
-        if log_now or ckpt_now or signum:                      # no checkpoint of non-finite weights
-            means = reduce_means({k: v / counts[k] for k, v in sums.items()}, 1, done, args.results_dir)
-        if log_now:
-            logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                        f" img/s {args.global_batch_size * max(counts.values()) / (time.time() - tic):.1f}")
-            sums, counts, tic = {}, {}, time.time()
-        if ckpt_now or done == args.max_steps or signum:
-            path = save_checkpoint(state, done, args, config, data.info, device, logger, data_rng=reader.state)
-        if signum:
-            stop.exit(signum, done, path, logger)
+        done = tail(step, {k: v.detach() for k, v in stats.items()})
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
-    reader.close()
-    check_in_sync([G, D], device, world, logger)
-    logger.info("done")
+    tail.finish([G, D])
 
 
 if __name__ == "__main__":

@@ -226,13 +226,14 @@ class LoopTail:
         self.stop, self.state, self.args, self.config, self.data_info = stop, state, args, config, data_info
         self.device, self.logger, self.max_steps, self.reader = device, logger, max_steps, reader
         self.images_per_step = images_per_step
-        self.sums, self.count, self.tic = {}, 0, time.time()
+        self.sums, self.counts, self.count, self.tic = {}, {}, 0, time.time()
 
     def __call__(self, step, stats, note=""):
-        """After step `step` (from 0) with its statistics (scalar tensors); `note` is added to the log line. Returns
-        the number of steps done."""
+        """After step `step` (from 0) with its statistics (scalar tensors; each is averaged over the steps that report
+        it); `note` is added to the log line. Returns the number of steps done."""
         done = step + 1
-        self.sums = {k: self.sums.get(k, 0) + v.float() for k, v in stats.items()}
+        for k, v in stats.items():
+            self.sums[k], self.counts[k] = self.sums.get(k, 0) + v.float(), self.counts.get(k, 0) + 1
         self.count += 1
         log_now = done % self.args.log_every == 0 or done == self.max_steps
         ckpt_now = done % self.args.ckpt_every == 0 or done == self.max_steps
@@ -243,7 +244,7 @@ class LoopTail:
             images = self.images_per_step * self.count / (time.time() - self.tic)
             self.logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + note +
                              f" img/s {images:.1f}")
-            self.sums, self.count, self.tic = {}, 0, time.time()
+            self.sums, self.counts, self.count, self.tic = {}, {}, 0, time.time()
         if ckpt_now or signum:
             data_rng = self.reader.state if self.reader is not None else None
             path = save_checkpoint(self.state, done, self.args, self.config, self.data_info, self.device, self.logger,
@@ -263,7 +264,7 @@ class LoopTail:
         """The statistics averaged over the steps since the last log line and over the ranks; a non-finite one stops
         the run."""
         keys = sorted(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]) / self.count
+        values = torch.stack([self.sums[k] / self.counts[k] for k in keys])
         if dist.is_initialized():
             dist.all_reduce(values, op=dist.ReduceOp.AVG)
         means = dict(zip(keys, values.tolist()))
