@@ -408,32 +408,30 @@ def twinflow_ema_decay(decay, target=0.99):
 # derivative along a flow, J(v) = d/de D(x_t + e v, y, t + e) at e = 0, by forward-mode autodiff.
 
 def cafm_batch(x, y, generator=None, null_class=None, dropout=0.1):
-    """x_t at t ~ U(0, 1), the real velocity z - x, and the labels, dropped to the null class with p = dropout when G
-    has one (the official prepare_input, timesteps "uniform"); every draw from `generator`."""
+    """x_t at t ~ U(0, 1), the real velocity z - x, and y dropped to the null class with p = dropout when G has one
+    (the official prepare_input, timesteps "uniform"); every draw from `generator`."""
     drop, t = torch.rand(2, len(x), generator=generator)
-    if null_class is not None:
-        y = torch.where(drop < dropout, null_class, y)
+    y = y if null_class is None else torch.where(drop < dropout, null_class, y)
     z = torch.randn(x.shape, generator=generator)
     return dict(x_t=interpolate(x, z, t), v_real=z - x, y=y, t=t)
 
 
 class FlowDerivative(torch.nn.Module):
     """(D(x, y, t), J): J the derivative of D along (dx, dt), (N,); K tangents stacked, dx (K, N, ...) and dt (K, N),
-    give J (K, N) from one vmapped jvp. A module, so that DDP can wrap it (the official DiscriminatorJVP)."""
+    give J (K, N) from one vmapped jvp. A module, so that DDP can wrap it (the official DiscriminatorJVP). SDPA's math
+    backend has forward-mode AD; its flash kernels (CPU and CUDA) and the memory-efficient one do not."""
     def __init__(self, D):
         super().__init__()
         self.D = D
 
     def forward(self, x, y, t, dx, dt):
-        def jvp_along(dx, dt):
-            return torch.func.jvp(lambda x, t: self.D(x, y, t), (x, t), (dx, dt))
-        # SDPA's math backend has forward-mode AD; the flash kernels (CPU and CUDA) and the memory-efficient one do not.
+        jvp_along = lambda dx, dt: torch.func.jvp(lambda x, t: self.D(x, y, t), (x, t), (dx, dt))
         with sdpa_kernel(SDPBackend.MATH):
             return torch.func.vmap(jvp_along)(dx, dt) if dx.dim() > x.dim() else jvp_along(dx, dt)
 
 
 def cafm_discriminator_loss(DJ, x_t, y, t, v_real, v_fake, cp_scale):
-    """D's least squares: J(v_real) -> 1, J(v_fake) -> -1, and cp_scale D(x_t)^2 holds the potential's level, which
+    """D's least squares, J(v_real) -> 1 and J(v_fake) -> -1, plus cp_scale D(x_t)^2 for the potential's level, which
     the derivative leaves free. DJ: a FlowDerivative (DDP-wrapped or not)."""
     ones = torch.ones_like(t)
     out, (logits_real, logits_fake) = DJ(x_t, y, t, torch.stack([v_real, v_fake.detach()]), torch.stack([ones, ones]))
@@ -444,14 +442,13 @@ def cafm_discriminator_loss(DJ, x_t, y, t, v_real, v_fake, cp_scale):
 
 
 def cafm_generator_loss(DJ, x_t, y, t, v_fake, ot_scale):
-    """G's loss: J(v_fake) -> 1, plus ot_scale mean(v_fake^2) (0 in the official SiT config). DJ wraps the bare, frozen
-    D: the gradient reaches G through the tangent v_fake."""
+    """G's loss, J(v_fake) -> 1, plus ot_scale mean(v_fake^2) (0 in the official SiT config); DJ wraps the bare, frozen
+    D, and the gradient reaches G through the tangent v_fake."""
     _, logits_fake = DJ(x_t, y, t, v_fake, torch.ones_like(t))
     loss_adv, loss_ot = (logits_fake - 1).square().mean(), ot_scale * v_fake.square().mean()
     return loss_adv + loss_ot, dict(loss_g=loss_adv.detach(), loss_ot=loss_ot.detach(), logits_g=logits_fake.detach().mean())
 
 
 def cafm_is_d_step(step, warmup, n_dis):
-    """The official schedule (is_dis_step): D alone up to step `warmup`, then n_dis D steps and one G step in every
-    n_dis + 1, by the step's remainder."""
+    """The official is_dis_step: D alone up to step `warmup`, then n_dis D steps and a G step in every n_dis + 1."""
     return step <= warmup or step % (n_dis + 1) < n_dis

@@ -3006,12 +3006,12 @@ def test_cafm_post_trains_a_flow_model_resumes_exactly_and_samples_in_8_steps(da
         x = model.sample(G, z, torch.tensor([1]), 8, heun=sampler == "heun")
         expect = model.to_uint8(x)[0].permute(1, 2, 0).numpy().astype(int)
         assert np.abs(np.asarray(Image.open(tmp_path / "g.png"))[2:10, 12:20].astype(int) - expect).max() <= 1
-    expect_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "c.png", "--cfg-scale", 2,
-                 match="needs a generator with a null class")
-    expect_error("cafm.py", "--data-path", data, "--init", ckpt, "--results-dir", tmp_path / "c", *CAFM,
-                 match="is not a flow-matching checkpoint")
-    expect_error("train.py", "--data-path", data, "--results-dir", tmp_path / "d", *TRAIN, "--resume", ckpt,
-                 match="holds CAFM's networks")
+    cli_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "c.png", "--cfg-scale", 2,
+              match="needs a generator with a null class")
+    cli_error("cafm.py", "--data-path", data, "--init", ckpt, "--results-dir", tmp_path / "c", *CAFM,
+              match="is not a flow-matching checkpoint")
+    cli_error("train.py", "--data-path", data, "--results-dir", tmp_path / "d", *TRAIN, "--resume", ckpt,
+              match="holds CAFM's networks")
 
 
 def test_cafm_from_the_sit_format_drops_labels_and_samples_with_guidance(data, tmp_path):
@@ -3030,8 +3030,8 @@ def test_cafm_from_the_sit_format_drops_labels_and_samples_with_guidance(data, t
     run_script("sample.py", "--ckpt", tmp_path / "r" / "checkpoints" / "0000003.pt", "--out", tmp_path / "g.png",
                "--steps", 8, "--cfg-scale", 1.5)
     assert np.asarray(Image.open(tmp_path / "g.png")).shape == (2 + 4 * 10, 2 + 4 * 10, 3)
-    expect_error("cafm.py", "--model", "T/2", "--data-path", make_data(tmp_path / "d7", num_classes=7), "--init",
-                 tmp_path / "sit.pt", "--results-dir", tmp_path / "x", *CAFM, match="and the null class")
+    cli_error("cafm.py", "--model", "T/2", "--data-path", make_data(tmp_path / "d7", num_classes=7), "--init",
+              tmp_path / "sit.pt", "--results-dir", tmp_path / "x", *CAFM, match="and the null class")
     G = model.Generator(**model.SIZES["T/2"], input_size=8, in_channels=3, num_classes=6, **model.SIT_FLAGS)
     G.load_state_dict(fill([(k, v.shape) for k, v in G.state_dict().items() if k != "pos_embed"], 3), strict=False)
     z, y, null, s = torch.randn(2, 3, 8, 8), torch.tensor([0, 4]), torch.tensor([5, 5]), 1.5
@@ -3063,6 +3063,17 @@ def test_cafm_two_processes_train_what_one_does(data, tmp_path):
                 close[64:128] = True         # noise, and Adam (beta1 = 0) steps by lr along its sign
             assert close.all(), (key, k)
     assert not torch.allclose(one["G"]["final_layer.linear.weight"], start["final_layer.linear.weight"], atol=1e-4)
+
+
+def test_the_committed_cafm_generator_draws_its_grid(tmp_path):
+    """docs/fmnist_cafm.pt alone (pixel data, no VAE) draws the committed 8-step grid of docs/results.md."""
+    ckpt = os.path.join(HERE, "docs", "fmnist_cafm.pt")
+    assert torch.load(ckpt, weights_only=True)["config"]["method"] == "cafm" and os.path.getsize(ckpt) < 10 * 2 ** 20
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--class-labels", *range(10),
+               "--num-images", 100, "--nrow", 10, "--steps", 8)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
+    committed = np.asarray(Image.open(os.path.join(HERE, "docs", "fmnist_cafm8.png")), dtype=np.int16)
+    assert grid.shape == committed.shape == (2 + 10 * 30, 2 + 10 * 30, 3) and np.abs(grid - committed).max() <= 1
 
 
 if __name__ == "__main__":
