@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from checkpoint import (LoopTail, cafm_discriminator, load_checkpoint, load_sit, load_starts, load_weights,
                         start_state)
-from common import (StopOnSignal, count, create_logger, fail, number, per_rank_batch, positive_int, run,
-                    setup_distributed)
-from data import BatchReader, LatentData, make_grid_writer
+from common import (StopOnSignal, check_batch_memory, count, create_logger, fail, number, per_rank_batch, positive_int,
+                    run, seed, setup_distributed)
+from data import BatchReader, LatentData, check_vae_weights, make_grid_writer
 from loss import (FlowDerivative, cafm_batch, cafm_discriminator_loss, cafm_generator_loss, cafm_is_d_step,
                   update_ema)
 from model import SIZES, Discriminator, Generator, cafm_discriminator_kwargs
@@ -73,6 +73,8 @@ def main(args):
     stop = StopOnSignal()
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
     data = LatentData(args.data_path)
+    check_batch_memory(batch_size, (data.channels, data.size, data.size))
+    check_vae_weights(data.info, args.vae_weights)
     if args.resume:                                            # the networks are the resumed run's; --init not read
         ckpt = load_checkpoint(args.resume)
         if not isinstance(ckpt, dict) or ckpt.get("config", {}).get("method") != "cafm":
@@ -151,7 +153,7 @@ def main(args):
     tail.finish([G, D])
 
 
-if __name__ == "__main__":
+def make_parser():
     parser = argparse.ArgumentParser(description="Post-train a flow model with CAFM (train_cafm_sit.yaml's values).")
     parser.add_argument("--data-path", type=str, required=True, help="directory written by prepare_latents.py")
     parser.add_argument("--init", dest="flow", type=str, default=None, help="the flow model: a twinflow.py --terms "
@@ -160,7 +162,7 @@ if __name__ == "__main__":
     parser.add_argument("--model", type=str, choices=list(SIZES), default=None,
                         help="size of a SiT-format --init (default XL/2); a checkpoint of ours knows its own")
     parser.add_argument("--global-batch-size", type=positive_int, default=256)          # exp.bsz
-    parser.add_argument("--global-seed", type=count, default=0)
+    parser.add_argument("--global-seed", type=seed, default=0)
     parser.add_argument("--max-steps", type=positive_int, default=1_000_000)            # training.steps
     parser.add_argument("--lr-g", type=number(lo_open=True), default=1e-5)              # optimizer.gen_lr
     parser.add_argument("--lr-d", type=number(lo_open=True), default=1e-5)              # optimizer.dis_lr
@@ -179,4 +181,8 @@ if __name__ == "__main__":
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode grids")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
-    run(main, parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, make_parser().parse_args())

@@ -872,6 +872,7 @@ def test_sizes_counts_and_seeds_are_bounded_before_any_work(data, tmp_path, caps
                  ["train.py", "--data-path", data, *TRAIN, "--global-seed", 2 ** 64],
                  ["train.py", "--data-path", data, *TRAIN, "--fid-samples", 10 ** 9],
                  ["twinflow.py", "--data-path", data, "--global-seed", 2 ** 32],
+                 ["cafm.py", "--data-path", data, "--global-seed", 2 ** 64],
                  ["train_classifier.py", "--data-path", data, "--global-seed", -1],
                  ["judge.py", "--data-path", data, "--global-seed", "1e3"],
                  ["toy.py", "--seed", 2 ** 64], ["toy.py", "--nfe", 10 ** 9]):
@@ -882,13 +883,15 @@ def test_sizes_counts_and_seeds_are_bounded_before_any_work(data, tmp_path, caps
                  match="needs at least")
     cli_error("twinflow.py", "--data-path", data, *run("b"), "--model", "T/2", "--global-batch-size", 10 ** 8,
                  match="give a smaller --global-batch-size")
-    for script in ("train_classifier.py", "judge.py"):
+    for script in ("train_classifier.py", "judge.py", "cafm.py"):
         cli_error(script, "--data-path", data, *run("c"), "--global-batch-size", 10 ** 8, match="needs at least")
     for terms, why in ((["fake"], "loss is 0 from the start"), (["rectify", "fake"], "loss is 0 from the start"),
                        (["real", "real"], "names a term twice")):
         cli_error("twinflow.py", "--data-path", data, *run("d"), "--terms", *terms, match=why)
     cli_error("train.py", "--data-path", data, *run("e"), *TRAIN[4:], "--vae-weights", "vae.pth",
                  match="--vae-weights vae.pth: these are pixels")
+    cli_error("cafm.py", "--data-path", data, *run("f"), "--vae-weights", "vae.pth",
+              match="--vae-weights vae.pth: these are pixels")
     assert os.listdir(tmp_path) == []
 
 
