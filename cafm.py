@@ -35,6 +35,8 @@ from model import SIZES, Discriminator, Generator, cafm_discriminator_kwargs
 
 GRAD_CLIP = 1e4         # train_cafm_sit.yaml: gradient_clip and dis_gradient_clip, for both players
 BETAS = (0.0, 0.95)     # train_cafm_sit.yaml: AdamW betas, no weight decay
+CURVES = [("D and G loss", ["loss_d", "loss_g"], False), ("centering and OT", ["loss_cp", "loss_ot"], True),
+          ("G's logits", ["logits_g"], False), ("gradient norms", ["grad_norm_d", "grad_norm_g"], True)]  # curves.png
 
 
 #################################################################################
@@ -115,7 +117,8 @@ def main(args):
         data_rng.manual_seed(args.global_seed * 1_000_003 + start + 2 ** 32)
     batch_of = lambda x, y, generator: cafm_batch(x, y, generator, null_class, args.label_dropout)
     reader = BatchReader(data, args.global_batch_size, share(batch_of, rank, world), data_rng, device)
-    tail = LoopTail(stop, state, args, config, data.info, device, logger, args.max_steps, args.global_batch_size, reader)
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, args.max_steps, args.global_batch_size,
+                    reader, CURVES)
     ddp = lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
     DJ = FlowDerivative(D)                                     # G's step: the bare, frozen D
     DJ_train, G_train = ddp(DJ), ddp(G)                        # each player's own step: DDP averages its gradients

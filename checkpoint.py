@@ -3,7 +3,9 @@ Checkpoints: loading them safely, a run's start (--resume, or --init and --init-
 every rank's RNG states, and the loaders of the generators and classifiers of this project's checkpoints and of the
 official release's .pth files. Nothing here is run directly.
 """
+import contextlib
 import glob
+import json
 import math
 import os
 import time
@@ -11,7 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import check_in_sync, check_input, check_output, check_room, claim, fail, save_atomic, temporary
+from common import (check_in_sync, check_input, check_output, check_room, claim, fail, save_atomic, save_curves,
+                    temporary)
 from data import IDENTITY, data_differences
 from model import (SIT_FLAGS, SIZES, Classifier, Discriminator, Generator, cafm_discriminator_kwargs, default_steps,
                    mode_flags)
@@ -221,17 +224,29 @@ class LoopTail:
     all ranks), a log line every --log-every steps, and a checkpoint every --ckpt-every steps, at the last step and
     when a signal asks to stop (StopOnSignal: the checkpoint, then the exit). The means are checked before every
     checkpoint: a non-finite one ends the run in one line naming the last good checkpoint, and none holds non-finite
-    weights. The checkpoints keep the reader's RNG state (BatchReader.state)."""
-    def __init__(self, stop, state, args, config, data_info, device, logger, max_steps, images_per_step, reader=None):
+    weights. The checkpoints keep the reader's RNG state (BatchReader.state).
+    Rank 0 also keeps RESULTS/scalars.jsonl, one JSON record a log line ({"step": N, each mean, each extra scalar,
+    "img_per_s": ...}, flushed as it is written; a resumed run first drops the records after its start), and draws it
+    at every checkpoint into RESULTS/curves.png: a panel per (title, [keys], log scale) of `curves`."""
+    def __init__(self, stop, state, args, config, data_info, device, logger, max_steps, images_per_step, reader=None,
+                 curves=()):
         self.stop, self.state, self.args, self.config, self.data_info = stop, state, args, config, data_info
         self.device, self.logger, self.max_steps, self.reader = device, logger, max_steps, reader
-        self.images_per_step = images_per_step
+        self.images_per_step, self.curves, self.started = images_per_step, curves, False
         self.sums, self.counts, self.count, self.tic = {}, {}, 0, time.time()
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.scalars = os.path.join(args.results_dir, "scalars.jsonl") if rank0 else None
 
-    def __call__(self, step, stats, note=""):
+    def __call__(self, step, stats, scalars=None):
         """After step `step` (from 0) with its statistics (scalar tensors; each is averaged over the steps that report
-        it); `note` is added to the log line. Returns the number of steps done."""
-        done = step + 1
+        it) and the loop's own `scalars` (numbers such as the lr, logged as they are). Returns the number of steps
+        done."""
+        done, scalars = step + 1, scalars or {}
+        if not self.started and self.scalars and os.path.isfile(self.scalars):  # the run as it stands from `step` on
+            kept = [r for r in read_scalars(self.scalars) if r["step"] <= step]
+            with save_atomic(self.scalars) as tmp, open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.started = True
         for k, v in stats.items():
             self.sums[k], self.counts[k] = self.sums.get(k, 0) + v.float(), self.counts.get(k, 0) + 1
         self.count += 1
@@ -242,13 +257,21 @@ class LoopTail:
             means = self.finite_means(done)
         if log_now:
             images = self.images_per_step * self.count / (time.time() - self.tic)
-            self.logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + note +
-                             f" img/s {images:.1f}")
+            self.logger.info(f"step {done:07d} " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                             "".join(f" {k} {v:.4g}" for k, v in scalars.items()) + f" img/s {images:.1f}")
+            if self.scalars:
+                with open(self.scalars, "a") as f:
+                    f.write(json.dumps(dict(step=done, **means, **scalars, img_per_s=images)) + "\n")
             self.sums, self.counts, self.count, self.tic = {}, {}, 0, time.time()
         if ckpt_now or signum:
             data_rng = self.reader.state if self.reader is not None else None
             path = save_checkpoint(self.state, done, self.args, self.config, self.data_info, self.device, self.logger,
                                    data_rng=data_rng)
+            if self.scalars:
+                records = read_scalars(self.scalars)
+                save_curves(os.path.join(self.args.results_dir, "curves.png"),
+                            [(title, {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}, log)
+                             for title, keys, log in self.curves])
         if signum:
             self.stop.exit(signum, done, path, self.logger)
         return done
@@ -273,6 +296,16 @@ class LoopTail:
             fail(f"non-finite loss at step {step} ({', '.join(f'{k} {v:.4g}' for k, v in means.items())}); " +
                  (f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written before it"))
         return means
+
+
+def read_scalars(path):
+    """The records of a scalars.jsonl, less a last line that a killed job left cut short."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
 
 
 #################################################################################

@@ -1,8 +1,8 @@
 """
 What every script of this project needs to run, and nothing of the project itself: user errors and argparse types,
-DDP set-up and tear-down, signals, logging, and outputs (claims, atomic writes, free space, image grids). The data
-directory is in data.py, checkpoints in checkpoint.py, the method in model.py and loss.py. Imports no project file;
-nothing here is run directly.
+DDP set-up and tear-down, signals, logging, and outputs (claims, atomic writes, free space, image grids, line plots).
+The data directory is in data.py, checkpoints in checkpoint.py, the method in model.py and loss.py. Imports no project
+file; nothing here is run directly.
 """
 import argparse
 import contextlib
@@ -20,7 +20,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 #################################################################################
@@ -431,3 +431,57 @@ def save_grid(images, path, nrow):
         grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = image
     with save_atomic(path) as tmp:
         Image.fromarray(grid).save(tmp, format=image_format(path))
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def save_curves(path, panels, columns=3, size=(360, 220)):
+    """Line plots in one picture, drawn with Pillow alone and written atomically: `panels` is a list of (title,
+    {name: [(x, y), ...]}, log), a small panel each, `columns` a row, each series in its colour and named in it under
+    the title. y spans the panel's points (log10 of them where log), its lowest, middle and highest values written on
+    the left; x runs from the first to the last point (the steps). Points that are not finite, or not positive on a log
+    scale, are left out, and so are the series and panels left without points. Returns the number of panels drawn."""
+    kept = []
+    for title, series, log in panels:
+        series = {name: [(x, math.log10(y) if log else y) for x, y in points if math.isfinite(y) and (y > 0 or not log)]
+                  for name, points in series.items()}
+        if any(series.values()):
+            kept.append((title, {name: points for name, points in series.items() if points}, log))
+    (w, h), rows = size, max(1, math.ceil(len(kept) / columns))
+    image = Image.new("RGB", (w * min(columns, max(1, len(kept))), h * rows), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for i, (title, series, log) in enumerate(kept):
+        left, top = i % columns * w, i // columns * h
+        x0, y0, x1, y1 = box = (left + 60, top + 34, left + w - 14, top + h - 20)   # the plot area
+        xs, ys = ([p[j] for points in series.values() for p in points] for j in (0, 1))
+        (xlo, xhi), (ylo, yhi) = padded(min(xs), max(xs)), padded(min(ys), max(ys))
+        to_px = lambda x, y: (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
+        draw.text((left + 8, top + 4), title, fill="black", font=font)
+        for y in sorted({min(ys), (min(ys) + max(ys)) / 2, max(ys)}):       # a grid line and its value
+            label, py = f"{10 ** y if log else y:.3g}", to_px(0, y)[1]
+            draw.line((x0, py, x1, py), fill=(225, 225, 225))
+            draw.text((x0 - 4 - draw.textlength(label, font=font), py - 6), label, fill="black", font=font)
+        for x, shift in ((min(xs), 0), (max(xs), 1)) if max(xs) > min(xs) else ((xs[0], 0.5),):
+            label = f"{x:.6g}"
+            draw.text((to_px(x, 0)[0] - shift * draw.textlength(label, font=font), y1 + 4), label, fill="black",
+                      font=font)
+        draw.rectangle(box, outline=(150, 150, 150))
+        legend = left + 8
+        for k, (name, points) in enumerate(series.items()):
+            colour, xy = COLOURS[k % len(COLOURS)], [to_px(x, y) for x, y in points]
+            draw.text((legend, top + 18), name, fill=colour, font=font)
+            legend += draw.textlength(name, font=font) + 12
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for px, py in xy if len(xy) <= 30 else ():         # few points: each marked
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+    with save_atomic(path) as tmp:
+        image.save(tmp, format=image_format(path))
+    return len(kept)
+
+
+def padded(lo, hi):
+    """An axis' range: the values' own with 5% to spare each side; a single value gets a range around it."""
+    pad = (hi - lo) * 0.05 or abs(lo) * 0.05 or 1.0
+    return lo - pad, hi + pad

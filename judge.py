@@ -224,7 +224,9 @@ def main(args):
     logger = create_logger(args.results_dir if rank == 0 else None)
     logger.info(f"judge {sum(p.numel() for p in J.parameters()):,} parameters")
     start, _ = start_state(state, starts, args, logger, data.info, device)   # batches from the global RNG
-    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size)
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size,
+                    curves=[("loss", ["loss"], True), ("accuracy", ["acc"], False), ("gradient norm", ["grad_norm"], True),
+                            ("lr", ["lr"], False)])
     J_train = DDP(J, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else J
 
     # The loop: cross-entropy with a cosine lr, the EMA; logs and checkpoints every so many steps.
@@ -234,7 +236,7 @@ def main(args):
         opt.param_groups[0]["lr"] = args.lr * (1 + math.cos(math.pi * step / max_steps)) / 2
         stats = classifier_step(J_train, opt, *judge_batch(data, batch_size, device), GRAD_CLIP)
         update_ema(EMA, J, args.ema_decay)
-        tail(step, stats, f" lr {opt.param_groups[0]['lr']:.3g}")
+        tail(step, stats, dict(lr=opt.param_groups[0]["lr"]))
     tail.finish([J])
 
 

@@ -3079,5 +3079,70 @@ def test_the_committed_cafm_generator_draws_its_grid(tmp_path):
     assert grid.shape == committed.shape == (2 + 10 * 30, 2 + 10 * 30, 3) and np.abs(grid - committed).max() <= 1
 
 
+#################################################################################
+#              Run curves and the judge over checkpoints                        #
+#################################################################################
+
+def scalars(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_scalars_are_the_log_lines_and_a_resume_drops_the_records_after_it(data, tmp_path):
+    """RESULTS/scalars.jsonl holds every log line's numbers (with the logit gap and GradNorm's RMS), and
+    RESULTS/curves.png draws them at every checkpoint; a resume from step 2 rewrites the file up to step 2 (a line cut
+    short by a killed job dropped too) before it goes on."""
+    run = ["--data-path", data, "--results-dir", tmp_path, *TRAIN, "--log-every", 1, "--ckpt-every", 2]
+    run_script("train.py", *run, "--max-steps", 4)
+    first = scalars(tmp_path / "scalars.jsonl")
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    for record, line in zip(first, logged(tmp_path / "log.txt")):
+        assert set(record) == {"step", "img_per_s"} | set(line) - {"img/s"} >= {"grad_rms", "logit_gap", "ot_scale",
+                                                                               "aug_p", "lr", "r1", "r2", "ot"}
+        assert all(math.isclose(record[k], v, rel_tol=1e-3, abs_tol=1e-4) for k, v in line.items() if k != "img/s")
+        assert math.isclose(record["img_per_s"], line["img/s"], abs_tol=0.05)
+        assert math.isclose(record["logit_gap"], record["logits_real"] - record["logits_fake"], abs_tol=1e-6)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000004.pt", weights_only=True)
+    assert first[-1]["grad_rms"] > 0 and first[-1]["aug_p"] == 0 and first[-1]["lr"] == ckpt["args"]["lr"]
+    curves = Image.open(tmp_path / "curves.png")
+    assert curves.format == "PNG" and curves.size == (3 * 360, 2 * 220)    # five panels, three a row
+    with open(tmp_path / "scalars.jsonl", "a") as f:
+        f.write('{"step": 5, "loss_d"')
+    run_script("train.py", *run, "--max-steps", 3, "--resume", tmp_path / "checkpoints" / "0000002.pt")
+    again = scalars(tmp_path / "scalars.jsonl")
+    assert again[:2] == first[:2] and [r["step"] for r in again] == [1, 2, 3]
+    assert {k: v for k, v in again[2].items() if k != "img_per_s"} == {k: v for k, v in first[2].items()
+                                                                         if k != "img_per_s"}    # resumed exactly
+
+
+@pytest.mark.parametrize("script", ["twinflow.py", "train_classifier.py", "judge.py", "cafm.py"])
+def test_every_trainer_writes_its_scalars_and_curves(script, data, tmp_path):
+    argv = {"twinflow.py": TWIN, "train_classifier.py": [*CLS, "--global-batch-size", 8],
+            "judge.py": ["--device", "cpu", "--global-batch-size", 8],
+            "cafm.py": [*CAFM, "--init", flow_model(data, tmp_path / "fm")] if script == "cafm.py" else []}[script]
+    run_script(script, "--data-path", data, "--results-dir", tmp_path / "run", *argv, "--max-steps", 3,
+               "--log-every", 1)
+    records = scalars(tmp_path / "run" / "scalars.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["img_per_s"] > 0 for r in records)
+    keys = {"twinflow.py": {"base", "real", "fake", "rectify", "base_one_step", "ema_decay"},
+            "cafm.py": {"loss_d", "loss_cp", "loss_g", "grad_norm_g"}}.get(script, {"loss", "acc", "grad_norm", "lr"})
+    assert keys <= {k for r in records for k in r}           # CAFM's D and G steps log apart
+    assert Image.open(tmp_path / "run" / "curves.png").format == "PNG"
+
+
+def test_curves_of_a_single_point_a_constant_and_a_log_scale_of_non_positive_values(tmp_path):
+    panels = [("one point", {"a": [(5, 1.0)]}, False),
+              ("constant", {"flat": [(0, 2.0), (10, 2.0)], "rising": [(0, 1.0), (10, 3.0)]}, False),
+              ("log", {"r1": [(0, 0.0), (1, -1.0), (2, math.nan), (3, 1e-3), (4, 1e2)]}, True),
+              ("nothing to draw", {"none": [(0, math.nan)], "gone": []}, True)]
+    assert common.save_curves(tmp_path / "c.png", panels) == 3
+    image = Image.open(tmp_path / "c.png")
+    assert image.format == "PNG" and image.size == (3 * 360, 220)
+    pixels = np.asarray(image)
+    colour = lambda k, panel: (pixels[34:200, panel * 360 + 60:panel * 360 + 346] == common.COLOURS[k]).all(-1).sum()
+    assert colour(0, 0) > 0 and colour(0, 1) > 100 and colour(1, 1) > 100 and colour(0, 2) > 100
+    flat = (pixels[34:200, 360 + 90:360 + 310] == common.COLOURS[0]).all(-1).any(1)
+    assert 1 <= flat.sum() <= 4                                 # a constant: one horizontal line, 2 px wide
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

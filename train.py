@@ -115,6 +115,12 @@ def network_config(model, nfe, repeat, data):
     return dict(G=dict(shape, **g_flags), D=dict(shape, **d_flags), nfe=nfe)
 
 
+# The panels of RESULTS/curves.png (checkpoint.LoopTail): title, the statistics drawn, log scale.
+CURVES = [("D and G loss", ["loss_d", "loss_g"], False), ("logit gap: logits_real - logits_fake", ["logit_gap"], False),
+          ("R1 and R2", ["r1", "r2"], True), ("lambda_ot and the OT cost", ["ot_scale", "ot"], True),
+          ("grad_rms: the RMS GradNorm divides by", ["grad_rms"], True)]
+
+
 #################################################################################
 #                                Training hooks                                 #
 #################################################################################
@@ -327,7 +333,7 @@ def main(args):
     start, data_rng = start_state(state, starts, args, logger, data.info, device)
     reader = BatchReader(data, batch_size, afm_batch, data_rng, device, nfe=args.nfe)
     tail = LoopTail(stop, state, args, config, data.info, device, logger, args.max_steps, 2 * args.global_batch_size,
-                    reader)
+                    reader, CURVES)
 
     # The loop: one D step, one G step, the EMA; logs, checkpoints and FID every so many steps.
     logger.info(f"training {args.model} nfe={args.nfe} repeat={args.repeat} on {world} x {device.type}, batch {batch_size}/"
@@ -344,8 +350,9 @@ def main(args):
         update_ema(EMA, G, args.ema_decay)
         if args.ema_reload_every and (step + 1) % args.ema_reload_every == 0:
             reload_ema(G, EMA)
-        lr = opt_D.param_groups[0]["lr"]
-        done = tail(step, stats, f" ot_scale {ot_scale:.4g} aug_p {args.aug_p:.3g} lr {lr:.3g}")
+        stats |= dict(logit_gap=stats["logits_real"] - stats["logits_fake"],  # D's margin, and what GradNorm divides by
+                      grad_rms=state["grad_norm"].square_avg.sqrt())
+        done = tail(step, stats, dict(ot_scale=ot_scale, aug_p=args.aug_p, lr=opt_D.param_groups[0]["lr"]))
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
         if evaluate_fid is not None and done % args.fid_every == 0:

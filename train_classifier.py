@@ -97,7 +97,9 @@ def main(args):
 
     # Resume: weights, optimizer moments, this command's lr, every rank's RNG.
     start, _ = start_state(state, starts, args, logger, data.info, device)   # batches from the global RNG
-    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size)
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size,
+                    curves=[("loss", ["loss"], True), ("accuracy", ["acc"], False), ("gradient norm", ["grad_norm"], True),
+                            ("lr", ["lr"], False)])
     C_train = DDP(C, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else C
 
     # The loop: cross-entropy of C(x_t, t) against the label, the EMA; logs and checkpoints every so many steps.
@@ -106,7 +108,7 @@ def main(args):
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, disable=rank != 0):
         stats = classifier_step(C_train, opt, *classifier_batch(data, batch_size, args.augment_p, device), GRAD_CLIP)
         update_ema(EMA, C, args.ema_decay)
-        tail(step, stats, f" lr {opt.param_groups[0]['lr']:.3g}")
+        tail(step, stats, dict(lr=opt.param_groups[0]["lr"]))
     tail.finish([C])
 
 

@@ -91,7 +91,8 @@ def main(args):
     # Start: fresh, or the exact continuation of a run; the EMA's warm-up is a function of the step.
     start, data_rng = start_state(state, starts, args, logger, data.info, device)
     reader = BatchReader(data, batch_size, twinflow_batch, data_rng, device)
-    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size, reader)
+    tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size, reader,
+                    [("TwinFlow's terms", list(TWINFLOW_TERMS), True), ("EMA decay", ["ema_decay"], False)])
     decay = 0.0
     for _ in range(start):
         decay = twinflow_ema_decay(decay, args.ema_decay)
@@ -110,7 +111,7 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         decay = twinflow_ema_decay(decay, args.ema_decay)     # warm-up (methodes.py:215): 0, 0.495, 0.62, ...
         update_ema(EMA, G, decay)
-        done = tail(step, {k: v.detach() for k, v in losses.items()}, f" ema_decay {decay:.4f}")
+        done = tail(step, {k: v.detach() for k, v in losses.items()}, dict(ema_decay=decay))
         if write_grids is not None and done % args.sample_every == 0:
             write_grids(done, dict(ema=EMA, g=G))
     tail.finish([G])
