@@ -56,7 +56,8 @@ def load_training_checkpoint(path, config):
         fail(f"{path} holds a generator alone (sample.py --save-generator); continuing needs a training checkpoint")
     if set(ckpt["config"]) != set(config):
         kind = lambda c: ("a classifier" if "C" in c else "a judge (judge.py)" if "J" in c else "a TwinFlow network" if
-                          "F" in c else "CAFM's networks" if "method" in c else "a generator and a discriminator")
+                          "F" in c else "CAFM's networks" if "method" in c else "an autoencoder (train_ae.py)" if "AE"
+                          in c else "a generator and a discriminator")
         fail(f"{path} holds {kind(ckpt['config'])}, and this run trains {kind(config)}")
     if ckpt["config"] != config:
         flat = lambda c: {f"{k}.{j}" if isinstance(v, dict) else k: w

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from common import check_input, fail, save_grid
 from model import SIZES, generate
-from vae import load_vae
+from vae import SmallAE, file_sha1, load_vae
 
 #################################################################################
 #                                 Data directory                                #
@@ -136,8 +136,8 @@ def row_checksum(rows, first=0, checksum=0):
 
 # info.json's keys that place data in one space (a classifier or a judge fits any data that agree on them), and those
 # that with them identify one data set (a resumed run must go on with it); `files_sha1` is the source's identity,
-# `contents_checksum` (check_data's) that of the arrays themselves.
-SPACE = ("vae", "scale", "image_size", "classes")
+# `contents_checksum` (check_data's) that of the arrays themselves; `ae`, the small autoencoder's config and sha1.
+SPACE = ("vae", "scale", "image_size", "classes", "ae")
 IDENTITY = SPACE + ("num_classes", "num_images", "shape", "files_sha1", "contents_checksum")
 
 
@@ -158,7 +158,8 @@ def check_vae_weights(info, vae_weights):
 
 def make_decoder(info, vae_weights, device):
     """G's outputs to [-1, 1] images, as the data's info.json says: through the VAE (after undoing the latent scale),
-    or as they are for pixel-space data."""
+    or as they are for pixel-space data. The small autoencoder (info.json vae 'ae') must be the very file that encoded
+    the data (its sha1)."""
     check_vae_weights(info, vae_weights)
     if info.get("vae", "none") == "none":
         return lambda x: x
@@ -169,6 +170,13 @@ def make_decoder(info, vae_weights, device):
         vae = load_vae(vae_weights, device)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    ae = info["vae"] == "ae"
+    if ae != isinstance(vae, SmallAE):
+        fail(f"--vae-weights {vae_weights} holds {'a small autoencoder (train_ae.py)' if not ae else 'a KL VAE'}; "
+             f"these latents come from the {info['vae']} {'autoencoder' if ae else 'VAE'}")
+    if ae and file_sha1(vae_weights) != info.get("ae", {}).get("sha1"):
+        fail(f"--vae-weights {vae_weights} is not the autoencoder that encoded these latents "
+             f"({info.get('source', {}).get('vae_weights')}, sha1 {str(info.get('ae', {}).get('sha1'))[:12]}...)")
     return lambda x: vae.decode(x / info["scale"])
 
 

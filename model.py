@@ -451,11 +451,13 @@ def cafm_discriminator_kwargs(g_kwargs):
                 sit=g_kwargs.get("sit", False))
 
 
-# B/2 ... XL/2 are the paper's sizes (Table 10); S/2 is for demos, T/2 for tests, and XS/7 for 28-pixel images (the
-# MNIST family at its own size: 16 tokens of 7 x 7 pixels; train.py's DEFAULTS has its hyperparameters).
+# B/2 ... XL/2 are the paper's sizes (Table 10); S/2 is for demos, T/2 for tests, XS/7 for 28-pixel images (the
+# MNIST family at its own size: 16 tokens of 7 x 7 pixels) and XS/1 for their 16 x 4 x 4 latents of train_ae.py's
+# autoencoder (16 tokens of one position); train.py's DEFAULTS has their hyperparameters.
 SIZES = {
     "T/2": dict(depth=2, hidden_size=64, patch_size=2, num_heads=4),
     "XS/7": dict(depth=4, hidden_size=96, patch_size=7, num_heads=4),
+    "XS/1": dict(depth=4, hidden_size=96, patch_size=1, num_heads=4),
     "S/2": dict(depth=12, hidden_size=384, patch_size=2, num_heads=6),
     "B/2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
     "M/2": dict(depth=16, hidden_size=1024, patch_size=2, num_heads=16),

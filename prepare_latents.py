@@ -8,6 +8,8 @@ with labels (`arr_0` and `labels`, as ADM writes them).
     python prepare_latents.py --data-path ... --out data/pixels64 --vae none --image-size 64       # pixels, no VAE
     python prepare_latents.py --data-path /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
         --out data/fmnist --vae none --image-size 32                                               # 28 px padded to 32
+    python prepare_latents.py --data-path .../train-images-idx3-ubyte.gz --out data/fmnist-ae --vae ae \
+        --vae-weights results/ae/checkpoints/0003000.pt                     # 28 px through train_ae.py's autoencoder
     python prepare_latents.py --benchmark --vae-weights sd-vae-ft-mse.pth                         # encoder images/s
 
 Folder images are centre-cropped as ADM does; IDX and npz images keep their size unless --image-size asks for
@@ -15,6 +17,7 @@ another (a larger size pads them with zeros, centred; a smaller one crops and re
 stored twice, as is (view 0) and mirrored (view 1):
     latents.npy  float16 (N, 2, 4, S/8, S/8)  posterior mean * 0.18215  (--vae none: pixels in [-1, 1], N,2,C,S,S)
     std.npy      float16 (N, 2, 4, S/8, S/8)  posterior std * 0.18215   (not written with --vae none)
+    (--vae ae: latents.npy (N, 2, latent, s, s), the autoencoder's latents scaled to unit std over the set, no std.npy)
     labels.npy   int64 (N,)                   index into info.json's `classes` (sorted folder names, or 0..K-1)
     info.json    num_classes, image_size, scale, vae, classes, num_images, ...
     skipped.txt  images that could not be decoded, with the reason (they are left out of the arrays)
@@ -41,7 +44,7 @@ from tqdm import tqdm
 
 from common import (allocate_npy, check_output, check_room, claim, fail, integer, open_npy, positive_int, run,
                     save_atomic, setup_distributed)
-from vae import SCALE, AutoencoderKL, load_vae
+from vae import SCALE, AutoencoderKL, SmallAE, file_sha1, load_ae, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -225,12 +228,21 @@ def open_source(path, image_size):
 # At the end the staging arrays are renamed if every image was good (no copy), else compacted to the good rows; only
 # the few bad images are decoded again, for skipped.txt's reasons. info.json, written last, marks the run finished.
 
-def copy_rows(src, rows, path):
-    """A new .npy at path holding src[rows], a block at a time: the arrays can be larger than memory."""
+def copy_rows(src, rows, path, factor=None):
+    """A new .npy at path holding src[rows] (times factor), a block at a time: the arrays can be larger than memory."""
     dst = allocate_npy(path, (len(rows),) + src.shape[1:], src.dtype)
     for j in range(0, len(rows), 1024):
-        dst[j:j + 1024] = src[rows[j:j + 1024]]
+        dst[j:j + 1024] = src[rows[j:j + 1024]] if factor is None else src[rows[j:j + 1024]].astype(np.float32) * factor
     dst.flush()
+
+
+def unit_scale(src, rows):
+    """1 / the standard deviation of all values of src[rows], a block at a time in float64."""
+    total, squares, n = 0.0, 0.0, 0
+    for j in range(0, len(rows), 1024):
+        block = src[rows[j:j + 1024]].astype(np.float64)
+        total, squares, n = total + block.sum(), squares + np.square(block).sum(), n + block.size
+    return float(1 / math.sqrt(max(squares / n - (total / n) ** 2, 1e-12)))
 
 
 def start_run(out, arrays, run):
@@ -271,11 +283,17 @@ def finalize(out, spec, classes, files, labels):
         discard_run(out)
         fail(f"none of the {len(files)} images could be decoded (the first, {': '.join(skipped[0])}; "
              f"all reasons in {out}/skipped.txt)")
+    scale = spec["scale"]
     for name in ("latents", "std"):
         part, final = f"{out}/{name}.partial.npy", f"{out}/{name}.npy"
-        if not os.path.exists(part):  # no std with --vae none, or already moved by an interrupted finalize
+        if not os.path.exists(part):  # no std with --vae none or ae, or already moved by an interrupted finalize
             continue
-        if good.all():
+        if scale is None:  # --vae ae: scaled to unit std as copied; the staging array stays until info.json is written
+            rows = np.flatnonzero(good)
+            scale = unit_scale(np.load(part, mmap_mode="r"), rows)
+            with save_atomic(final) as tmp:
+                copy_rows(np.load(part, mmap_mode="r"), rows, tmp, scale)
+        elif good.all():
             os.replace(part, final)
         else:
             src = np.load(part, mmap_mode="r")
@@ -286,9 +304,9 @@ def finalize(out, spec, classes, files, labels):
     assert len(latents) == good.sum() and latents.shape[1] == 2, "latents.npy does not match the status record"
     with save_atomic(f"{out}/labels.npy") as tmp:
         np.save(tmp, np.asarray(labels, dtype=np.int64)[good])
-    info = dict(num_classes=len(classes), image_size=spec["image_size"], scale=spec["scale"], vae=spec["vae"],
+    info = dict(num_classes=len(classes), image_size=spec["image_size"], scale=scale, vae=spec["vae"],
                 num_images=int(good.sum()), num_skipped=len(skipped), views=2, shape=list(latents.shape[1:]),
-                classes=classes, source=spec)
+                classes=classes, source=spec, **{"ae": spec["ae"]} if "ae" in spec else {})
     with save_atomic(f"{out}/info.json") as tmp, open(tmp, "w") as f:
         json.dump(info, f, indent=1)
     discard_run(out)
@@ -301,7 +319,10 @@ def finalize(out, spec, classes, files, labels):
 
 @torch.no_grad()
 def encode(vae, x, device):
-    """(N, 3, S, S) in [-1, 1] -> posterior mean and std in float32; bf16 autocast and channels_last on CUDA."""
+    """(N, 3, S, S) in [-1, 1] -> posterior mean and std in float32; bf16 autocast and channels_last on CUDA.
+    SmallAE: (N, C, S, S) -> [its latents], in float32 throughout."""
+    if isinstance(vae, SmallAE):
+        return [vae.encode(x)]
     if device.type == "cuda":  # (on CPU channels_last is slower)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
@@ -313,9 +334,10 @@ def benchmark(vae, args, device, steps=3):
     """Encoder images/s on random images: a warm-up call (on a CPU on one image: a 256-px image takes seconds there),
     then `steps` calls on a batch of --batch-size (default 64 on a GPU, 2 on a CPU)."""
     size, batch = args.image_size or 256, args.batch_size or (64 if device.type == "cuda" else 2)
+    channels, size = (vae.channels, vae.image_size) if isinstance(vae, SmallAE) else (3, size)
     print(f"timing the encoder on {steps} batches of {batch} random {size}x{size} images on {device}"
           f"{' (one thread, as prepare_latents.py runs on a CPU)' if device.type == 'cpu' else ''}", flush=True)
-    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    x = torch.rand(batch, channels, size, size, device=device) * 2 - 1
     encode(vae, x[:1] if device.type == "cpu" else x, device)[0].sum().item()  # .item() waits for the GPU
     start = time.time()
     for _ in range(steps):
@@ -337,14 +359,18 @@ def load_encoder(args, device):
     if args.vae == "none" and not args.benchmark:
         return None
     if not args.vae_weights:
-        if args.benchmark:
+        if args.benchmark and args.vae != "ae":
             return AutoencoderKL().to(device).eval()  # random weights time the same as real ones
-        fail("--vae-weights FILE is required (or --vae none); "
-             "get sd-vae-ft-mse from https://huggingface.co/stabilityai/sd-vae-ft-mse")
+        fail("--vae-weights FILE is required (or --vae none); " + ("a checkpoint of train_ae.py" if args.vae == "ae"
+             else "get sd-vae-ft-mse from https://huggingface.co/stabilityai/sd-vae-ft-mse"))
     try:
-        vae = load_vae(args.vae_weights, device)
+        vae = (load_ae if args.vae == "ae" else load_vae)(args.vae_weights, device)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    if isinstance(vae, SmallAE):
+        if args.vae != "ae":
+            fail(f"--vae-weights {args.vae_weights} holds a small autoencoder of train_ae.py: encode with --vae ae")
+        return vae
     return vae.to(memory_format=torch.channels_last) if device.type == "cuda" else vae
 
 
@@ -399,8 +425,15 @@ def main(args):
         return benchmark(vae, args, device)
 
     classes, files, labels, dataset, channels, image_size, sha1 = open_source(args.data_path, args.image_size)
+    ae = None
     if vae is None:
         vae_name, scale, shape = "none", 1.0, (channels, image_size, image_size)
+    elif isinstance(vae, SmallAE):  # its latents are scaled to unit std once all are encoded (finalize)
+        if (channels, image_size) != (vae.channels, vae.image_size):
+            fail(f"--vae-weights {args.vae_weights} encodes {vae.channels}-channel {vae.image_size}-pixel images; "
+                 f"--data-path {args.data_path} gives {channels}-channel {image_size}-pixel ones (see --image-size)")
+        vae_name, scale, shape = "ae", None, (vae.latent, vae.latent_size, vae.latent_size)
+        ae = dict(config=vae.config, sha1=file_sha1(args.vae_weights))  # what make_decoder checks its weights by
     else:
         factor, latent = 2 ** (len(vae.encoder.down_blocks) - 1), vae.post_quant_conv.out_channels
         if image_size % factor:
@@ -411,8 +444,8 @@ def main(args):
     # What identifies a run, so that a resumed run continues the same one.
     spec = dict(data_path=os.path.abspath(args.data_path), num_files=len(files), files_sha1=sha1,
                 image_size=image_size, vae=vae_name, scale=scale,
-                vae_weights=None if vae is None else os.path.basename(args.vae_weights))
-    out, names = args.out, ["latents"] if vae is None else ["latents", "std"]
+                vae_weights=None if vae is None else os.path.basename(args.vae_weights), **{"ae": ae} if ae else {})
+    out, names = args.out, ["latents", "std"] if isinstance(vae, AutoencoderKL) else ["latents"]
     chunk = check_out(out, spec, args.batch_size or 64, rank)
     if chunk is None:
         return
@@ -442,10 +475,11 @@ def main(args):
         a, b = rows[0], rows[-1] + 1
         x = x.to(device, non_blocking=True).float() / 127.5 - 1
         x = torch.cat([x, x.flip(3)])                                         # (2B, C, S, S): views 0, then 1
-        if vae is not None and x.shape[1] == 1:
+        if isinstance(vae, AutoencoderKL) and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)                                       # grayscale to RGB for the VAE
         for array, t in zip(staging, [x] if vae is None else encode(vae, x, device)):  # pixels, or mean and std
-            array[a:b] = (t * scale).view(2, b - a, *shape).transpose(0, 1).half().cpu().numpy()  # (B, 2, C, H, W)
+            t = t if scale is None else t * scale                             # (--vae ae: scaled in finalize)
+            array[a:b] = t.view(2, b - a, *shape).transpose(0, 1).half().cpu().numpy()  # (B, 2, C, H, W)
             array.flush()
         status[a:b] = np.where(ok.numpy(), 1, 2)  # only once the rows above are on disk
         status.flush()
@@ -466,8 +500,10 @@ def parse_args(argv=None):
     parser.add_argument("--data-path", type=str, help="folder with one sub-folder of images per class, an "
                         "MNIST-family *-images-idx3-ubyte[.gz] file, or an npz with arr_0 and labels")
     parser.add_argument("--out", type=str, help="output folder (created; rerun the same command to resume)")
-    parser.add_argument("--vae", type=str, choices=["sd-vae-ft-mse", "none"], default="sd-vae-ft-mse")
-    parser.add_argument("--vae-weights", type=str, default=None, help=".safetensors, .bin or .pth of sd-vae-ft-mse")
+    parser.add_argument("--vae", type=str, choices=["sd-vae-ft-mse", "ae", "none"], default="sd-vae-ft-mse",
+                        help="ae: the small autoencoder of train_ae.py, for 28-pixel images")
+    parser.add_argument("--vae-weights", type=str, default=None, help=".safetensors, .bin or .pth of sd-vae-ft-mse, "
+                        "or with --vae ae a checkpoint of train_ae.py")
     parser.add_argument("--image-size", type=integer(1, 4096), default=None,
                         help="output size, up to 4096 (default: 256 for folders, the images' own size for IDX and npz)")
     parser.add_argument("--batch-size", type=positive_int, default=None,

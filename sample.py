@@ -73,7 +73,8 @@ def main(args):
     classes = args.class_labels or list(range(num_classes))   # what the samples are drawn from, in turn or balanced
     if max(classes) >= num_classes or min(classes) < 0:
         fail(f"--class-labels must be in [0, {num_classes})")
-    size = G.input_size * (8 if info.get("vae", "none") != "none" else 1)  # the VAE upsamples 8x
+    with torch.no_grad():                                      # the decoder's image size: the SD VAE's is 8x G's
+        size = decode(torch.zeros(1, G.in_channels, G.input_size, G.input_size, device=device)).shape[-1]
 
     if args.npz is None:                                       # a grid for people to look at
         n = args.num_images or (len(args.class_labels) if args.class_labels else 16)
@@ -193,7 +194,8 @@ def make_parser():
                         "matching, CAFM): Euler, or Heun's with two evaluations each (SiT evaluates 250 Heun steps)")
     parser.add_argument("--cfg-scale", type=number(), default=1.0, help="classifier-free guidance of a generator with "
                         "a null class (1: none)")
-    parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights to decode latents")
+    parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights to decode latents, or "
+                        "the train_ae.py checkpoint that encoded them")
     parser.add_argument("--global-seed", type=seed, default=0, help="sample i's noise is seeded by (seed, i)")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None, help="the classes to draw: a grid shows "
                         "them in turn (one image each unless --num-images), an npz is class-balanced over them")

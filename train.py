@@ -29,7 +29,7 @@ from data import (SPACE, BatchReader, LatentData, check_vae_weights, data_differ
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
 from model import (SIZES, Discriminator, Generator, class_balanced_labels, default_steps, generate, mode_flags, sample,
                    to_uint8)
-from vae import SCALE, AutoencoderKL
+from vae import SCALE, AutoencoderKL, SmallAE
 
 #################################################################################
 #                       The paper's values, per size and mode                   #
@@ -47,6 +47,15 @@ DEFAULTS = [
                                             "D falls to chance and G loses diversity"),
     ("ema_decay",    "XS/7", "*",    0.995, "small images: a horizon of ~200 steps in a 3,000-step run"),
     ("ot_decay_steps", "XS/7", "*",  2000,  "small images: the decay over 2/3 of the run, as B/2's 100 of 150 epochs"),
+    # XS/1: the 16 x 4 x 4 latents of train_ae.py's autoencoder of 28-pixel images.
+    ("global_batch_size", "XS/1", "*", 64,  "Fashion-MNIST latent search (docs/fashion_mnist.md)"),
+    ("max_steps",    "XS/1", "*",    2000,  "Fashion-MNIST latent search (docs/fashion_mnist.md)"),
+    ("lr",           "XS/1", "*",    3e-4,  "Fashion-MNIST latent search (docs/fashion_mnist.md)"),
+    ("g_lr_ratio",   "XS/1", "*",    2.0,   "Fashion-MNIST latent search (docs/fashion_mnist.md)"),
+    ("ema_decay",    "XS/1", "*",    0.995, "Fashion-MNIST latent search (docs/fashion_mnist.md)"),
+    ("ot_scale",     "XS/1", "*",    0.2,   "Fashion-MNIST latent search (docs/fashion_mnist.md)"),
+    ("ot_scale_end", "XS/1", "*",    0.1,   "Fashion-MNIST latent search (docs/fashion_mnist.md)"),
+    ("ot_decay_steps", "XS/1", "*",  1500,  "Fashion-MNIST latent search (docs/fashion_mnist.md)"),
     ("global_batch_size", "*", "*",  256,   "Table 10"),
     ("max_steps",    "*",   "*",     500_000, "the length of the lambda_ot decay; later stages continue (Table 11)"),
     ("lr",           "*",   "*",     1e-4,  "Table 11, stage 1 (D's lr; G's is lr x g_lr_ratio)"),
@@ -283,15 +292,16 @@ def benchmark(args):
     y, steps, latents = y.to(device) % data.num_classes, default_steps(args.nfe), data.info.get("vae", "none") != "none"
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
         one_step = timed(lambda: sample(G, z, y, steps), device, iters)
-        if latents:
-            vae = AutoencoderKL().to(device).eval()            # random weights time the same as the real ones
+        if latents:                                            # random weights time the same as the real ones
+            ae = data.info["vae"] == "ae"                      # the small autoencoder's config is in info.json
+            vae = (SmallAE(**data.info["ae"]["config"]) if ae else AutoencoderKL()).to(device).eval()
             decode = timed(lambda: vae.decode(sample(G, z, y, steps)), device, max(1, iters // 5))
     if args.inception:                                         # what an FID evaluation costs per image
         try:
             net = fid.load_inception(args.inception, device)
         except (FileNotFoundError, fid.UserError) as e:
             fail(str(e))
-        size = data.size * (8 if latents else 1)
+        size = data.info.get("image_size", data.size * (8 if latents else 1))
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
         with torch.no_grad():
             inception = timed(lambda: net(images), device, max(1, iters // 5))
@@ -406,7 +416,8 @@ def make_parser():
     parser.add_argument("--fid-samples", type=integer(1, 10_000_000), default=50_000)   # FID-50K, as the paper
     parser.add_argument("--fid-ref", type=str, default=None, help="reference statistics/images, e.g. ADM's npz")
     parser.add_argument("--inception", type=str, default=None, help="FID Inception weights file")
-    parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode samples")
+    parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode samples "
+                        "(or the train_ae.py checkpoint that encoded the latents)")
     parser.add_argument("--fid-batch-size", type=positive_int, default=64, help="per rank")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
     parser.add_argument("--init", type=str, default=None, help="start a new stage from this checkpoint: G from its "

@@ -1,7 +1,8 @@
 """
 The Stable Diffusion KL-f8 autoencoder (sd-vae-ft-mse) in plain PyTorch, for encoding ImageNet into latents
-(prepare_latents.py) and decoding samples back to pixels (sample.py). Depends only on torch, so it can be
-copied alone into another project.
+(prepare_latents.py) and decoding samples back to pixels (sample.py), and SmallAE, a small convolutional autoencoder
+for 28-pixel images (the MNIST family; trained by train_ae.py). Depends only on torch, so it can be copied alone into
+another project.
 
 Parameter names are exactly those of diffusers' AutoencoderKL, so released weights load with strict=True:
     vae = load_vae("sd-vae-ft-mse/diffusion_pytorch_model.safetensors")   # or .bin, or AFM's sd-vae-ft-mse.pth
@@ -9,7 +10,10 @@ Parameter names are exactly those of diffusers' AutoencoderKL, so released weigh
     x = vae.decode(z / SCALE)             # z: a latent in the scaled space the generator works in
 Weights: https://huggingface.co/stabilityai/sd-vae-ft-mse (diffusion_pytorch_model.safetensors or .bin), or
 sd-vae-ft-mse.pth from https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models/tree/main/misc
+    ae = load_vae("results/ae/checkpoints/0003000.pt")   # a train_ae.py checkpoint: a SmallAE
+    z = ae.encode(x)                      # x in [-1, 1], (N, 1, 28, 28) -> (N, 16, 4, 4), unscaled
 """
+import hashlib
 import json
 import os
 import pickle
@@ -187,6 +191,57 @@ class AutoencoderKL(nn.Module):
 
 
 #################################################################################
+#                       A small autoencoder for small images                    #
+#################################################################################
+# A generator of 28-pixel images in pixel space (XS/7: a token per 7 x 7 patch) leaves seams along the patch edges;
+# in the latent space of this autoencoder (16 x 4 x 4 by default, a token per position) its samples are clean, as the
+# paper's are in the SD VAE's latent space.
+
+def conv_block(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU())
+
+
+class SmallAE(nn.Module):
+    """Images (N, channels, S, S) in [-1, 1], padded with -1 (the background) to a multiple of 2^down, to latents
+    (N, latent, P / 2^down, P / 2^down): a stride-2 4x4 conv and a 3x3 block per level, widths width * 2^i, then a 1x1
+    conv. The decoder mirrors it (nearest 2x upsampling, two blocks per level, a stride-2 transposed conv to the padded
+    size) and crops the padding away. Not variational: train_ae.py keeps the latents small with a penalty on z^2."""
+    def __init__(self, channels=1, image_size=28, latent=16, down=3, width=32):
+        super().__init__()
+        self.config = dict(channels=channels, image_size=image_size, latent=latent, down=down, width=width)
+        self.channels, self.image_size, self.latent = channels, image_size, latent
+        padded = -(-image_size // 2 ** down) * 2 ** down
+        self.pad = ((padded - image_size) // 2, (padded - image_size + 1) // 2)   # (before, after), on both axes
+        self.latent_size = padded // 2 ** down
+        w = [width * 2 ** i for i in range(down)]
+        enc = [nn.Conv2d(channels, w[0], 4, 2, 1), nn.SiLU(), conv_block(w[0], w[0])]
+        for i in range(1, down):
+            enc += [nn.Conv2d(w[i - 1], w[i], 4, 2, 1), nn.SiLU(), conv_block(w[i], w[i])]
+        self.encoder = nn.Sequential(*enc, nn.Conv2d(w[-1], latent, 1))
+        dec = [conv_block(latent, w[-1]), conv_block(w[-1], w[-1])]
+        for i in range(down - 1, 0, -1):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), conv_block(w[i], w[i - 1]),
+                    conv_block(w[i - 1], w[i - 1])]
+        self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(w[0], channels, 4, 2, 1))
+
+    def encode(self, x):
+        """(N, C, S, S) in [-1, 1] -> (N, latent, s, s), unscaled."""
+        a, b = self.pad
+        return self.encoder(F.pad(x, (a, b, a, b), value=-1.0))
+
+    def decode(self, z):
+        """(N, latent, s, s) -> (N, C, S, S), roughly in [-1, 1] (not clamped)."""
+        a, b = self.pad
+        x = self.decoder(z)
+        return x[..., a:x.shape[-2] - b, a:x.shape[-1] - b]
+
+    def forward(self, x, noise=0.0):
+        """(reconstruction of x from its latents plus `noise` x N(0, 1), the latents): the training pass."""
+        z = self.encode(x)
+        return self.decode(z + noise * torch.randn_like(z)), z
+
+
+#################################################################################
 #                                    Loading                                    #
 #################################################################################
 
@@ -221,24 +276,60 @@ def _shorten(keys, n=6):
 
 
 WEIGHTS = ("get diffusion_pytorch_model.safetensors from https://huggingface.co/stabilityai/sd-vae-ft-mse or "
-           "sd-vae-ft-mse.pth from https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models/tree/main/misc")
+           "sd-vae-ft-mse.pth from https://huggingface.co/ByteDance-Seed/Adversarial-Flow-Models/tree/main/misc, or "
+           "train a small autoencoder with train_ae.py")
 
 
-def load_vae(path, device="cpu"):
-    """Load a frozen AutoencoderKL from diffusers' .safetensors / .bin or a plain state dict (.pth, .pt).
-    Channel widths are read from the file, so other KL autoencoders of this family load too.
-    A file that is not such weights raises FileNotFoundError or ValueError with a one-line message."""
+AE_WEIGHTS = "train one with train_ae.py, whose checkpoints hold a small autoencoder's config and weights"
+
+
+def read_weights(path, hint):
+    """What a weights file holds (a .safetensors file, or a torch file loaded with weights_only=True), or
+    FileNotFoundError / ValueError with a one-line message ending in `hint`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"VAE weights not found: {path} ({WEIGHTS})")
+        raise FileNotFoundError(f"VAE weights not found: {path} ({hint})")
     try:
         if path.endswith(".safetensors"):
-            state_dict = load_safetensors(path)
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            return load_safetensors(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated download, an unrelated file, or a pickle that carries code (never run)
         reason = ("corrupt, or a pickle that would run code" if isinstance(e, pickle.UnpicklingError)
                   else f"{type(e).__name__}: {e}".splitlines()[0])  # torch's own messages run over many lines
-        raise ValueError(f"{path}: cannot read VAE weights ({reason}); {WEIGHTS}") from e
+        raise ValueError(f"{path}: cannot read VAE weights ({reason}); {hint}") from e
+
+
+def is_ae_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "AE" in ckpt["config"]
+
+
+def load_ae(path, device="cpu", ckpt=None):
+    """The frozen SmallAE of a train_ae.py checkpoint (`ckpt`: the file's contents when already read), built from the
+    config stored with its weights; any other file raises FileNotFoundError or ValueError with a one-line message."""
+    ckpt = read_weights(path, AE_WEIGHTS) if ckpt is None else ckpt
+    if not is_ae_checkpoint(ckpt):
+        raise ValueError(f"{path} is not a small autoencoder; {AE_WEIGHTS}")
+    try:
+        ae = SmallAE(**ckpt["config"]["AE"])
+        ae.load_state_dict(ckpt["AE"])
+    except (TypeError, KeyError, RuntimeError, ValueError) as e:  # a damaged or edited checkpoint
+        raise ValueError(f"{path}: its small autoencoder does not load ({' '.join(str(e).split())[:200]})") from e
+    return ae.to(device).eval().requires_grad_(False)
+
+
+def file_sha1(path):
+    """The file's identity, which a data set of latents records so that only its own autoencoder decodes them."""
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def load_vae(path, device="cpu"):
+    """Load a frozen AutoencoderKL from diffusers' .safetensors / .bin or a plain state dict (.pth, .pt), or the
+    SmallAE of a train_ae.py checkpoint (load_ae): what the file holds decides. Channel widths are read from the file,
+    so other KL autoencoders of this family load too.
+    A file that is not such weights raises FileNotFoundError or ValueError with a one-line message."""
+    state_dict = read_weights(path, WEIGHTS)
+    if is_ae_checkpoint(state_dict):
+        return load_ae(path, device, state_dict)
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
