@@ -47,6 +47,7 @@ import model
 import prepare_latents
 import toy
 import train
+import train_ae
 import train_classifier
 import vae
 from data import LatentData, first_bad_row, make_decoder
@@ -3196,6 +3197,9 @@ def test_train_ae_keeps_config_recipe_and_weights_in_one_file_resumes_exactly_an
     assert all(torch.equal(v, ckpt["AE"][k]) for k, v in ae.state_dict().items())
     assert (ckpt["args"]["lr"], ckpt["args"]["latent_noise"], ckpt["args"]["global_batch_size"]) == (2e-3, 0.1, 8)
     assert isinstance(vae.load_vae(str(path)), vae.SmallAE)                # what the file holds decides
+    assert [r["step"] for r in scalars(root / "ae" / "scalars.jsonl")] == [2, 4] and scalars(
+        root / "ae" / "scalars.jsonl")[0]["lr"] == pytest.approx(train_ae.one_cycle(1, 4, 2e-3)[0])
+    assert Image.open(root / "ae" / "curves.png").format == "PNG"
     torch.manual_seed(0)
     assert not torch.equal(vae.SmallAE(**ae.config).state_dict()["encoder.0.weight"], ckpt["AE"]["encoder.0.weight"])
     # --resume from step 2 ends where the uninterrupted run did, bit for bit.
