@@ -3221,6 +3221,8 @@ def test_train_ae_keeps_config_recipe_and_weights_in_one_file_resumes_exactly_an
         assert f["labels"].tolist() == labels.tolist()
     run_script("train_ae.py", "--evaluate", path, "--test-path", root / "pixels")
     assert mse in capsys.readouterr().out
+    cli_error("train_ae.py", "--evaluate", path, "--test-path", root / "pixels", "--recon-npz", root / "recon.npz",
+              match="already exists")
     # Other files: one line each.
     torch.save(dict(config=dict(G={}), G={}), tmp_path / "g.pt")
     torch.save(dict(ckpt, config=dict(AE=dict(ae.config, width=16))), tmp_path / "edited.pt")

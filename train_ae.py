@@ -3,9 +3,9 @@ Trains SmallAE (vae.py), the small convolutional autoencoder in whose latent spa
 (the MNIST family) train, on a pixel data directory (prepare_latents.py --vae none, at the images' own size), and
 reports its reconstruction error on held-out images: the ceiling of any generator in its latent space.
 
-    python train_ae.py --data-path data/fmnist28 --test-path data/fmnist28-test --results-dir results/ae --device cpu
-    torchrun --nproc_per_node=8 train_ae.py --data-path data/fmnist28 --results-dir results/ae       # eight GPUs
-    python train_ae.py --evaluate results/ae/checkpoints/0003000.pt --test-path data/fmnist28-test \
+    python train_ae.py --data-path data/fmnist --test-path data/fmnist-test --results-dir results/ae --device cpu
+    torchrun --nproc_per_node=8 train_ae.py --data-path data/fmnist --results-dir results/ae       # eight GPUs
+    python train_ae.py --evaluate results/ae/checkpoints/0003000.pt --test-path data/fmnist-test \
         --recon-npz recon.npz                                  # score a trained one; judge.py --evaluate recon.npz
 
 A checkpoint holds the autoencoder's config (--latent-channels, --downsamples, --width, the images' channels and size),
@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import LoopTail, check_checkpoint_room, load_starts, start_state
-from common import (StopOnSignal, check_batch_memory, check_output, create_logger, fail, integer, number,
-                    per_rank_batch, positive_int, rgb, run, save_atomic, seed, setup_distributed)
+from common import (StopOnSignal, check_batch_memory, claim, create_logger, fail, integer, number, per_rank_batch,
+                    positive_int, rgb, run, save_atomic, seed, setup_distributed)
 from data import LatentData
 from model import to_uint8
 from vae import SmallAE, load_ae
@@ -79,6 +79,8 @@ def evaluate(AE, test, recon_npz, device, log, batch_size=500):
 
 def main_evaluate(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.recon_npz:
+        claim(args.recon_npz, "--recon-npz", new=True)         # an npz of work is never replaced
     try:
         AE = load_ae(args.evaluate, device)
     except (FileNotFoundError, ValueError) as e:
@@ -93,6 +95,8 @@ def main(args):
     batch_size = per_rank_batch(args.global_batch_size, world)
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
     data = pixel_data(args.data_path, "--data-path")
+    if args.recon_npz and rank == 0:
+        claim(args.recon_npz, "--recon-npz", new=True)
     test = pixel_data(args.test_path, "--test-path", data.channels, data.size) if args.test_path else None
     check_batch_memory(batch_size, (data.channels, data.size, data.size))
     config = dict(AE=dict(channels=data.channels, image_size=data.size, latent=args.latent_channels,
@@ -165,8 +169,6 @@ if __name__ == "__main__":
         parser.error(f"--width {args.width} is not a multiple of 8 (GroupNorm's 8 groups)")
     if args.recon_npz and not args.test_path:
         parser.error("--recon-npz writes the reconstructions of --test-path: give it")
-    if args.recon_npz:
-        check_output(args.recon_npz, "--recon-npz")
     if args.evaluate is None and not args.data_path:
         parser.error("--data-path is required (or --evaluate CKPT --test-path DATA)")
     if args.evaluate is not None and not args.test_path:
