@@ -450,10 +450,10 @@ def save_curves(path, panels, columns=3, size=(360, 220)):
             kept.append((title, {name: points for name, points in series.items() if points}, log))
     (w, h), rows = size, max(1, math.ceil(len(kept) / columns))
     image = Image.new("RGB", (w * min(columns, max(1, len(kept))), h * rows), "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=12)
     for i, (title, series, log) in enumerate(kept):
         left, top = i % columns * w, i // columns * h
-        x0, y0, x1, y1 = box = (left + 60, top + 34, left + w - 14, top + h - 20)   # the plot area
+        x0, y0, x1, y1 = box = (left + 62, top + 40, left + w - 16, top + h - 22)   # the plot area
         xs, ys = ([p[j] for points in series.values() for p in points] for j in (0, 1))
         (xlo, xhi), (ylo, yhi) = padded(min(xs), max(xs)), padded(min(ys), max(ys))
         to_px = lambda x, y: (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
@@ -461,7 +461,7 @@ def save_curves(path, panels, columns=3, size=(360, 220)):
         for y in sorted({min(ys), (min(ys) + max(ys)) / 2, max(ys)}):       # a grid line and its value
             label, py = f"{10 ** y if log else y:.3g}", to_px(0, y)[1]
             draw.line((x0, py, x1, py), fill=(225, 225, 225))
-            draw.text((x0 - 4 - draw.textlength(label, font=font), py - 6), label, fill="black", font=font)
+            draw.text((x0 - 4 - draw.textlength(label, font=font), py - 7), label, fill="black", font=font)
         for x, shift in ((min(xs), 0), (max(xs), 1)) if max(xs) > min(xs) else ((xs[0], 0.5),):
             label = f"{x:.6g}"
             draw.text((to_px(x, 0)[0] - shift * draw.textlength(label, font=font), y1 + 4), label, fill="black",
@@ -470,7 +470,7 @@ def save_curves(path, panels, columns=3, size=(360, 220)):
         legend = left + 8
         for k, (name, points) in enumerate(series.items()):
             colour, xy = COLOURS[k % len(COLOURS)], [to_px(x, y) for x, y in points]
-            draw.text((legend, top + 18), name, fill=colour, font=font)
+            draw.text((legend, top + 21), name, fill=colour, font=font)
             legend += draw.textlength(name, font=font) + 12
             if len(xy) > 1:
                 draw.line(xy, fill=colour, width=2)

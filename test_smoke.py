@@ -51,7 +51,7 @@ import train_ae
 import train_classifier
 import vae
 from data import LatentData, first_bad_row, make_decoder
-from judge import load_judge, npz_images
+from judge import load_judge, npz_images, spread
 
 
 #################################################################################
@@ -1703,14 +1703,16 @@ def test_judge_trains_and_scores_samples_against_the_real_floor(data, tmp_path, 
     assert printed[0].endswith(f"class accuracy {acc(view0(ref), torch.from_numpy(ref.labels)):.4f} on the 24 "
                                f"held-out images of {held_out}")
     assert printed[1].startswith(f"real {data} (20): class accuracy") and f"Frechet distance {floor:.4f}" in printed[1]
-    assert printed[3].startswith(f"{tmp_path / 'a.npz'} (20): class accuracy {acc(x_fake, y_fake):.4f}")
-    assert f"Frechet distance {fake:.4f} ({fake / floor:.1f}x the real floor)" in printed[3]
+    ratios = spread(f_real, torch.from_numpy(real.labels[subset]), f_ref, torch.from_numpy(ref.labels))
+    assert printed[1].endswith(f"spread {np.nanmean(ratios):.2f} of the real's")
+    assert printed[4].startswith(f"{tmp_path / 'a.npz'} (20): class accuracy {acc(x_fake, y_fake):.4f}")
+    assert f"Frechet distance {fake:.4f} ({fake / floor:.1f}x the real floor)" in printed[4]
     precision, recall = fid.precision_recall(f_ref, f_fake)
-    assert f"precision {precision:.4f}  recall {recall:.4f}" in printed[3] and printed[4].startswith("    per class")
-    assert len(printed[4].split()) == 2 + 5
+    assert f"precision {precision:.4f}  recall {recall:.4f}" in printed[4] and printed[5].startswith("    per class")
+    assert len(printed[5].split()) == 2 + 5 and printed[6].startswith("    spread per class")
     # The same checkpoint and seed give the same images: no difference, the same classes; unrelated real pairs differ.
-    assert printed[5].endswith("mean squared difference 0.0000, same judged class 1.0000 (20 pairs)")
-    assert printed[6].startswith("real pairs of one class (reference): mean squared difference 0.")
+    assert printed[7].endswith("mean squared difference 0.0000, same judged class 1.0000 (20 pairs)")
+    assert printed[8].startswith("real pairs of one class (reference): mean squared difference 0.")
     # Two steps of a one-step model: a G that still outputs nearly one image, which the report warns of.
     run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "one", *TRAIN, "--max-steps", 2)
     run_script("sample.py", "--ckpt", tmp_path / "one" / "checkpoints" / "0000002.pt", "--npz", tmp_path / "c.npz",
@@ -1791,7 +1793,8 @@ def test_the_judge_scores_only_inputs_of_its_space(tmp_path):
     run_script("judge.py", "--evaluate", tmp_path / "good.npz", "--judge", judge, "--data-path", grey)
     for flags in (["--judge", judge], ["--real-data", grey], ["--compare", "a.npz", "b.npz"]):
         cli_error("judge.py", "--data-path", grey, "--results-dir", tmp_path / "new", *flags,
-                     match=": only with --evaluate NPZ, which scores samples; without it judge.py trains a judge")
+                     match=": only with --evaluate NPZ or --checkpoints CKPT, which score samples; without them "
+                           "judge.py trains a judge")
     assert not (tmp_path / "new").exists()
 
 
@@ -3140,10 +3143,60 @@ def test_curves_of_a_single_point_a_constant_and_a_log_scale_of_non_positive_val
     image = Image.open(tmp_path / "c.png")
     assert image.format == "PNG" and image.size == (3 * 360, 220)
     pixels = np.asarray(image)
-    colour = lambda k, panel: (pixels[34:200, panel * 360 + 60:panel * 360 + 346] == common.COLOURS[k]).all(-1).sum()
+    colour = lambda k, panel: (pixels[40:198, panel * 360 + 62:panel * 360 + 344] == common.COLOURS[k]).all(-1).sum()
     assert colour(0, 0) > 0 and colour(0, 1) > 100 and colour(1, 1) > 100 and colour(0, 2) > 100
-    flat = (pixels[34:200, 360 + 90:360 + 310] == common.COLOURS[0]).all(-1).any(1)
+    flat = (pixels[40:198, 360 + 90:360 + 310] == common.COLOURS[0]).all(-1).any(1)
     assert 1 <= flat.sum() <= 4                                 # a constant: one horizontal line, 2 px wide
+
+def test_the_judge_scores_checkpoints_as_it_scores_their_npz_and_draws_them_against_the_step(data, tmp_path, capsys):
+    held_out = make_data(tmp_path / "held_out", seed=1)
+    run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "judge", "--device", "cpu",
+               "--global-batch-size", 8, "--max-steps", 4)
+    judge = tmp_path / "judge" / "checkpoints" / "0000004.pt"
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "afm", *TRAIN, "--max-steps", 4,
+               "--ckpt-every", 2, "--nfe", 2)
+    ckpts = [tmp_path / "afm" / "checkpoints" / f"000000{k}.pt" for k in (2, 4)]
+    run_script("sample.py", "--ckpt", ckpts[1], "--save-generator", tmp_path / "gen.pt")
+    run_script("sample.py", "--ckpt", ckpts[1], "--npz", tmp_path / "s.npz", "--num-samples", 20)
+    run_script("train.py", "--data-path", data, "--results-dir", tmp_path / "one", *TRAIN, "--max-steps", 2)
+    one = tmp_path / "one" / "checkpoints" / "0000002.pt"      # a one-step G of 2 steps: nearly one image
+    capsys.readouterr()
+    score = ["--judge", judge, "--data-path", held_out, "--real-data", data]
+    run_script("judge.py", "--evaluate", tmp_path / "s.npz", *score)
+    by_npz = capsys.readouterr().out.splitlines()
+    run_script("judge.py", "--checkpoints", *ckpts, tmp_path / "gen.pt", one, *score, "--num-samples", 20,
+               "--batch-size", 8, "--scores-out", tmp_path / "scores.jsonl", "--figure", tmp_path / "scores.png")
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("warning")]
+    assert printed[:4] == by_npz[:4]                           # the judge, the real floor and its two lines
+    assert "spread per class" in printed[3] and len(printed[3].split()) == 3 + 5
+    names = [f"{ckpts[0]} (step 2, 20 EMA samples in 2 steps)", f"{ckpts[1]} (step 4, 20 EMA samples in 2 steps)",
+             f"{tmp_path / 'gen.pt'} (step 4, 20 EMA samples in 2 steps)", f"{one} (step 2, 20 EMA samples in 1 step)"]
+    assert [printed[4 + 3 * i].split(": ")[0] for i in range(4)] == names and len(printed) == 4 + 3 * 4
+    # The samples of a checkpoint score as its npz does (the same noise, labels and images), as does its generator.
+    scored = lambda lines: [lines[0].split(": ", 1)[1], *lines[1:3]]     # without the name
+    assert scored(printed[7:10]) == scored(printed[10:13]) == scored(by_npz[4:7])
+    records = scalars(tmp_path / "scores.jsonl")
+    assert [r.get("step") for r in records] == [None, 2, 4, 4, 2] and records[0]["real"] == str(data)
+    assert [r.get("checkpoint") for r in records[1:]] == [str(p) for p in (*ckpts, tmp_path / "gen.pt", one)]
+    for r, i in zip(records, range(1, 16, 3)):
+        assert f"class accuracy {r['accuracy']:.4f}  Frechet distance {r['frechet']:.4f}" in printed[i]
+        assert f"recall {r['recall']:.4f}  spread {r['spread']:.2f} of the real's" in printed[i]
+    assert records[-1]["spread"] < 0.05 < records[1]["spread"]  # the one-step G of 2 steps draws one image a class
+    figure = Image.open(tmp_path / "scores.png")
+    assert figure.format == "PNG" and figure.size == (3 * 360, 2 * 220)   # accuracy, FD, precision, recall, spread
+    cli_error("judge.py", "--evaluate", tmp_path / "s.npz", *score, "--figure", tmp_path / "f.png",
+              match="--figure draws the scores of --checkpoints")
+    cli_error("judge.py", "--checkpoints", one, *score, "--steps", 2, match="holds a one-step generator")
+
+
+def test_the_spread_is_one_for_real_images_and_zero_for_identical_ones():
+    f, y = torch.randn(4000, 16, dtype=torch.float64), torch.arange(4000) % 4
+    g = torch.randn(4000, 16, dtype=torch.float64)            # other images of the same distribution
+    assert spread(f, y, f, y) == [1.0] * 4
+    assert all(abs(r - 1) < 0.1 for r in spread(g, y, f, y))
+    assert spread(f[:1].expand(4000, -1), y, f, y) == [0.0] * 4
+    assert spread(f[y == 0].mul(3), y[y == 0], f, y)[0] == pytest.approx(3)
+    assert all(math.isnan(r) for r in spread(f[:1], y[:1], f, y))       # fewer than 2 a class
 
 
 #################################################################################
