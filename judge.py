@@ -315,8 +315,8 @@ def main(args):
     logger.info(f"judge {sum(p.numel() for p in J.parameters()):,} parameters")
     start, _ = start_state(state, starts, args, logger, data.info, device)   # batches from the global RNG
     tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size,
-                    curves=[("loss", ["loss"], True), ("accuracy", ["acc"], False), ("gradient norm", ["grad_norm"], True),
-                            ("lr", ["lr"], False)])
+                    curves=[("loss", ["loss"], True), ("accuracy", ["acc"], False),
+                            ("gradient norm", ["grad_norm"], True), ("lr", ["lr"], False)])
     J_train = DDP(J, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else J
 
     # The loop: cross-entropy with a cosine lr, the EMA; logs and checkpoints every so many steps.

@@ -98,8 +98,8 @@ def main(args):
     # Resume: weights, optimizer moments, this command's lr, every rank's RNG.
     start, _ = start_state(state, starts, args, logger, data.info, device)   # batches from the global RNG
     tail = LoopTail(stop, state, args, config, data.info, device, logger, max_steps, args.global_batch_size,
-                    curves=[("loss", ["loss"], True), ("accuracy", ["acc"], False), ("gradient norm", ["grad_norm"], True),
-                            ("lr", ["lr"], False)])
+                    curves=[("loss", ["loss"], True), ("accuracy", ["acc"], False),
+                            ("gradient norm", ["grad_norm"], True), ("lr", ["lr"], False)])
     C_train = DDP(C, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else C
 
     # The loop: cross-entropy of C(x_t, t) against the label, the EMA; logs and checkpoints every so many steps.
