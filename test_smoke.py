@@ -1863,7 +1863,8 @@ def test_noise_seeds_are_unrelated_and_an_interrupted_npz_resumes(data, tmp_path
     assert "3 of 10 samples already drawn" in capsys.readouterr().out
     with np.load(tmp_path / "whole.npz") as whole, np.load(tmp_path / "part.npz") as part:
         assert np.array_equal(whole["arr_0"], part["arr_0"]) and np.array_equal(whole["labels"], part["labels"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "log.txt", "part.npz", "whole.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "curves.png", "log.txt", "part.npz",
+                                                          "scalars.jsonl", "whole.npz"]
 
 
 def test_staging_files_are_checked_whole_before_reuse(data, tmp_path, monkeypatch, capsys):
