@@ -3190,6 +3190,26 @@ def test_the_judge_scores_checkpoints_as_it_scores_their_npz_and_draws_them_agai
     cli_error("judge.py", "--checkpoints", one, *score, "--steps", 2, match="holds a one-step generator")
 
 
+def test_the_judge_scores_a_generator_of_autoencoder_latents_in_pixels(ae_route, tmp_path, capsys):
+    """The images' size is the decoder's (28 pixels from 4 x 4 latents), and they score as their npz does."""
+    root, _, _ = ae_route
+    ae_path = root / "ae" / "checkpoints" / "0000004.pt"
+    run_script("judge.py", "--data-path", root / "pixels", "--results-dir", tmp_path / "j", "--device", "cpu",
+               "--global-batch-size", 8, "--max-steps", 1)
+    run_script("train.py", "--data-path", root / "latents", "--results-dir", tmp_path / "g", "--model", "XS/1",
+               "--device", "cpu", "--global-batch-size", 4, "--max-steps", 1)
+    ckpt = tmp_path / "g" / "checkpoints" / "0000001.pt"
+    run_script("sample.py", "--ckpt", ckpt, "--vae-weights", ae_path, "--npz", tmp_path / "s.npz", "--num-samples", 8)
+    score = ["--judge", tmp_path / "j" / "checkpoints" / "0000001.pt", "--data-path", root / "pixels"]
+    capsys.readouterr()
+    run_script("judge.py", "--evaluate", tmp_path / "s.npz", *score)
+    by_npz = capsys.readouterr().out.splitlines()
+    run_script("judge.py", "--checkpoints", ckpt, *score, "--vae-weights", ae_path, "--num-samples", 8)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].startswith(f"{ckpt} (step 1, 8 EMA samples in 1 step): ")
+    assert printed[1].split(": ", 1)[1] == by_npz[1].split(": ", 1)[1] and printed[2:4] == by_npz[2:4]
+    cli_error("judge.py", "--checkpoints", ckpt, *score, match="give its weights with --vae-weights")
+
 def test_the_spread_is_one_for_real_images_and_zero_for_identical_ones():
     f, y = torch.randn(4000, 16, dtype=torch.float64), torch.arange(4000) % 4
     g = torch.randn(4000, 16, dtype=torch.float64)            # other images of the same distribution
