@@ -809,7 +809,7 @@ def test_size_flags_are_bounded_by_what_the_job_can_hold(tmp_path, monkeypatch, 
     assert printed[0].startswith("timing the encoder on 3 batches of 2 random 8x8 images on cpu")
     assert printed[1].startswith("encoder: ") and printed[1].endswith("images/s (8x8, batch 2, cpu)")
     # A grid no wider than its images, and no larger than Pillow opens.
-    ckpt = os.path.join(HERE, "docs", "fmnist_afm.pt")
+    ckpt = os.path.join(HERE, "docs", "fmnist_afm_pixels.pt")
     cli_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--nrow", 1000,
                  match="--nrow 1000 is more than the 16 images of the grid")
     cli_error("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png", "--num-images", 10 ** 6,
@@ -957,7 +957,7 @@ def test_messages_name_the_file_and_the_cause(data, tmp_path):
         os.makedirs(folder / name)
         cli_error("train.py", "--data-path", folder, "--results-dir", tmp_path / "never", *TRAIN,
                      match=f"{folder / name} is a folder, not a file")
-    afm, twin = (os.path.join(HERE, "docs", name) for name in ("fmnist_afm.pt", "fmnist_twinflow.pt"))
+    afm, twin = (os.path.join(HERE, "docs", name) for name in ("fmnist_afm_pixels.pt", "fmnist_twinflow.pt"))
     cli_error("sample.py", "--ckpt", twin, afm, "--steps", 2, "--out", tmp_path / "g.png",
                  match=f"--ckpt {afm} holds a one-step generator, which samples in one step, not --steps 2")
     run_script("judge.py", "--data-path", data, "--results-dir", tmp_path / "j", "--device", "cpu",
@@ -1456,7 +1456,7 @@ def test_sigterm_checkpoints_and_the_run_resumes_exactly(data, tmp_path):
 
 
 def test_accepted_flags_do_what_they_say_and_the_others_are_refused(data, tmp_path):
-    run_script("sample.py", "--ckpt", os.path.join(HERE, "docs", "fmnist_afm.pt"), "--npz", tmp_path / "s.npz",
+    run_script("sample.py", "--ckpt", os.path.join(HERE, "docs", "fmnist_afm_pixels.pt"), "--npz", tmp_path / "s.npz",
                "--num-samples", 6, "--class-labels", 7, 3)
     with np.load(tmp_path / "s.npz") as f:
         assert sorted(f["labels"].tolist()) == [3, 3, 3, 7, 7, 7]              # balanced over the labels asked for
@@ -1816,11 +1816,15 @@ def test_a_grid_sets_checkpoints_side_by_side_on_the_same_noise(data, tmp_path):
     cli_error("sample.py", "--ckpt", *ckpts, "--npz", tmp_path / "x.npz", match="--npz takes one --ckpt")
 
 
-@pytest.mark.parametrize("name, steps", [("fmnist_afm.pt", 1), ("fmnist_twinflow.pt", 1), ("fmnist_twinflow.pt", 2)])
+@pytest.mark.parametrize("name, steps", [("fmnist_afm.pt", 1), ("fmnist_afm_pixels.pt", 1), ("fmnist_twinflow.pt", 1),
+                                         ("fmnist_twinflow.pt", 2)])
 def test_the_committed_fashion_mnist_generators_sample_alone(tmp_path, name, steps):
-    """docs/fmnist_afm.pt and docs/fmnist_twinflow.pt: a grid and an evaluation npz with no other file (pixel data:
-    no VAE), TwinFlow's in 1 and 2 steps; the committed grids are the checkpoints' own."""
+    """docs/fmnist_afm.pt (on the latents of the committed autoencoder docs/fmnist_ae.pt, its only other file),
+    docs/fmnist_afm_pixels.pt and docs/fmnist_twinflow.pt (pixel data: no other file): a grid and an evaluation npz,
+    TwinFlow's in 1 and 2 steps; the committed grids are the checkpoints' own."""
     ckpt, steps = os.path.join(HERE, "docs", name), ["--steps", steps]
+    if name == "fmnist_afm.pt":
+        steps += ["--vae-weights", os.path.join(HERE, "docs", "fmnist_ae.pt")]
     run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--class-labels", *range(10),
                "--num-images", 100, "--nrow", 10, *steps)              # docs' grid: ten of each class, in turn
     grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
