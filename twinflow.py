@@ -137,7 +137,8 @@ def make_parser():
     parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
     parser.add_argument("--sample-every", type=count, default=0, help="write one-step sample grids of the EMA and "
                         "of F to RESULTS/samples every N steps (0: never)")
-    parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode grids")
+    parser.add_argument("--vae-weights", type=str, default=None, help="the data's decoder (sd-vae-ft-mse or a "
+                        "train_ae.py checkpoint), to decode grids")
     parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     return parser
