@@ -322,12 +322,13 @@ def is_state_dict(ckpt):
     return isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
 
 
-def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA"):
+def load_generator(path, model=None, nfe=None, repeat=None, weights="EMA", ckpt=None):
     """(Generator, its default number of sampling steps, data info) from a training checkpoint (its config decides the
     network; TwinFlow's is an any-step generator that samples in one step by default) or from an official release
     .pth (a bare state dict for ImageNet-256 latents; --model, --nfe and --repeat say which network it is: the keys of
-    few-step and repeated generators are the same, so only a wrong size can be caught there)."""
-    ckpt = load_checkpoint(path)
+    few-step and repeated generators are the same, so only a wrong size can be caught there). `ckpt`: the file's
+    contents where the caller has already loaded them."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     if isinstance(ckpt, dict) and "config" in ckpt:
         config, info = ckpt["config"], ckpt.get("data_info", {})
         net = "F" if "F" in config else "G"

@@ -95,22 +95,27 @@ def load_judge(path):
     return J.eval().requires_grad_(False), ckpt.get("data_info", {})
 
 
-def npz_images(path, J, size):
-    """judge_images of an ADM-format npz (sample.py --npz)."""
+def read_npz(path, keys=("arr_0", "labels")):
+    """The arrays `keys` of an ADM-format npz (sample.py --npz); an npz reads only the arrays asked for."""
     check_input(path, "sample npz")
     try:
         with np.load(path) as f:
-            images, labels = f["arr_0"], f["labels"]
+            return [f[key] for key in keys]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         fail(f"cannot read {path} as a sample npz with arr_0 and labels: {type(e).__name__}: {e}")
-    return judge_images(images, labels, J, size, path)
+
+
+def npz_images(path, J, size):
+    """judge_images of an ADM-format npz."""
+    return judge_images(*read_npz(path), J, size, path)
 
 
 def checkpoint_images(path, args, J, j_info, size, device):
     """(judge_images, the checkpoint's step, sampling steps) of --num-samples class-balanced samples of a generator
     checkpoint (its EMA, or --weights G), drawn as sample.py --npz draws them: sample i from the noise of
     (--global-seed, i), in --steps or the generator's own number, decoded by its data's decoder."""
-    G, steps, info = load_generator(path, weights=args.weights)
+    ckpt = load_checkpoint(path)
+    G, steps, info = load_generator(path, weights=args.weights, ckpt=ckpt)
     steps, num_classes = args.steps or steps, G.num_classes - G.null_class
     differ = data_differences(j_info, info, ("classes", "num_classes"))
     if differ:
@@ -122,7 +127,8 @@ def checkpoint_images(path, args, J, j_info, size, device):
                        labels, args.global_seed, args.batch_size, device)
     images = torch.cat([rgb(x).permute(0, 2, 3, 1).cpu() for _, x, _ in tqdm(  # (n, H, W, 3) as in an npz
         batches, total=math.ceil(len(labels) / args.batch_size), leave=False)])
-    return judge_images(images.numpy(), np.asarray(labels), J, size, path), load_checkpoint(path).get("step"), steps
+    step = ckpt.get("step") if isinstance(ckpt, dict) else None              # none in a bare state dict
+    return judge_images(images.numpy(), np.asarray(labels), J, size, path), step, steps
 
 
 def judge_images(images, labels, J, size, name):
@@ -211,7 +217,7 @@ def main_evaluate(args):
         if args.real_data:                                    # the floor: as many real images as samples, at random
             real = LatentData(args.real_data)
             check_fits(J, j_info, args.real_data, real)
-            n = min(len(real.labels), max([len(npz(p)[1]) for p in args.evaluate] +
+            n = min(len(real.labels), max([len(read_npz(p, ["labels"])[0]) for p in args.evaluate] +
                                           [args.num_samples] * bool(args.checkpoints)))
             idx = np.sort(np.random.RandomState(args.global_seed).permutation(len(real.labels))[:n])
             yield (f"real {args.real_data} ({n})", torch.from_numpy(real.latents[idx, 0].astype(np.float32)),
