@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from checkpoint import (LoopTail, cafm_discriminator, load_checkpoint, load_sit, load_starts, load_weights,
                         start_state)
-from common import (StopOnSignal, check_batch_memory, count, create_logger, fail, number, per_rank_batch, positive_int,
-                    run, seed, setup_distributed)
+from common import (StopOnSignal, add_run_args, check_batch_memory, count, create_logger, fail, number, per_rank_batch,
+                    positive_int, run, seed, setup_distributed)
 from data import BatchReader, LatentData, check_vae_weights, make_grid_writer
 from loss import (FlowDerivative, cafm_batch, cafm_discriminator_loss, cafm_generator_loss, cafm_is_d_step,
                   update_ema)
@@ -177,14 +177,11 @@ def make_parser():
     parser.add_argument("--label-dropout", type=number(0, 1), default=0.1, help="share of labels dropped to the null "
                         "class, for a G that has one (gen.dropout)")
     parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=0.99)   # ema.decay
-    parser.add_argument("--log-every", type=positive_int, default=100)
-    parser.add_argument("--ckpt-every", type=positive_int, default=25_000)              # persistence.interval
+    add_run_args(parser, ckpt_every=25_000)  # persistence.interval
     parser.add_argument("--sample-every", type=count, default=0, help="write 8-step sample grids of the EMA and G to "
                         "RESULTS/samples every N steps (0: never)")
     parser.add_argument("--vae-weights", type=str, default=None, help="the data's decoder (sd-vae-ft-mse or a "
                         "train_ae.py checkpoint), to decode grids")
-    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     return parser
 
 

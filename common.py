@@ -44,6 +44,15 @@ def positive_int(value):
     return int(value)
 
 
+def add_run_args(parser, ckpt_every):
+    """The flags every trainer shares: how often it logs and checkpoints, where it resumes, the device."""
+    parser.add_argument("--log-every", type=positive_int, default=100)
+    parser.add_argument("--ckpt-every", type=positive_int, default=ckpt_every)
+    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly (its step, "
+                        "weights, optimisers and the batches still to come)")
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+
+
 def count(value):
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {value!r}")

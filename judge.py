@@ -33,9 +33,9 @@ from tqdm import tqdm
 import fid
 from checkpoint import (LoopTail, check_checkpoint_room, load_checkpoint, load_generator, load_starts, load_weights,
                         start_state)
-from common import (StopOnSignal, check_batch_memory, check_input, check_output, create_logger, fail, image_format,
-                    integer, number, per_rank_batch, positive_int, rgb, run, save_atomic, save_curves, seed,
-                    setup_distributed)
+from common import (StopOnSignal, add_run_args, check_batch_memory, check_input, check_output, create_logger, fail,
+                    image_format, integer, number, per_rank_batch, positive_int, rgb, run, save_atomic, save_curves,
+                    seed, setup_distributed)
 from data import SPACE, LatentData, data_differences, make_decoder
 from loss import classifier_state, classifier_step, update_ema
 from model import class_balanced_labels, generate
@@ -347,10 +347,7 @@ def make_parser():
                         help=f"default: {EPOCHS} epochs of the data set at the global batch size")
     parser.add_argument("--lr", type=number(lo_open=True), default=1e-3, help="the start of a cosine decay to 0")
     parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=0.999)
-    parser.add_argument("--log-every", type=positive_int, default=100)
-    parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
-    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    add_run_args(parser, ckpt_every=10_000)
     parser.add_argument("--evaluate", type=str, nargs="+", default=None, metavar="NPZ",
                         help="score these sample npz files (sample.py --npz) against --data-path's images by --judge")
     parser.add_argument("--judge", type=str, default=None, help="with --evaluate: the judge checkpoint that scores")

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import fid
 from checkpoint import LoopTail, check_checkpoint_room, load_classifier, load_starts, start_state
-from common import (StopOnSignal, check_batch_memory, check_input, count, create_logger, fail, integer, number,
-                    parse_nfe, per_rank_batch, positive_int, rgb, run, seed, setup_distributed)
+from common import (StopOnSignal, add_run_args, check_batch_memory, check_input, count, create_logger, fail, integer,
+                    number, parse_nfe, per_rank_batch, positive_int, rgb, run, seed, setup_distributed)
 from data import (SPACE, BatchReader, LatentData, check_vae_weights, data_differences, make_decoder, make_grid_writer,
                   network_shape)
 from loss import DStep, GStep, GradNorm, Guidance, afm_batch, ot_scale_at, reload_ema, update_ema
@@ -408,8 +408,7 @@ def make_parser():
     parser.add_argument("--cp-scale", type=number(), default=0.01)              # logit centering (Table 10)
     parser.add_argument("--grad-clip", type=number(lo_open=True), default=None,
                         help=f"both players ({defaults_help('grad_clip')})")
-    parser.add_argument("--log-every", type=positive_int, default=100)
-    parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
+    add_run_args(parser, ckpt_every=10_000)
     parser.add_argument("--sample-every", type=count, default=0, help="write sample grids of the EMA and of G to "
                         "RESULTS/samples every N steps (0: never)")
     parser.add_argument("--fid-every", type=count, default=0, help="score the EMA every N steps (0: never)")
@@ -419,7 +418,6 @@ def make_parser():
     parser.add_argument("--vae-weights", type=str, default=None, help="sd-vae-ft-mse weights, to decode samples "
                         "(or the train_ae.py checkpoint that encoded the latents)")
     parser.add_argument("--fid-batch-size", type=positive_int, default=64, help="per rank")
-    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
     parser.add_argument("--init", type=str, default=None, help="start a new stage from this checkpoint: G from its "
                         "EMA; EMA, D, optimizers and gradient normalisation carried over; this command's settings")
     parser.add_argument("--init-d", type=str, default=None, help="D and its optimizer from this (earlier) checkpoint")
@@ -432,7 +430,6 @@ def make_parser():
                         help=f"one step: t' ~ U(LO, HI); few steps: the guided target times ({defaults_help('cg_time')})")
     parser.add_argument("--aug-p", type=number(0, 1), default=None, help="discriminator augmentation probability "
                         f"(default: 0; with --classifier {defaults_help('aug_p')})")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     # D stays in fp32 (TF32 matmuls on GPU) with bf16 too: R1/R2 are finite differences of logits eps = 0.01 apart,
     # and bf16's rounding of the logits (measured on latents: an error about 20x the difference) would drown them.
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",

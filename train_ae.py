@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import LoopTail, check_checkpoint_room, load_starts, start_state
-from common import (StopOnSignal, check_batch_memory, claim, create_logger, fail, integer, number, per_rank_batch,
-                    positive_int, rgb, run, save_atomic, seed, setup_distributed)
+from common import (StopOnSignal, add_run_args, check_batch_memory, claim, create_logger, fail, integer, number,
+                    per_rank_batch, positive_int, rgb, run, save_atomic, seed, setup_distributed)
 from data import LatentData
 from model import to_uint8
 from vae import SmallAE, load_ae
@@ -154,10 +154,7 @@ def make_parser():
     parser.add_argument("--global-batch-size", type=positive_int, default=128)
     parser.add_argument("--lr", type=number(lo_open=True), default=2e-3, help="the one-cycle schedule's peak")
     parser.add_argument("--latent-noise", type=number(), default=0.1, help="std of the noise added to the latents")
-    parser.add_argument("--log-every", type=positive_int, default=100)
-    parser.add_argument("--ckpt-every", type=positive_int, default=1000)
-    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    add_run_args(parser, ckpt_every=1000)
     parser.add_argument("--global-seed", type=seed, default=0)
     return parser
 

@@ -20,8 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import LoopTail, check_checkpoint_room, load_starts, start_state
-from common import (StopOnSignal, check_batch_memory, create_logger, number, per_rank_batch, positive_int, run, seed,
-                    setup_distributed)
+from common import (StopOnSignal, add_run_args, check_batch_memory, create_logger, number, per_rank_batch, positive_int,
+                    run, seed, setup_distributed)
 from data import LatentData, network_shape
 from loss import classifier_state, classifier_step, interpolate, update_ema
 from model import SIZES, Classifier
@@ -124,10 +124,7 @@ def make_parser():
     parser.add_argument("--lr", type=number(lo_open=True), default=1e-4)                 # constant, official yaml
     parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=0.9995)  # official yaml
     parser.add_argument("--augment-p", type=number(0, 1), default=0.8, help="probability of the random affine (official)")
-    parser.add_argument("--log-every", type=positive_int, default=100)
-    parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
-    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    add_run_args(parser, ckpt_every=10_000)
     return parser
 
 

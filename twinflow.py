@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import LoopTail, check_checkpoint_room, load_starts, start_state
-from common import (StopOnSignal, check_batch_memory, count, create_logger, fail, number, per_rank_batch, positive_int,
-                    run, seed, setup_distributed)
+from common import (StopOnSignal, add_run_args, check_batch_memory, count, create_logger, fail, number, per_rank_batch,
+                    positive_int, run, seed, setup_distributed)
 from data import BatchReader, LatentData, check_vae_weights, make_grid_writer, network_shape
 from loss import TWINFLOW_TERMS, twinflow_batch, twinflow_ema_decay, twinflow_losses, update_ema
 from model import SIZES, Generator, mode_flags
@@ -133,14 +133,11 @@ def make_parser():
                         help="weight of the EMA's CFG-enhanced velocity target (0: the plain z - x)")
     parser.add_argument("--terms", nargs="+", choices=TWINFLOW_TERMS, default=list(TWINFLOW_TERMS),
                         help="the loss terms summed (default: all five); `--terms real` alone is flow matching")
-    parser.add_argument("--log-every", type=positive_int, default=100)
-    parser.add_argument("--ckpt-every", type=positive_int, default=10_000)
+    add_run_args(parser, ckpt_every=10_000)
     parser.add_argument("--sample-every", type=count, default=0, help="write one-step sample grids of the EMA and "
                         "of F to RESULTS/samples every N steps (0: never)")
     parser.add_argument("--vae-weights", type=str, default=None, help="the data's decoder (sd-vae-ft-mse or a "
                         "train_ae.py checkpoint), to decode grids")
-    parser.add_argument("--resume", type=str, default=None, help="checkpoint to continue from exactly")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     return parser
 
 
